@@ -1,0 +1,252 @@
+"""Stable Diffusion v1.5 components: load them from a local folder, or build the tiny look-alike for tests and demos.
+
+Both paths return the same `SDComponents`, so the tiny model exercises exactly the code that real weights do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY = "tiny"
+SD15_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class SDComponents:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any  # the training (DDPM) scheduler, built from the model's scheduler config
+    name: str = TINY
+
+
+def sd15_unet_config() -> dict:
+    """The UNet2DConditionModel config of Stable Diffusion v1.5 (859.5 M parameters)."""
+    return dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        act_fn="silu",
+        center_input_sample=False,
+        downsample_padding=1,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        mid_block_scale_factor=1,
+        norm_eps=1e-5,
+    )
+
+
+def tiny_unet_config() -> dict:
+    """SD v1.5's pattern at toy size: cross-attention down/up blocks, a plain outer block, a mid block, two widths."""
+    return dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+def build_unet(config: dict | str = "sd15", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A UNet with random weights from a config dict or "sd15"/"tiny"; device="meta" allocates nothing."""
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(config, str):
+        config = {"sd15": sd15_unet_config, TINY: tiny_unet_config}[config]()
+    with torch.device(device):
+        unet = UNet2DConditionModel(**config)
+    return unet.to(dtype) if str(device) != "meta" and dtype != torch.float32 else unet
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tiny tokenizer: CLIP BPE over a small vocabulary the package writes itself
+TINY_WORDS = (
+    "a an the of on in with and photo picture image painting drawing type kind small big large tiny "
+    "red green blue yellow orange purple pink white black gray grey brown cyan magenta "
+    "circle square triangle star shape ring cross dot stripe background "
+    "cat dog bird flower car plane food person man woman child tree house sky sea water street city room "
+    "sitting standing flying running near next to under over at top bottom left right two three one "
+    "is are this that there it its very colorful bright dark light"
+).split()
+
+
+def _tiny_bpe_files(directory: Path) -> None:
+    """Write vocab.json/merges.txt so each word above is one token and anything else falls back to characters."""
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    chars = [chr(c) for c in range(33, 127)]
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in dict.fromkeys(TINY_WORDS):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        token = pieces[0]
+        for piece in pieces[1:]:
+            merges.append(f"{token} {piece}")
+            token += piece
+            vocab.append(token)
+    vocab = list(dict.fromkeys(vocab + specials))
+    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+
+
+def build_tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _tiny_bpe_files(Path(tmp))
+        # from_pretrained reads vocab.json/merges.txt the same way in transformers 4.x and 5.x
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77, local_files_only=True)
+
+
+def build_tiny_sd(seed: int = 0) -> SDComponents:
+    """SD v1.5-shaped components at toy size with seeded random weights (well under a second)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = build_unet(TINY)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+        )
+        tokenizer = build_tiny_tokenizer()
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, steps_offset=1,
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, name=TINY)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def check_sd15_folder(path: str | os.PathLike) -> Path:
+    """The folder exists and has every diffusers sub-folder SD v1.5 needs; otherwise an error listing what is missing."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{root}: not a folder. Expected a local diffusers-format Stable Diffusion v1.5 folder "
+            f"(with {', '.join(s + '/' for s in SD15_SUBFOLDERS)}), or 'tiny' for the built-in tiny model."
+        )
+    missing = [s + "/" for s in SD15_SUBFOLDERS if not (root / s).is_dir()]
+    missing += [f"{s}/config.json" for s in ("unet", "vae", "text_encoder") if (root / s).is_dir()
+                and not (root / s / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{root}: incomplete Stable Diffusion folder, missing {', '.join(missing)}. "
+            f"Expected the diffusers layout of stable-diffusion-v1-5 ({', '.join(s + '/' for s in SD15_SUBFOLDERS)})."
+        )
+    return root
+
+
+def load_sd15(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load UNet, VAE, text encoder, tokenizer and scheduler from a local folder; never touches the network."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = check_sd15_folder(path)
+    kw = dict(local_files_only=True)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype, **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **kw)
+        scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **kw)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise FileNotFoundError(f"{root}: could not load the Stable Diffusion components: {err}") from err
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval()
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, name=str(root))
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               seed: int = 0) -> SDComponents:
+    """`--pretrained_model_name_or_path`: "tiny" for the built-in model, else a local SD v1.5 folder."""
+    if name_or_path == TINY:
+        sd = build_tiny_sd(seed)
+        for module in (sd.unet, sd.vae, sd.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return sd
+    return load_sd15(name_or_path, dtype=dtype, device=device)
+
+
+def save_components(sd: SDComponents, path: str | os.PathLike) -> None:
+    """Write the components in the diffusers folder layout (what `load_sd15` reads)."""
+    root = Path(path)
+    sd.unet.save_pretrained(root / "unet")
+    sd.vae.save_pretrained(root / "vae")
+    sd.text_encoder.save_pretrained(root / "text_encoder")
+    sd.tokenizer.save_pretrained(root / "tokenizer")
+    sd.noise_scheduler.save_pretrained(root / "scheduler")
+
+
+def build_pipeline(sd: SDComponents, scheduler: str = "ddim"):
+    """A plain diffusers StableDiffusionPipeline over the components already in memory (no second copy)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
+
+    kinds = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "dpm": DPMSolverMultistepScheduler}
+    if scheduler not in kinds:
+        raise ValueError(f"scheduler: expected one of {sorted(kinds)}, got {scheduler!r}")
+    sampler = kinds[scheduler].from_config(sd.noise_scheduler.config)
+    pipe = StableDiffusionPipeline(
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet, scheduler=sampler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def unet_fingerprint(unet) -> str:
+    """A short hash of the UNet config fields that fix tensor shapes (which base a tuner file was made for)."""
+    import hashlib
+
+    keys = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim",
+            "down_block_types", "up_block_types", "transformer_layers_per_block")
+    cfg = {k: unet.config.get(k) for k in keys}
+    cfg = json.loads(json.dumps(cfg, default=list))
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
