@@ -1,0 +1,102 @@
+"""Tuner configs: YAML/dicts in, validated dataclasses out, errors that name the field.
+
+A config file has a `tuners:` list (each entry has a `type` from the registry and that tuner's fields) and may have
+`train:` / `data:` sections that `train_t2i.py` reads (its flags override them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SECTIONS = ("tuners", "train", "data", "eval", "description")
+
+
+def check(condition: bool, field: str, expected: str, got: Any) -> None:
+    """Raise `ValueError("field must be <expected>, got <got>")` unless condition holds."""
+    if not condition:
+        raise ValueError(f"{field} must be {expected}, got {got!r}")
+
+
+def check_positive_int(value: Any, field: str) -> None:
+    check(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, "a positive int", value)
+
+
+def check_choice(value: Any, choices, field: str) -> None:
+    check(value in choices, field, f"one of {list(choices)}", value)
+
+
+def check_targets(targets: Any, allowed, field: str) -> None:
+    check(isinstance(targets, (list, tuple)) and len(targets) > 0 and all(t in allowed for t in targets),
+          field, f"a non-empty list drawn from {list(allowed)}", targets)
+
+
+def check_blocks(blocks: Any, field: str) -> None:
+    ok = isinstance(blocks, str) or (isinstance(blocks, (list, tuple)) and all(isinstance(i, int) for i in blocks))
+    check(ok, field, '"all", "down", "mid", "up", a regex on block names, or a list of block positions', blocks)
+
+
+def from_dict(cls, data: dict, field: str):
+    """Build dataclass `cls` from `data`; unknown keys are an error listing the valid ones (peft only warns)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{field}: unknown field(s) {unknown}; valid fields are {names}")
+    return cls(**data)
+
+
+def parse_tuner_config(entry: Any, field: str = "tuners[0]"):
+    from restune_diffusion.tuners import REGISTRY
+
+    if dataclasses.is_dataclass(entry) and hasattr(entry, "type"):
+        return entry
+    if not isinstance(entry, dict) or "type" not in entry:
+        raise ValueError(f"{field}: expected a mapping with a 'type' key (one of {sorted(REGISTRY)}), got {entry!r}")
+    kind = entry["type"]
+    if kind not in REGISTRY:
+        raise ValueError(f"{field}.type: unknown tuner {kind!r}; known tuners are {sorted(REGISTRY)}")
+    body = {k: v for k, v in entry.items() if k != "type"}
+    try:
+        return from_dict(REGISTRY[kind].config, body, field)
+    except ValueError as err:
+        raise ValueError(f"{field} ({kind}): {err}") from None
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping with a 'tuners:' list, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections are {list(SECTIONS)}")
+    return data
+
+
+def parse_tuner_configs(config: Any) -> list:
+    """A YAML path, a dict with `tuners:`, a list of entries, or one entry/dataclass -> list of tuner configs."""
+    where = "tuners"
+    if isinstance(config, (str, os.PathLike)):
+        where = f"{config}: tuners"
+        config = load_yaml(config)
+    if isinstance(config, dict) and "tuners" in config:
+        config = config["tuners"]
+    if not isinstance(config, (list, tuple)):
+        config = [config]
+    if not config:
+        raise ValueError(f"{where}: expected at least one tuner")
+    return [parse_tuner_config(entry, f"{where}[{i}]") for i, entry in enumerate(config)]
+
+
+def to_dicts(configs: list) -> list[dict]:
+    """Tuner configs as plain dicts with their `type` (what goes into a weights file's metadata)."""
+    return [{"type": c.type, **dataclasses.asdict(c)} for c in configs]
