@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ KINDS = ("auto", "coco2017", "finegrained", "imagefolder", "demo")
 CAPTION_MODES = ("random", "all", "first")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 SKIP_HINT = "Fix or remove it, or pass --skip_bad_images"
+# what PIL raises for missing, corrupt or truncated files (UnidentifiedImageError is an OSError)
+PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, Image.DecompressionBombError)
 
 # independent random streams of one sample, so e.g. the flip does not depend on how many captions an image has
 _CAPTION, _CROP, _FLIP, _NOISE, _ORDER = range(5)
@@ -76,6 +79,7 @@ class ScanReport:
             self.dropped.append(message)
 
     def summary(self) -> str:
+        """A few lines for the log: source, columns, counts, and what was dropped."""
         lines = [
             f"dataset {self.kind} at {self.data_dir}",
             f"  captions from {self.source} ({self.columns})",
@@ -108,7 +112,7 @@ def _coco_samples(root: Path, split: str, report: ScanReport) -> list[Sample]:
     data = _read_json(ann_path, expected)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
-        raise ValueError(f"{ann_path}: missing 'images' or 'annotations' list. Expected {expected}")
+        raise ValueError(f"{ann_path}: missing 'images' or 'annotations' list. Expected {expected}")  # noqa: TRY004
     report.source, report.columns = str(ann_path), "images[].file_name, annotations[].caption"
     image_dir = root / f"{split}2017"
     if not image_dir.is_dir():
@@ -190,7 +194,7 @@ def _metadata_rows(meta: Path) -> list[tuple[int, dict]]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{meta}: line {n} is not valid JSON ({err}). Expected {expected}") from err
         if not isinstance(row, dict):
-            raise ValueError(f"{meta}: line {n} is a {type(row).__name__}. Expected {expected}")
+            raise ValueError(f"{meta}: line {n} is a {type(row).__name__}. Expected {expected}")  # noqa: TRY004
         rows.append((n, row))
     if not rows:
         raise ValueError(f"{meta}: no rows. Expected {expected}")
@@ -255,7 +259,7 @@ def _image_error(path: Path, decode: bool) -> str | None:
                 im.load()
             else:
                 im.verify()  # header and PNG checksums, no decode
-    except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, EOFError, ... for bad files
+    except PIL_ERRORS as err:
         return f"{type(err).__name__}: {err}"
     return None
 
@@ -315,7 +319,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except Exception as err:
+    except PIL_ERRORS as err:
         raise ValueError(f"{path}: cannot read image ({type(err).__name__}: {err}). {SKIP_HINT}") from err
 
 
@@ -337,9 +341,9 @@ class ImageTransform:
         r, (w, h) = self.resolution, image.size
         # torchvision Resize(int): the short side becomes r, the long side int(r * long / short)
         size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
-        image = image.convert("RGB").resize(size, Image.BICUBIC)
+        image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
         if self.center_crop or crop_rng is None:
-            left, top = int(round((size[0] - r) / 2.0)), int(round((size[1] - r) / 2.0))
+            left, top = round((size[0] - r) / 2.0), round((size[1] - r) / 2.0)
         else:
             left, top = int(crop_rng.integers(size[0] - r + 1)), int(crop_rng.integers(size[1] - r + 1))
         x = torch.from_numpy(np.asarray(image.crop((left, top, left + r, top + r)), dtype=np.float32))

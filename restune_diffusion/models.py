@@ -92,31 +92,35 @@ TINY_WORDS = (
 ).split()
 
 
-def _tiny_bpe_files(directory: Path) -> None:
-    """Write vocab.json/merges.txt so each word above is one token and anything else falls back to characters."""
+def _write_bpe(directory: Path, merges: list[str]) -> None:
     specials = ["<|startoftext|>", "<|endoftext|>"]
     chars = [chr(c) for c in range(33, 127)]
-    vocab: list[str] = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    for word in dict.fromkeys(TINY_WORDS):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        token = pieces[0]
-        for piece in pieces[1:]:
-            merges.append(f"{token} {piece}")
-            token += piece
-            vocab.append(token)
-    vocab = list(dict.fromkeys(vocab + specials))
-    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + specials
+    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(dict.fromkeys(vocab))}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 def build_tiny_tokenizer():
+    """A CLIP BPE tokenizer whose vocabulary makes each word of TINY_WORDS one token (others fall back to letters)."""
     from transformers import CLIPTokenizer
 
+    merges: list[str] = []
+    for word in dict.fromkeys(TINY_WORDS):  # a left-to-right chain of merges per word
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        for i in range(1, len(pieces)):
+            merges.append(f"{''.join(pieces[:i])} {pieces[i]}")
     with tempfile.TemporaryDirectory() as tmp:
-        _tiny_bpe_files(Path(tmp))
-        # from_pretrained reads vocab.json/merges.txt the same way in transformers 4.x and 5.x
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77, local_files_only=True)
+        for _ in range(8):  # one word's merges can pre-empt another's chain: append repairs until each word is whole
+            _write_bpe(Path(tmp), list(dict.fromkeys(merges)))
+            # from_pretrained reads vocab.json/merges.txt the same way in transformers 4.x and 5.x
+            tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77, local_files_only=True)
+            broken = [pieces for pieces in map(tokenizer.tokenize, dict.fromkeys(TINY_WORDS)) if len(pieces) > 1]
+            if not broken:
+                break
+            for pieces in broken:
+                for i in range(1, len(pieces)):
+                    merges.append(f"{''.join(pieces[:i])} {pieces[i]}")
+    return tokenizer
 
 
 def build_tiny_sd(seed: int = 0) -> SDComponents:

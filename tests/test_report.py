@@ -1,0 +1,27 @@
+"""The parameter report: paper rows on the SD v1.5 UNet (meta device)."""
+
+import pytest
+
+from restune_diffusion.report import main
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+# rows of the paper's SD v1.5 table: config -> (paper params, our exact count)
+PAPER = {"lora": (9.96e6, 9_964_800), "adapter": (2.51e6, 2_510_080), "prefix": (4.99e6, 4_992_000),
+         "prompt": (1.25e6, 1_248_000), "res_tuning": (2.54e6, 2_535_056), "full": (862e6, 859_520_964)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_config_reproduces_the_paper_parameter_count(name, capsys):
+    main([str(ROOT / "configs" / f"{name}.yaml")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("trainable_params=")
+    count = int(lines[-1].split("=")[1])
+    paper, exact = PAPER[name]
+    assert count == exact
+    assert abs(count - paper) / paper < 0.01
+
+
+def test_report_on_tiny_lists_types_and_blocks(capsys):
+    main([str(ROOT / "configs" / "res_tuning.yaml"), "--model", "tiny"])
+    out = capsys.readouterr().out
+    assert "res_adapter" in out and "res_prompt" in out and "mid_block.attentions.0.transformer_blocks.0" in out
