@@ -1,3 +1,25 @@
 """restune-diffusion: Res-Tuning and Res-Tuning-Bypass (arXiv 2310.19859) for Stable Diffusion v1.5."""
 
 __version__ = "0.1.0"
+
+# eager: `attach` is also the name of its module, which would shadow a lazily imported function
+from restune_diffusion.attach import attach, attached_sets
+from restune_diffusion.weights import load_tuners, save_tuners
+
+# the rest on first use (diffusers/transformers imports are slow)
+_LAZY = {
+    "load_pipeline": "restune_diffusion.generate",
+    "generate_images": "restune_diffusion.generate",
+    "load_model": "restune_diffusion.models",
+    "load_sd15": "restune_diffusion.models",
+    "build_tiny_sd": "restune_diffusion.models",
+}
+__all__ = sorted(["attach", "attached_sets", "load_tuners", "save_tuners", *_LAZY])
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'restune_diffusion' has no attribute {name!r}")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -267,7 +268,7 @@ class TunerHandle:
                 own[key].copy_(state[key].to(own[key].dtype))
         return len(set(own) & set(state))
 
-    def to(self, *args, **kwargs) -> "TunerHandle":
+    def to(self, *args, **kwargs) -> TunerHandle:
         self.module.to(*args, **kwargs)
         return self
 

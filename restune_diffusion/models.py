@@ -82,14 +82,16 @@ def build_unet(config: dict | str = "sd15", device: str | torch.device = "cpu", 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # tiny tokenizer: CLIP BPE over a small vocabulary the package writes itself
-TINY_WORDS = (
-    "a an the of on in with and photo picture image painting drawing type kind small big large tiny "
-    "red green blue yellow orange purple pink white black gray grey brown cyan magenta "
-    "circle square triangle star shape ring cross dot stripe background "
-    "cat dog bird flower car plane food person man woman child tree house sky sea water street city room "
-    "sitting standing flying running near next to under over at top bottom left right two three one "
-    "is are this that there it its very colorful bright dark light"
-).split()
+TINY_WORDS = [
+    "a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "image", "painting", "drawing",
+    "type", "kind", "small", "big", "large", "tiny", "red", "green", "blue", "yellow", "orange", "purple",
+    "pink", "white", "black", "gray", "grey", "brown", "cyan", "magenta", "circle", "square", "triangle",
+    "star", "shape", "ring", "cross", "dot", "stripe", "background", "cat", "dog", "bird", "flower", "car",
+    "plane", "food", "person", "man", "woman", "child", "tree", "house", "sky", "sea", "water", "street",
+    "city", "room", "sitting", "standing", "flying", "running", "near", "next", "to", "under", "over", "at",
+    "top", "bottom", "left", "right", "two", "three", "one", "is", "are", "this", "that", "there", "it", "its",
+    "very", "colorful", "bright", "dark", "light",
+]
 
 
 def _write_bpe(directory: Path, merges: list[str]) -> None:
@@ -170,7 +172,7 @@ def build_tiny_sd(seed: int = 0) -> SDComponents:
 
 # ---------------------------------------------------------------------------------------------------------------------
 def check_sd15_folder(path: str | os.PathLike) -> Path:
-    """The folder exists and has every diffusers sub-folder SD v1.5 needs; otherwise an error listing what is missing."""
+    """The folder exists with every diffusers sub-folder SD v1.5 needs; else an error listing what is missing."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(
@@ -201,7 +203,7 @@ def load_sd15(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
         text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype, **kw)
         tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **kw)
         scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **kw)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise FileNotFoundError(f"{root}: could not load the Stable Diffusion components: {err}") from err
     for module in (unet, vae, text_encoder):
         module.to(device).eval()
@@ -214,7 +216,9 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     if name_or_path == TINY:
         sd = build_tiny_sd(seed)
         for module in (sd.unet, sd.vae, sd.text_encoder):
-            module.to(device=device, dtype=dtype)
+            module.to(device)
+            if dtype != torch.float32:  # diffusers warns on any .to(dtype), even a no-op one
+                module.to(dtype)
         return sd
     return load_sd15(name_or_path, dtype=dtype, device=device)
 

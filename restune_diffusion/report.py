@@ -14,7 +14,7 @@ from collections import defaultdict
 
 
 def _split_key(key: str, kinds) -> tuple[str, str]:
-    """(tuner type, block) of a tuner tensor key such as `up_blocks.1.attentions.0.transformer_blocks.0.ff.res_adapter.up.weight`."""
+    """(tuner type, block) of a key like `up_blocks.1.attentions.0.transformer_blocks.0.ff.res_adapter.up.weight`."""
     parts = key.split(".")
     kind = next((p for p in parts if p in kinds), "other")
     found = re.match(r"(.*?transformer_blocks\.\d+)\.", key)

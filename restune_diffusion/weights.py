@@ -88,7 +88,8 @@ def base_mismatch(meta: dict[str, str], unet, path) -> str | None:
     if meta.get("base_fingerprint") == unet_fingerprint(unet):
         return None
     made = f"cross_attention_dim={meta.get('cross_attention_dim')}, block_out_channels={meta.get('block_out_channels')}"
-    met = f"cross_attention_dim={unet.config.cross_attention_dim}, block_out_channels={list(unet.config.block_out_channels)}"
+    cfg = unet.config
+    met = f"cross_attention_dim={cfg.cross_attention_dim}, block_out_channels={list(cfg.block_out_channels)}"
     return (f"{path}: tuners made for another UNet architecture (fingerprint {meta.get('base_fingerprint')}: "
                      f"{made}); this UNet has fingerprint {unet_fingerprint(unet)}: {met}")
 

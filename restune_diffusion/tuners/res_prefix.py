@@ -55,7 +55,7 @@ class ParallelBranch(nn.Module):
         raise NotImplementedError
 
     def branch(self, attn, q, k, out, mask, backend):
-        """Δ added to the per-head attention output before W_out. q, out: (B, H, N, d); k: backbone keys (B, H, M, d)."""
+        """Δ added to the per-head attention output before W_out. q, out: (B, H, N, d); k: keys (B, H, M, d)"""
         from restune_diffusion.attach import attention, log_partition, split_heads
 
         kp, vp = self.keys_values(attn)
