@@ -73,3 +73,18 @@ def export_diffusers_lora(handle) -> dict[str, torch.Tensor]:
             state[f"unet.{base}.lora_A.weight"] = module.down.weight.detach().clone()
             state[f"unet.{base}.lora_B.weight"] = (module.up.weight * module.scaling).detach().clone()
     return state
+
+
+def save_diffusers_lora(directory, handle):
+    """`<directory>/pytorch_lora_weights.safetensors` in diffusers' naming, for `pipe.load_lora_weights(directory)`."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from restune_diffusion.weights import atomic_write
+
+    state = export_diffusers_lora(handle)
+    if not state:
+        raise ValueError(f"tuner set '{handle.name}' has no LoRA tuner to export")
+    path = Path(directory) / "pytorch_lora_weights.safetensors"
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
