@@ -259,9 +259,18 @@ def _image_error(path: Path, decode: bool) -> str | None:
                 im.load()
             else:
                 im.verify()  # header and PNG checksums, no decode
+                if im.format == "JPEG" and not _jpeg_complete(path):
+                    return "truncated JPEG: no end-of-image marker"
     except PIL_ERRORS as err:
         return f"{type(err).__name__}: {err}"
     return None
+
+
+def _jpeg_complete(path: Path) -> bool:
+    """A whole JPEG ends with the EOI marker FF D9 (some writers pad after it): verify() alone misses truncation."""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 4096))
+        return b"\xff\xd9" in f.read()
 
 
 def _apply_caption_mode(samples: list[Sample], mode: str) -> list[Sample]:
