@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import run_unet
+from conftest import perturb, run_unet
 from restune_diffusion.attach import attach
 
 # (name, config) rows; small sizes for the tiny UNet
@@ -22,14 +22,6 @@ CASES = [
 ]
 IDS = [name for name, _ in CASES]
 BOUND_SOFTMAX = [("prefix", {"type": "prefix", "num_tokens": 4}), ("prompt", {"type": "prompt", "num_tokens": 4})]
-
-
-def perturb(handle, std=0.05):
-    """Non-zero values everywhere (zero-init layers included) so the tuners really act."""
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in handle.trainable_parameters():
-            p.add_(torch.randn_like(p) * std)
 
 
 @pytest.mark.parametrize("name,config", CASES, ids=IDS)

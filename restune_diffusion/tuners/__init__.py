@@ -1,4 +1,6 @@
-"""The tuner registry: name -> (config dataclass, install(unet, config, handle)). Adding a tuner = one new file + a line.
+"""The tuner registry: name -> (config dataclass, install(unet, config, handle)).
+
+Adding a tuner = one new file + one line here.
 
 Unbound Res-Tuners (the paper's): res_adapter, res_prefix, res_prompt. Bound baselines: full, lora, adapter, prefix,
 prompt.
@@ -6,9 +8,21 @@ prompt.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
-from restune_diffusion.tuners import adapter, full, lora, prefix, prompt, res_adapter, res_prefix, res_prompt
+from restune_diffusion.tuners import (
+    adapter,
+    bypass,
+    full,
+    lora,
+    prefix,
+    prompt,
+    res_adapter,
+    res_prefix,
+    res_prompt,
+    sc_tuner,
+)
 
 
 class TunerKind(NamedTuple):
@@ -29,4 +43,6 @@ REGISTRY: dict[str, TunerKind] = dict([
     _kind(prefix, prefix.PrefixConfig),
     _kind(prompt, prompt.PromptConfig),
     _kind(full, full.FullConfig),
+    _kind(bypass, bypass.BypassConfig),
+    _kind(sc_tuner, sc_tuner.SCTunerConfig),
 ])
