@@ -72,3 +72,25 @@ def test_make_grid_places_images_in_rows():
     grid = make_grid(images, cols=3)
     assert grid.size == (12, 8)
     assert grid.getpixel((4 * 1 + 1, 1)) == (40, 0, 0) and grid.getpixel((1, 5)) == (120, 0, 0)
+
+
+def test_generate_cli_with_several_bypass_files_writes_one_folder_per_task(tmp_path):
+    paths = []
+    for task, seed in (("cats", 1), ("dogs", 2)):
+        sd = rd.build_tiny_sd(0)
+        handle = rd.attach(sd.unet, {"type": "bypass"}, name=task)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in handle.trainable_parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+        paths.append(rd.save_tuners(tmp_path / f"{task}.safetensors", handle))
+    out = tmp_path / "samples"
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--tuners", str(paths[0]), "--tuners", str(paths[1]),
+           "--prompt", "a red circle", "--num_images", "2", "--steps", "2", "--height", "32", "--width", "32",
+           "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["cats", "dogs"]
+    cats, dogs = (Image.open(out / task / "00000.png") for task in ("cats", "dogs"))
+    assert sorted(p.name for p in (out / "cats").iterdir())[-1] == "grid.png"
+    assert np.abs(pixels(cats) - pixels(dogs)).max() > 0  # each task's own bypass
