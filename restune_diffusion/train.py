@@ -1,0 +1,831 @@
+"""Text-to-image fine-tuning of SD v1.5 with attached tuners, over accelerate (multi-GPU, mixed precision, gradient
+accumulation). Used by `train_t2i.py`; reads top to bottom as diffusers' train_text_to_image_lora.py: options ->
+data scan -> models -> optimizer -> loop (checkpoints, validation) -> export.
+
+Resume is exact (PITFALLS "resume that silently drops the adapters"): tuner tensors, optimizer, LR schedule, RNG and
+accelerate's step counter travel in `checkpoint-<step>/`; the data order is a function of (seed, epoch) and every
+random draw of a batch (VAE sample, noise, timesteps) comes from a generator seeded by (seed, process, epoch, batch),
+so a resumed run replays the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+# The built-in demo (`python train_t2i.py` with no arguments). configs/tiny_demo.yaml holds the same text (a test
+# keeps them equal); it is embedded so the demo runs from any working directory and from an installed package.
+TINY_DEMO_YAML = """\
+description: >
+  The built-in demo (`python train_t2i.py` with no arguments): the tiny SD look-alike learns captioned coloured shapes
+  on CPU in about a minute. Res-Tuning as in configs/res_tuning.yaml at toy size: in every transformer block a
+  Res-Adapter (bottleneck 16) in parallel with the FFN and a Res-Prompt branch (2 tokens, learnable lambda from 0)
+  beside self-attention.
+tuners:
+  - type: res_adapter
+    dim: 16
+    targets: [ff]
+  - type: res_prompt
+    num_tokens: 2
+    targets: [attn1]
+    lam: learnable
+train:
+  pretrained_model_name_or_path: tiny
+  train_batch_size: 8
+  learning_rate: 2.0e-3
+  lr_scheduler: cosine
+  lr_warmup_steps: 10
+  max_train_steps: 150
+  checkpointing_steps: 0
+  validation_steps: 0
+  validation_prompt:
+    - a big red circle on a blue background
+    - a small yellow star on a black background
+  num_validation_images: 4
+  seed: 0
+data:
+  dataset: demo
+  resolution: 32
+  center_crop: true
+  random_flip: true
+"""
+
+DATA_KEYS = ("dataset", "data_dir", "resolution", "center_crop", "random_flip", "caption_mode", "caption_column",
+             "image_column", "category", "skip_bad_images", "cache_latents", "dataloader_num_workers")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+STATE_FILE = "train_state.json"  # written last into a checkpoint: its presence means the checkpoint is complete
+TUNERS_FILE = "tuners.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+LOG_FILE = "train_log.jsonl"
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+VALIDATION_INFERENCE_STEPS = 30  # as diffusers' LoRA script
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became nan/inf; training stopped and the last good checkpoint was kept."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# options: flags (diffusers' names) over the YAML's train:/data: sections over defaults
+def build_parser() -> argparse.ArgumentParser:
+    bool_flag = argparse.BooleanOptionalAction
+    p = argparse.ArgumentParser(
+        prog="train_t2i.py", description="Fine-tune Stable Diffusion v1.5 with Res-Tuning and other tuners. "
+        "With no arguments: the built-in tiny demo on CPU. Flags override the --config YAML's train:/data: keys.")
+    p.add_argument("--config", help="YAML with tuners: and optional train:/data: sections (default: the tiny demo)")
+    d = p.add_argument_group("data (YAML section data:)")
+    d.add_argument("--dataset", choices=("coco2017", "finegrained", "imagefolder", "demo", "auto"))
+    d.add_argument("--data_dir", help="dataset folder (demo: default <output_dir>/demo_data, made if missing)")
+    d.add_argument("--resolution", type=int, default=512)
+    d.add_argument("--center_crop", action=bool_flag, default=False)
+    d.add_argument("--random_flip", action=bool_flag, default=False)
+    d.add_argument("--caption_mode", choices=("random", "all", "first"), default="random")
+    d.add_argument("--caption_column", default="text", help="imagefolder: caption column of metadata.jsonl/.csv")
+    d.add_argument("--image_column", default="file_name", help="imagefolder: image column of metadata.jsonl/.csv")
+    d.add_argument("--category", help="finegrained: the {category} of the caption template (e.g. bird)")
+    d.add_argument("--skip_bad_images", action=bool_flag, default=False)
+    d.add_argument("--cache_latents", action=bool_flag, default=False)
+    d.add_argument("--dataloader_num_workers", type=int, default=0)
+    t = p.add_argument_group("train (YAML section train:)")
+    t.add_argument("--pretrained_model_name_or_path", help="local SD v1.5 folder (diffusers layout) or 'tiny'")
+    t.add_argument("--output_dir", help="default: outputs/<config name>")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--train_batch_size", type=int, default=16, help="per device")
+    t.add_argument("--num_train_epochs", type=int, default=100)
+    t.add_argument("--max_train_steps", type=int, help="overrides --num_train_epochs")
+    t.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    t.add_argument("--gradient_checkpointing", action=bool_flag, default=False)
+    t.add_argument("--learning_rate", type=float, default=1e-4)
+    t.add_argument("--scale_lr", action=bool_flag, default=False,
+                   help="lr x accumulation x batch size x processes (off: the lr is used as given)")
+    t.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant")
+    t.add_argument("--lr_warmup_steps", type=int, default=500)
+    t.add_argument("--snr_gamma", type=float, help="min-SNR weighting (5.0 recommended); off when not given")
+    t.add_argument("--noise_offset", type=float, default=0.0)
+    t.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), help="default: the model's scheduler")
+    t.add_argument("--use_8bit_adam", action=bool_flag, default=False)
+    t.add_argument("--adam_beta1", type=float, default=0.9)
+    t.add_argument("--adam_beta2", type=float, default=0.999)
+    t.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    t.add_argument("--adam_epsilon", type=float, default=1e-8)
+    t.add_argument("--max_grad_norm", type=float, default=1.0, help="0: no clipping")
+    t.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), help="default: accelerate's config")
+    t.add_argument("--enable_xformers_memory_efficient_attention", action=bool_flag, default=False)
+    t.add_argument("--checkpointing_steps", type=int, default=500, help="0: no checkpoints")
+    t.add_argument("--checkpoints_total_limit", type=int, help="keep the newest N checkpoints")
+    t.add_argument("--resume_from_checkpoint", help="a checkpoint folder (or its name in output_dir), or 'latest'")
+    t.add_argument("--validation_prompt", action="append", help="repeat for several prompts")
+    t.add_argument("--num_validation_images", type=int, default=4, help="per prompt; 0: no validation")
+    t.add_argument("--validation_steps", type=int, default=500, help="0: validate only at the end")
+    t.add_argument("--report_to", choices=("tensorboard", "none"), default="none")
+    return p
+
+
+def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
+    """A YAML value as the flag would give it (PyYAML reads `1e-4` as a string), or an error naming the key."""
+    if value is None:
+        return None
+    key, bad = f"{where}: {action.dest}", None
+    if isinstance(action, argparse.BooleanOptionalAction):
+        bad = None if isinstance(value, bool) else "true or false"
+    elif isinstance(action, argparse._AppendAction):
+        value = [value] if isinstance(value, str) else value
+        bad = None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "a string or a list"
+    elif action.type is int:
+        bad = None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    elif action.type is float:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            bad = "a number"
+    elif value is False and action.choices is not None and "no" in action.choices:
+        value = "no"  # YAML 1.1 reads `mixed_precision: no` as false
+    elif not isinstance(value, str):
+        bad = "a string"
+    if bad is None and action.choices is not None and value not in action.choices:
+        bad = f"one of {list(action.choices)}"
+    if bad:
+        raise ValueError(f"{key} must be {bad}, got {value!r}")
+    return value
+
+
+def _section_values(parser: argparse.ArgumentParser, config: dict, section: str, where: str) -> dict:
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    valid = [k for k in actions if (k in DATA_KEYS) == (section == "data")]
+    body = config.get(section) or {}
+    if not isinstance(body, dict):
+        raise ValueError(f"{where}: section {section}: must be a mapping, got {type(body).__name__}")  # noqa: TRY004
+    unknown = sorted(set(body) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} in section {section}:; valid keys are {valid}")
+    return {k: _coerce(actions[k], v, f"{where} {section}") for k, v in body.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Defaults < the YAML's train:/data: < flags given on the command line; `tuners` from the YAML."""
+    from restune_diffusion.config import load_yaml, parse_tuner_configs
+
+    parser = build_parser()
+    defaults = vars(parser.parse_args([]))
+    explicit = build_parser()
+    for action in explicit._actions:
+        action.default = argparse.SUPPRESS  # parse only what was typed
+    given = vars(explicit.parse_args(argv))
+    path = given.get("config")
+    config = load_yaml(path) if path else yaml.safe_load(TINY_DEMO_YAML)
+    where = str(path) if path else "built-in tiny demo config"
+    values = dict(defaults)
+    for section in ("train", "data"):
+        values.update({k: v for k, v in _section_values(parser, config, section, where).items() if v is not None})
+    values.update(given)
+    if "tuners" not in config:
+        raise ValueError(f"{where}: no tuners: section; expected a list like [{{type: res_adapter, dim: 100}}]")
+    parse_tuner_configs(config["tuners"])  # named errors now, not after the models are loaded
+    values.update(tuners=config["tuners"], config_name=Path(path).stem if path else "tiny_demo")
+    return check_args(argparse.Namespace(**values))
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    for name in ("resolution", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
+                 "max_train_steps", "checkpoints_total_limit"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    for name in ("checkpointing_steps", "validation_steps", "num_validation_images", "lr_warmup_steps", "seed",
+                 "dataloader_num_workers"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.pretrained_model_name_or_path is None:
+        raise ValueError(f"{args.config}: no model. Pass --pretrained_model_name_or_path (a local Stable Diffusion "
+                         "v1.5 folder in the diffusers layout, or 'tiny' for the built-in tiny model)")
+    if args.dataset is None:
+        raise ValueError("no dataset: pass --dataset coco2017|finegrained|imagefolder|demo|auto and --data_dir")
+    args.output_dir = args.output_dir or os.path.join("outputs", args.config_name)
+    if args.data_dir is None:
+        if args.dataset != "demo":
+            raise ValueError(f"--dataset {args.dataset} needs --data_dir (the dataset folder)")
+        args.data_dir = os.path.join(args.output_dir, "demo_data")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the loss (the "training step" the tests drive on a fixed batch)
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023) per sample, (B,): min(SNR, γ)/SNR for ε-prediction and
+    min(SNR, γ)/(SNR+1) for v-prediction (diffusers PR #6307 fixed the v form)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)  # (B,)
+    clipped = torch.clamp(snr, max=gamma)
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    raise ValueError(f"snr_gamma: prediction_type {kind!r} is not supported; expected 'epsilon' or 'v_prediction'")
+
+
+def diffusion_loss(unet, noise_scheduler, latents, text_states, noise, timesteps, snr_gamma: float | None = None):
+    """MSE between the UNet's prediction and its target (ε, or v = α·ε − σ·x0) on latents noised at `timesteps`."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"prediction_type {kind!r} is not supported; expected 'epsilon' or 'v_prediction'")
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, 4, h, w)
+    pred = unet(noisy, timesteps, text_states, return_dict=False)[0]
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if snr_gamma is not None:
+        loss = loss * min_snr_weights(noise_scheduler, timesteps, snr_gamma)
+    return loss.mean()
+
+
+def seed_for(*keys: int) -> int:
+    """A 62-bit seed from non-negative ints (seed, process, epoch, batch): independent streams, no global RNG."""
+    return int(np.random.default_rng(list(keys)).integers(2**62))
+
+
+@torch.no_grad()
+def batch_inputs(batch: dict, sd, generator: torch.Generator, noise_offset: float, dtype: torch.dtype, device):
+    """(latents, text states, noise, timesteps) of a batch; the frozen VAE and text encoder run in `dtype`."""
+    from restune_diffusion.data import tokenize_captions
+
+    if "latents" in batch:  # --cache_latents: already sampled and scaled
+        latents = batch["latents"].to(device, dtype)
+    else:
+        posterior = sd.vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist
+        latents = posterior.sample(generator=generator) * sd.vae.config.scaling_factor  # (B, 4, h, w)
+    ids = tokenize_captions(sd.tokenizer, batch["captions"]).to(device)
+    text_states = sd.text_encoder(ids, return_dict=False)[0]  # (B, 77, D)
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    if noise_offset:  # per-channel offset (crosslabs' "diffusion with offset noise")
+        offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=device, dtype=latents.dtype)
+        noise = noise + noise_offset * offset
+    steps = sd.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=device).long()
+    return latents, text_states, noise, timesteps
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# models
+class TunedUNet(nn.Module):
+    """The UNet and its tuner set as one module for `accelerator.prepare`: the tuners live outside the UNet's module
+    tree (attach.py), so without this DDP would neither see nor sync their gradients."""
+
+    def __init__(self, unet, handle):
+        super().__init__()
+        self.unet = unet
+        self.tuners = handle.module
+
+    def forward(self, *args, **kwargs):
+        return self.unet(*args, **kwargs)
+
+
+def weight_dtype_of(accelerator) -> torch.dtype:
+    """The dtype of the frozen weights, from the one source of mixed precision (PITFALLS: unscale FP16 gradients)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def build_models(args, accelerator, weight_dtype: torch.dtype):
+    """SD components on the device, tuners attached (fp32), frozen parts in `weight_dtype`. Returns (sd, handle)."""
+    from restune_diffusion.attach import attach
+    from restune_diffusion.models import load_model
+
+    sd = load_model(args.pretrained_model_name_or_path, dtype=torch.float32, device=accelerator.device)
+    if args.prediction_type:
+        sd.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    if args.enable_xformers_memory_efficient_attention:
+        sd.unet.enable_xformers_memory_efficient_attention()  # before attach: our processors wrap the kernel
+    handle = attach(sd.unet, args.tuners, name="default")
+    sd.vae.requires_grad_(False)
+    sd.text_encoder.requires_grad_(False)
+    frozen = [sd.vae, sd.text_encoder] + ([] if handle.full_unet else [sd.unet])  # full: the UNet trains, in fp32
+    for module in frozen if weight_dtype != torch.float32 else []:
+        module.to(weight_dtype)
+    if args.gradient_checkpointing:
+        sd.unet.enable_gradient_checkpointing()  # diffusers 0.42: non-reentrant (PITFALLS: starved adapters)
+    not_fp32 = [tuple(p.shape) for p in handle.trainable_parameters() if p.dtype != torch.float32]
+    if not_fp32:
+        raise RuntimeError(f"trainable parameters must be fp32 (mixed precision keeps master weights in fp32); "
+                           f"{len(not_fp32)} are not, e.g. shape {not_fp32[0]}")
+    return sd, handle
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data
+def build_dataset(args, accelerator):
+    """Scan and build the dataset before any model is loaded; print what the scan found (PITFALLS: caption loss)."""
+    from restune_diffusion.data import load_dataset
+
+    options = {"resolution": args.resolution, "center_crop": args.center_crop, "random_flip": args.random_flip,
+               "seed": args.seed, "caption_mode": args.caption_mode, "caption_column": args.caption_column,
+               "image_column": args.image_column, "skip_bad_images": args.skip_bad_images}
+    if args.category:
+        options["category"] = args.category
+    dataset = load_dataset(args.dataset, args.data_dir, **options)
+    accelerator.print(dataset.report.summary())
+    return dataset
+
+
+def build_loader(args, dataset, sd, accelerator, weight_dtype: torch.dtype):
+    from restune_diffusion.data import build_dataloader, cache_latents
+
+    if args.cache_latents:
+        dataset = cache_latents(dataset, sd.vae, batch_size=args.train_batch_size, device=accelerator.device,
+                                dtype=weight_dtype)
+        accelerator.print(f"cached the VAE latents of {len(dataset)} samples")
+    return build_dataloader(dataset, args.train_batch_size, shuffle=True, seed=args.seed,
+                            num_workers=args.dataloader_num_workers)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# optimizer and schedule
+def build_optimizer(args, params: list, accelerator, max_train_steps: int):
+    """AdamW (8-bit with --use_8bit_adam) over the tuner parameters only, and diffusers' LR schedule."""
+    from diffusers.optimization import get_scheduler
+
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer_class = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    optimizer = optimizer_class(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    # the prepared scheduler steps once per process per optimizer step (accelerate), hence the factor
+    n = accelerator.num_processes
+    schedule = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * n,
+                             num_training_steps=max_train_steps * n)
+    note = (f"scaled by --scale_lr from {args.learning_rate:g} x {args.gradient_accumulation_steps} accumulation x "
+            f"{args.train_batch_size} batch x {n} processes" if args.scale_lr else "as given; --scale_lr is off")
+    accelerator.print(f"learning rate: {lr:g} ({note}), schedule {args.lr_scheduler}, "
+                      f"warmup {args.lr_warmup_steps} steps")
+    return optimizer, schedule
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoints
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (`checkpoint-<step>/` with its state file), oldest first by integer step."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CHECKPOINT_RE.fullmatch(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.fullmatch(p.name).group(1)))
+
+
+def find_checkpoint(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: None (fresh), the newest for "latest" (None if there is none), or a path.
+    A path that is not a complete checkpoint is an error, never a silent fresh start."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir() and (Path(output_dir) / resume).is_dir():
+        path = Path(output_dir) / resume  # diffusers also accepts the folder name inside output_dir
+    if not path.is_dir():
+        have = [p.name for p in list_checkpoints(output_dir)]
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder (nor in {output_dir}); "
+                                f"checkpoints there: {', '.join(have) or 'none'}. Pass one of them or 'latest'")
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"{path}: not a complete checkpoint (no {STATE_FILE}); it may be half-written. "
+                         "Pass another checkpoint or 'latest'")
+    return path
+
+
+def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
+    """Keep the newest `limit` complete checkpoints by step, after the new one is complete; drop stale temp folders."""
+    for tmp in output_dir.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if limit:
+        for old in list_checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(old)
+
+
+def register_state_hooks(accelerator, handle) -> None:
+    """save_state/load_state carry the tuner tensors only (`tuners.safetensors`, self-describing, loadable by
+    weights.load_tuners), never the frozen UNet, and load them strictly. Full fine-tuning: the UNet is in them."""
+    from restune_diffusion.weights import load_tuners_into, save_tuners
+
+    def ours(model) -> bool:
+        return isinstance(accelerator.unwrap_model(model), TunedUNet)
+
+    def save_hook(models, weights, output_dir):
+        for i in reversed(range(len(models))):
+            if ours(models[i]):
+                weights.pop(i)  # accelerate would write the whole UNet's state dict
+        if accelerator.is_main_process:
+            save_tuners(Path(output_dir) / TUNERS_FILE, handle)
+
+    def load_hook(models, input_dir):
+        for i in reversed(range(len(models))):
+            if ours(models[i]):
+                models.pop(i)
+        count = load_tuners_into(handle, Path(input_dir) / TUNERS_FILE)
+        accelerator.print(f"{input_dir}: loaded {count} tuner tensors")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(run: Run) -> Path:
+    """accelerate state into `.checkpoint-<step>.tmp/` on every rank, then (main, after a barrier) the state file,
+    rename to `checkpoint-<step>/` and prune: `latest` never sees a half-written checkpoint."""
+    a, step = run.accelerator, run.global_step
+    final, tmp = run.output_dir / f"checkpoint-{step}", run.output_dir / f".checkpoint-{step}.tmp"
+    if a.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    a.wait_for_everyone()
+    a.save_state(str(tmp))
+    a.wait_for_everyone()  # every rank's random_states_<rank>.pkl is in
+    if a.is_main_process:
+        state = {"global_step": step, "epoch": step // run.steps_per_epoch, "seed": run.args.seed,
+                 "train_batch_size": run.args.train_batch_size, "num_processes": a.num_processes,
+                 "gradient_accumulation_steps": run.args.gradient_accumulation_steps}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if final.exists():  # the same step written again by a run resumed from an earlier checkpoint
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        prune_checkpoints(run.output_dir, run.args.checkpoints_total_limit)
+    a.wait_for_everyone()
+    return final
+
+
+def resume(run: Run, path: Path) -> None:
+    """Load tuners, optimizer, LR schedule, RNG and accelerate's step; global_step from the checkpoint's name and
+    state file (not from the LR scheduler, musubi PR #915)."""
+    state = json.loads((path / STATE_FILE).read_text())
+    match = CHECKPOINT_RE.fullmatch(path.name)
+    step = int(match.group(1)) if match else state["global_step"]
+    if step != state["global_step"]:
+        raise ValueError(f"{path}: folder name says step {step}, {STATE_FILE} says {state['global_step']}")
+    run.accelerator.load_state(str(path))
+    run.global_step = step
+    now = {"seed": run.args.seed, "train_batch_size": run.args.train_batch_size,
+           "num_processes": run.accelerator.num_processes,
+           "gradient_accumulation_steps": run.args.gradient_accumulation_steps}
+    changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+    if changed:
+        run.accelerator.print(f"warning: {path} was written with other settings {changed} (then, now); "
+                              "the run continues but does not replay the uninterrupted one exactly")
+    run.accelerator.print(f"resumed from {path} at step {step}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# validation
+@torch.no_grad()
+def decode_fp32(vae, latents: torch.Tensor) -> list:
+    """Latents (N, 4, h, w) -> PIL images, decoded in fp32 (an fp16 decode can overflow to nan/black)."""
+    from PIL import Image
+
+    dtype = vae.dtype
+    if dtype != torch.float32:
+        vae.to(torch.float32)  # the frozen VAE only; fp16 -> fp32 -> fp16 is exact
+    try:
+        with torch.autocast(latents.device.type, enabled=False):
+            x = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]  # (N, 3, H, W)
+    finally:
+        if dtype != torch.float32:
+            vae.to(dtype)
+    x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in x]
+
+
+@torch.no_grad()
+def generate_grid(sd, prompts: list[str], num_images: int, resolution: int, seed: int, weight_dtype, device):
+    """Sample the live tuned UNet through a pipeline over the components in memory, without casting any of them
+    (PITFALLS: validation downcasts the live model; validation OOM)."""
+    from restune_diffusion.generate import make_grid
+    from restune_diffusion.models import build_pipeline
+
+    pipe = build_pipeline(sd)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    autocast = (torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32
+                else contextlib.nullcontext())  # fp32 tuners / full UNet meet fp16 inputs
+    rows = []
+    for prompt in prompts:
+        with autocast:
+            latents = pipe(prompt, height=resolution, width=resolution, num_images_per_prompt=num_images,
+                           num_inference_steps=VALIDATION_INFERENCE_STEPS, generator=generator,
+                           output_type="latent").images
+        if not torch.isfinite(latents).all():
+            print(f"warning: validation latents for {prompt!r} are not finite", file=sys.stderr)
+        rows.append(decode_fp32(sd.vae, latents))
+    del pipe
+    return make_grid([image for row in rows for image in row], cols=len(rows[0]))  # a row per prompt
+
+
+def validate(run: Run) -> Path | None:
+    """Grid of the validation prompts at this step: validation/step-<N>.png (main process) and tensorboard."""
+    from restune_diffusion.weights import atomic_write
+
+    a, args = run.accelerator, run.args
+    if not (args.validation_prompt and args.num_validation_images) or not a.is_main_process:
+        return None
+    grid = generate_grid(run.sd, args.validation_prompt, args.num_validation_images, args.resolution, args.seed,
+                         run.weight_dtype, a.device)
+    path = atomic_write(run.output_dir / "validation" / f"step-{run.global_step}.png",
+                        lambda tmp: grid.save(tmp, format="PNG"))
+    for tracker in a.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.asarray(grid)[None], run.global_step, dataformats="NHWC")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    run.validated_at = run.global_step
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the loop
+@dataclass
+class Run:
+    """What the loop touches, built once by `train`."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    sd: Any
+    handle: Any
+    model: Any  # TunedUNet after accelerator.prepare (DDP-wrapped when distributed)
+    optimizer: Any
+    lr_scheduler: Any
+    loader: Any  # prepared DataLoader
+    sampler: Any  # data.EpochSampler: the order of epoch e depends on (seed, e) only
+    weight_dtype: torch.dtype
+    output_dir: Path
+    steps_per_epoch: int
+    max_train_steps: int
+    num_epochs: int
+    global_step: int = 0
+    validated_at: int = -1
+
+
+def last_checkpoint_note(output_dir: Path) -> str:
+    found = list_checkpoints(output_dir)
+    return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+
+
+def epoch_batches(run: Run, epoch: int, skip: int):
+    """(batch index, batch) of epoch `epoch`, the first `skip` batches skipped without loading them (resume)."""
+    run.sampler.set_epoch(epoch)
+    loader = run.loader
+    if skip:
+        loader = run.accelerator.skip_first_batches(loader, skip)
+    loader.set_epoch(epoch)
+    return enumerate(loader, start=skip)
+
+
+def after_step(run: Run, loss: float, epoch: int, bar) -> None:
+    """Log the step; checkpoint and validate on their schedules."""
+    a, args, step = run.accelerator, run.args, run.global_step
+    lr = run.lr_scheduler.get_last_lr()[0]
+    if a.is_main_process:
+        with open(run.output_dir / LOG_FILE, "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr}) + "\n")
+    a.log({"train_loss": loss, "lr": lr}, step=step)
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+        save_checkpoint(run)
+    if args.validation_steps and step % args.validation_steps == 0:
+        validate(run)
+
+
+def train_loop(run: Run) -> None:
+    from tqdm.auto import tqdm
+
+    a, args, accum = run.accelerator, run.args, run.args.gradient_accumulation_steps
+    params = run.handle.trainable_parameters()
+    first_epoch = run.global_step // run.steps_per_epoch
+    skip = (run.global_step % run.steps_per_epoch) * accum  # batches of the current epoch already consumed
+    bar = tqdm(total=run.max_train_steps, initial=run.global_step, desc="steps", disable=not a.is_local_main_process)
+    run.model.train()
+    micro: list[float] = []
+    for epoch in range(first_epoch, run.num_epochs):
+        if run.global_step >= run.max_train_steps:
+            break
+        for index, batch in epoch_batches(run, epoch, skip if epoch == first_epoch else 0):
+            with a.accumulate(run.model):
+                generator = torch.Generator(a.device).manual_seed(seed_for(args.seed, a.process_index, epoch, index))
+                inputs = batch_inputs(batch, run.sd, generator, args.noise_offset, run.weight_dtype, a.device)
+                loss = diffusion_loss(run.model, run.sd.noise_scheduler, *inputs, snr_gamma=args.snr_gamma)
+                mean = a.gather(loss.detach().repeat(len(batch["captions"]))).mean().item()  # same on every rank
+                if not math.isfinite(mean):
+                    raise NonFiniteLossError(f"step {run.global_step + 1}: loss is {mean}; training stopped and "
+                                             f"{last_checkpoint_note(run.output_dir)}. Resume from it with a lower "
+                                             "--learning_rate, or --mixed_precision bf16/no")
+                micro.append(mean)
+                a.backward(loss)
+                if a.sync_gradients and args.max_grad_norm > 0:
+                    a.clip_grad_norm_(params, args.max_grad_norm)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            if a.sync_gradients:
+                run.global_step += 1
+                after_step(run, sum(micro) / len(micro), epoch, bar)
+                micro = []
+                if run.global_step >= run.max_train_steps:
+                    break
+    bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# outputs
+def read_log(output_dir: Path, upto: int | None = None) -> list[dict]:
+    path = output_dir / LOG_FILE
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if upto is None or r["step"] <= upto]
+
+
+def plot_losses(records: list[dict], path: Path) -> Path:
+    """Loss per step and its exponential moving average, as a PNG (matplotlib's Agg canvas, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from restune_diffusion.weights import atomic_write
+
+    steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
+    ema, smooth = [], losses[0] if losses else 0.0
+    for value in losses:
+        smooth = 0.9 * smooth + 0.1 * value
+        ema.append(smooth)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    ax.plot(steps, ema, label="moving average (0.9)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """CUDA: max_memory_allocated; CPU: the process's peak resident set (getrusage)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "CUDA max_memory_allocated"
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024), "peak RSS of the process"
+
+
+def export(run: Run, seconds: float, steps_run: int) -> dict:
+    """Final tuners (+ diffusers LoRA file), sample grid, loss curve and summary; main process after a barrier."""
+    from restune_diffusion.weights import atomic_write, save_tuners
+
+    a, out = run.accelerator, run.output_dir
+    a.wait_for_everyone()
+    if run.validated_at != run.global_step:
+        validate(run)
+    if not a.is_main_process:
+        return {}
+    handle = run.handle  # the tensors of the unwrapped model: keys without DDP's `module.`
+    files = {"tuners": str(save_tuners(out / TUNERS_FILE, handle))}
+    if any(c.type == "lora" for c in handle.configs):
+        from safetensors.torch import save_file
+
+        from restune_diffusion.tuners.lora import export_diffusers_lora
+
+        state = {k: v.contiguous().cpu() for k, v in export_diffusers_lora(handle).items()}
+        files["lora"] = str(atomic_write(out / LORA_FILE, lambda tmp: save_file(state, str(tmp))))
+    grid = out / "validation" / f"step-{run.global_step}.png"
+    if grid.is_file():
+        files["samples"] = str(atomic_write(out / "samples.png", lambda tmp: shutil.copyfile(grid, tmp)))
+    records = read_log(out)
+    (out / "losses.json").write_text(json.dumps({"step": [r["step"] for r in records],
+                                                 "loss": [r["loss"] for r in records]}))
+    if records:
+        files["loss_curve"] = str(plot_losses(records, out / "loss.png"))
+    return summarize(run, files, seconds, steps_run)
+
+
+def summarize(run: Run, files: dict, seconds: float, steps_run: int) -> dict:
+    unet_params = sum(p.numel() for p in run.sd.unet.parameters())
+    trainable = run.handle.num_parameters()
+    peak, how = peak_memory_bytes(run.accelerator.device)
+    summary = {"global_step": run.global_step, "trainable_params": trainable, "unet_params": unet_params,
+               "trainable_percent": 100 * trainable / unet_params, "peak_memory_bytes": peak,
+               "peak_memory_kind": how, "train_seconds": seconds, "steps_run": steps_run, "files": files}
+    (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    rate = f"{steps_run / seconds:.2f} steps/s" if seconds > 0 and steps_run else "no steps run"
+    run.accelerator.print(
+        f"\ntrainable parameters: {trainable:,} ({summary['trainable_percent']:.3f}% of the UNet's {unet_params:,})\n"
+        f"peak memory: {peak / 2**30:.2f} GiB ({how})\n"
+        f"trained to step {run.global_step} in {seconds:.1f} s ({rate})\n"
+        + "".join(f"{name}: {path}\n" for name, path in files.items()))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(args.output_dir)
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))
+    log_with = None if args.report_to == "none" else args.report_to
+    # torchrun without CUDA: accelerate only picks up the gloo process group with cpu=True (PITFALLS, multi-CPU)
+    cpu = int(os.environ.get("LOCAL_RANK", -1)) != -1 and not torch.cuda.is_available()
+    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=cpu,
+                       mixed_precision=args.mixed_precision, log_with=log_with, project_config=project)
+
+
+def check_fresh_start(output_dir: Path, resume_from: Path | None, args, accelerator) -> None:
+    """A fresh run into a folder with another run's checkpoints would mix them (pruning, `latest`): refuse."""
+    found = list_checkpoints(output_dir)
+    if resume_from is None and found:
+        raise ValueError(f"{output_dir}: holds checkpoints of an earlier run ({', '.join(p.name for p in found)}). "
+                         "Pass --resume_from_checkpoint latest to continue it, or another --output_dir")
+    if args.resume_from_checkpoint == "latest" and resume_from is None:
+        accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}, starting a fresh run")
+
+
+def prepare_run(args, accelerator, sd, handle, loader, weight_dtype) -> Run:
+    sampler = loader.sampler  # ours, before accelerate wraps the loader
+    model = TunedUNet(sd.unet, handle)
+    n = accelerator.num_processes  # accelerate shards the batches: ceil(len / n) per process (even_batches)
+    steps_per_epoch = math.ceil(math.ceil(len(loader) / n) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    optimizer, schedule = build_optimizer(args, handle.trainable_parameters(), accelerator, max_steps)
+    model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)  # per process, after sharding
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    register_state_hooks(accelerator, handle)
+    accelerator.print(
+        f"{len(loader.dataset)} samples, {len(loader)} batches per epoch and process, {steps_per_epoch} steps per "
+        f"epoch; {max_steps} steps = {num_epochs} epochs; batch {args.train_batch_size} per device x "
+        f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation = "
+        f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} per step")
+    return Run(args, accelerator, sd, handle, model, optimizer, schedule, loader, sampler, weight_dtype,
+               Path(args.output_dir), steps_per_epoch, max_steps, num_epochs)
+
+
+def train(args: argparse.Namespace) -> dict:
+    """The whole job: returns the summary (trainable params, peak memory, files) on the main process."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(args)
+    out = Path(args.output_dir)
+    resume_from = find_checkpoint(out, args.resume_from_checkpoint)  # a wrong path fails before any loading
+    check_fresh_start(out, resume_from, args, accelerator)
+    set_seed(args.seed)  # tuner initialisation; batches draw from their own seeded generators
+    dataset = build_dataset(args, accelerator)
+    weight_dtype = weight_dtype_of(accelerator)
+    sd, handle = build_models(args, accelerator, weight_dtype)
+    accelerator.print(handle.report())
+    loader = build_loader(args, dataset, sd, accelerator, weight_dtype)
+    run = prepare_run(args, accelerator, sd, handle, loader, weight_dtype)
+    if resume_from is not None:
+        resume(run, resume_from)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        records = read_log(out, upto=run.global_step)  # steps after the checkpoint are replayed
+        (out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    if accelerator.is_main_process and args.report_to != "none":
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("restune-diffusion", config=config)
+    start_step, start = run.global_step, time.time()
+    train_loop(run)
+    summary = export(run, time.time() - start, run.global_step - start_step)
+    accelerator.end_training()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`train_t2i.py`: parse, train; named errors (bad data, config, checkpoint, nan loss) as one line, exit 1."""
+    try:
+        train(parse_args(argv))
+    except (ValueError, FileNotFoundError, ImportError, NonFiniteLossError) as err:
+        print(f"train_t2i.py: error: {err}", file=sys.stderr)
+        return 1
+    return 0
