@@ -108,7 +108,8 @@ def _read_json(path: Path, expected: str):
 
 def _coco_samples(root: Path, split: str, report: ScanReport) -> list[Sample]:
     ann_path = root / "annotations" / f"captions_{split}2017.json"
-    expected = "the COCO 2017 captions file: {'images': [{'id', 'file_name'}], 'annotations': [{'image_id', 'caption'}]}"
+    expected = ("the COCO 2017 captions file: {'images': [{'id', 'file_name'}], "
+                "'annotations': [{'image_id', 'caption'}]}")
     data = _read_json(ann_path, expected)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
@@ -160,7 +161,9 @@ def _finegrained_samples(root: Path, template: str, category: str | None, report
         try:
             caption = template.format(**{"class": name, "category": category})
         except (KeyError, IndexError) as err:
-            raise ValueError(f"template {template!r}: unknown placeholder {err}; use {{class}} and {{category}}") from err
+            raise ValueError(
+                f"template {template!r}: unknown placeholder {err}; use {{class}} and {{category}}"
+            ) from err
         samples += [Sample(p, [caption]) for p in _image_files(folder)]
     if not samples:
         raise ValueError(f"{root}: no images in class sub-folders. Expected <data_dir>/<class_name>/*"

@@ -24,7 +24,7 @@ def write_coco(root, split="train", captions=None):
     """Images ids 3, 1, 2 (out of order on purpose), captions per id."""
     captions = captions or {1: ["one a", "one b", "one c", "one d", "one e"], 2: ["two a"], 3: ["three a", "three b"]}
     images, annotations = [], []
-    for k, image_id in enumerate([3, 1, 2]):
+    for image_id in [3, 1, 2]:
         name = f"{image_id:012d}.jpg"
         write_image(root / f"{split}2017" / name, seed=image_id, fmt="JPEG")
         images.append({"id": image_id, "file_name": name, "height": 16, "width": 24})
