@@ -1,0 +1,418 @@
+"""FID (restune_diffusion/fid.py, eval_fid.py) with random Inception weights in the standard layout, tiny images."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from restune_diffusion import fid
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS_FILE = Path(__file__).parent / "data" / "fid_inception_keys.txt"  # copy of shared/fid_inception_keys.txt
+
+
+def _expected_layout() -> list[tuple[str, tuple[int, ...]]]:
+    rows = []
+    for line in KEYS_FILE.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, shape = line.split(" ", 1)
+            rows.append((key, tuple(int(d) for d in re.findall(r"\d+", shape))))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """Random FID Inception weights saved as pytorch-fid's file is: torch.save of the state dict.
+
+    He-normal convs: torch's default init shrinks the signal ~3x per layer, and after 94 convs every image gives the
+    same features (FID ~1e-13); with He init features depend on the image as trained ones do.
+    """
+    torch.manual_seed(0)
+    model = fid.FIDInceptionV3()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / fid.WEIGHTS_FILE
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inception(weights):
+    return fid.load_fid_inception(weights)
+
+
+def _image(seed: int, size: int = 32) -> Image.Image:
+    """Smooth random colours: an 4x4 grid of colours upscaled, so images differ in content, not just noise."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    return small.resize((size, size), Image.BICUBIC)
+
+
+def _write_images(folder: Path, seeds, suffix: str = ".png", size: int = 32) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, seed in enumerate(seeds):
+        paths.append(folder / f"{i:05d}{suffix}")
+        _image(seed, size).save(paths[-1])
+    return paths
+
+
+def _batch(images) -> torch.Tensor:
+    """PIL images -> (B, 3, 299, 299) uint8 through the protocol's resize."""
+    arrays = [np.asarray(fid.square_resize(im, fid.INCEPTION_SIZE)) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the extractor and its weights
+def test_state_dict_keys_and_shapes_equal_the_standard_fid_inception_layout():
+    model = fid.FIDInceptionV3()
+    got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert got == _expected_layout()
+    assert len(got) == 566
+
+
+def test_loader_accepts_a_file_without_num_batches_tracked(weights, tmp_path):
+    state = {k: v for k, v in torch.load(weights, weights_only=True).items() if "num_batches_tracked" not in k}
+    assert len(state) == 566 - 94
+    path = tmp_path / "no_nbt.pth"
+    torch.save(state, path)
+    model = fid.load_fid_inception(path)
+    assert torch.equal(model.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
+
+
+def test_loader_reads_safetensors(weights, tmp_path):
+    from safetensors.torch import save_file
+
+    state = torch.load(weights, weights_only=True)
+    path = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    model = fid.load_fid_inception(path)
+    assert torch.equal(model.fc.weight, state["fc.weight"])
+
+
+def test_loader_names_the_key_and_both_shapes_on_a_shape_mismatch(weights, tmp_path):
+    state = torch.load(weights, weights_only=True)
+    state["Mixed_6b.branch7x7_2.conv.weight"] = torch.zeros(128, 128, 7, 1)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"Mixed_6b\.branch7x7_2\.conv\.weight: shape \(128, 128, 7, 1\) in file "
+                                         r"vs \(128, 128, 1, 7\)"):
+        fid.load_fid_inception(path)
+
+
+def test_loader_rejects_missing_and_unexpected_keys(weights, tmp_path):
+    state = torch.load(weights, weights_only=True)
+    state["AuxLogits.fc.weight"] = state.pop("fc.weight")
+    path = tmp_path / "torchvision_like.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"1 keys missing \['fc.weight'\], 1 unexpected \['AuxLogits.fc.weight'\]"):
+        fid.load_fid_inception(path)
+
+
+def test_missing_weights_error_names_the_file_where_to_get_it_and_the_flag(monkeypatch, tmp_path):
+    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    with pytest.raises(FileNotFoundError) as err:
+        fid.load_fid_inception()
+    message = str(err.value)
+    for part in (fid.WEIGHTS_FILE, fid.WEIGHTS_URL, "--inception_weights", fid.WEIGHTS_ENV):
+        assert part in message
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.pth"))):
+        fid.load_fid_inception(tmp_path / "nope.pth")
+
+
+def test_weights_path_from_the_environment_variable(weights, monkeypatch):
+    monkeypatch.setenv(fid.WEIGHTS_ENV, str(weights))
+    assert fid.resolve_inception_weights() == weights
+
+
+def test_extractor_gives_float32_pool3_from_uint8_or_float_values_and_resizes_other_sizes(inception):
+    x = _batch([_image(1), _image(2)])  # (2, 3, 299, 299) uint8
+    with torch.no_grad():
+        from_uint8, from_float = inception(x), inception(x.float())
+        small = inception(torch.from_numpy(np.stack([np.asarray(_image(1))])).permute(0, 3, 1, 2))
+    assert from_uint8.shape == (2, fid.NUM_FEATURES) and from_uint8.dtype == torch.float32
+    assert torch.equal(from_uint8, from_float)
+    assert small.shape == (1, fid.NUM_FEATURES) and torch.isfinite(small).all()
+
+
+def test_tf32_is_off_inside_and_restored_after():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
+    try:
+        with fid.tf32_disabled():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The statistic: one real set and three fake sets, brightness-shifted by 0 (the real set itself), 45 and 90.
+# Each FID costs torchmetrics one eigvals of a 2048 x 2048 float64 matrix (seconds on 2 CPU cores): few computes here.
+SHIFTS = (0, 45, 90)
+
+
+@pytest.fixture(scope="module")
+def shifted_runs(inception):
+    """FID per shift and the features each set produced (captured at the extractor's output)."""
+    real = _batch([_image(s) for s in range(4)])
+    captured = []
+    hook = inception.register_forward_hook(lambda m, i, out: captured.append(out.detach().double()))
+    metric = fid.fid_metric(inception)
+    try:
+        with torch.no_grad():
+            metric.update(real, real=True)
+            fids = []
+            for shift in SHIFTS:
+                metric.reset()  # reset_real_features=False: the real statistics stay
+                metric.update((real.int() + shift).clamp(0, 255).to(torch.uint8), real=False)
+                fids.append(fid.fid_value(metric))
+    finally:
+        hook.remove()
+    return {"fid": fids, "real": captured[0], "fake": captured[1:], "metric": metric}
+
+
+def test_fid_of_a_set_against_itself_is_zero(shifted_runs):
+    assert abs(shifted_runs["fid"][0]) < 1e-3
+
+
+def test_fid_rises_as_the_fake_set_is_shifted_further(shifted_runs):
+    values = shifted_runs["fid"]
+    assert values[0] < values[1] < values[2], values
+    assert values[1] > 1.0
+
+
+def test_statistics_accumulate_in_float64(shifted_runs):
+    metric = shifted_runs["metric"]
+    assert metric.real_features_sum.dtype == torch.float64
+    assert metric.real_features_cov_sum.dtype == torch.float64
+    assert metric.fake_features_cov_sum.dtype == torch.float64
+
+
+def _scipy_fid(f1: np.ndarray, f2: np.ndarray, full: bool) -> float:
+    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrtm(S1 S2) with scipy.linalg.sqrtm.
+
+    full=False uses tr sqrtm(S1 S2) = tr sqrtm(M M^T), M = A1 A2^T for S = A^T A (A: centred features / sqrt(n - 1)):
+    S1 S2 and M M^T share their non-zero eigenvalues, and M M^T is n x n, so sqrtm takes milliseconds, not 15 s.
+    """
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    a1, a2 = (f1 - mu1) / np.sqrt(len(f1) - 1), (f2 - mu2) / np.sqrt(len(f2) - 1)
+    s1, s2 = a1.T @ a1, a2.T @ a2
+    product = s1 @ s2 if full else (a1 @ a2.T) @ (a1 @ a2.T).T
+    root = scipy.linalg.sqrtm(product)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real)
+
+
+def test_fid_equals_a_scipy_sqrtm_reference_on_the_same_features(shifted_runs):
+    real, fake = shifted_runs["real"].numpy(), shifted_runs["fake"][1].numpy()
+    assert shifted_runs["fid"][1] == pytest.approx(_scipy_fid(real, fake, full=False), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_fid_equals_the_full_2048_sqrtm_reference(shifted_runs):
+    real, fake = shifted_runs["real"].numpy(), shifted_runs["fake"][1].numpy()
+    assert shifted_runs["fid"][1] == pytest.approx(_scipy_fid(real, fake, full=True), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the real-statistics cache
+def test_cache_is_reused_for_the_same_protocol_key_and_recomputed_when_any_parameter_changes(inception, tmp_path):
+    metric = fid.fid_metric(inception)
+    rng = np.random.default_rng(0)
+    calls = []
+
+    def compute():  # stands in for the real-image pass: fills the accumulators from random features
+        calls.append(1)
+        features = torch.from_numpy(rng.random((5, fid.NUM_FEATURES)))
+        metric.real_features_sum = features.sum(0)
+        metric.real_features_cov_sum = features.T @ features
+        metric.real_features_num_samples = torch.tensor(5)
+
+    key = {"protocol": fid.PROTOCOL_VERSION, "coco_dir": "/data/coco", "split": "val", "n": 5000, "seed": 0,
+           "resolution": 512, "inception_sha256": "ab"}
+    path, reused = fid.cached_real_statistics(metric, key, tmp_path, compute)
+    assert (len(calls), reused, path.is_file()) == (1, False, True)
+    first = fid.real_statistics(metric)
+
+    metric.real_features_sum = torch.zeros_like(metric.real_features_sum)
+    assert fid.cached_real_statistics(metric, dict(key), tmp_path, compute) == (path, True)
+    assert len(calls) == 1
+    again = fid.real_statistics(metric)
+    np.testing.assert_allclose(again[0], first[0], rtol=1e-12)
+    np.testing.assert_allclose(again[1], first[1], rtol=1e-9, atol=1e-15)
+    assert again[2] == first[2] == 5
+
+    for field, value in (("coco_dir", "/other"), ("split", "train"), ("n", 100), ("seed", 1), ("resolution", 256),
+                         ("inception_sha256", "cd")):
+        other, reused = fid.cached_real_statistics(metric, {**key, field: value}, tmp_path, compute)
+        assert not reused and other != path, field
+    assert len(calls) == 7
+
+
+def test_cache_file_with_a_different_key_inside_is_not_trusted(inception, tmp_path):
+    metric = fid.fid_metric(inception)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        metric.real_features_sum = torch.ones(fid.NUM_FEATURES, dtype=torch.float64)
+        metric.real_features_cov_sum = torch.eye(fid.NUM_FEATURES, dtype=torch.float64) * 3
+        metric.real_features_num_samples = torch.tensor(2)
+
+    key = {"n": 1}
+    path, _ = fid.cached_real_statistics(metric, key, tmp_path, compute)
+    path.rename(fid.stats_cache_path(tmp_path, {"n": 2}))  # e.g. a file copied under the wrong name
+    with pytest.warns(UserWarning, match="another protocol key"):
+        _, reused = fid.cached_real_statistics(metric, {"n": 2}, tmp_path, compute)
+    assert not reused and len(calls) == 2
+
+
+@pytest.mark.slow  # three FID computes
+def test_folder_fid_reuses_cached_real_statistics_without_running_the_extractor_on_real_images(
+        weights, tmp_path, monkeypatch):
+    real_dir = tmp_path / "real"
+    real = _write_images(real_dir, range(3))
+    _write_images(tmp_path / "fake", range(10, 13))
+    seen = []
+    forward = fid.FIDInceptionV3.forward
+    monkeypatch.setattr(fid.FIDInceptionV3, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
+    run = dict(inception_weights=weights, batch_size=3, stats_cache_dir=tmp_path / "cache")
+
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        first = fid.compute_fid_folders(real_dir, tmp_path / "fake", **run)
+    second = fid.compute_fid_folders(real_dir, tmp_path / "fake", **run)
+    assert seen == [3, 3, 3]  # real + fake, then fake only
+    assert (first["real_stats_reused"], second["real_stats_reused"]) == (False, True)
+    assert second["fid"] == pytest.approx(first["fid"], rel=1e-5)
+
+    _image(99).save(real[0])  # the real folder changed: its listing (size/mtime) is part of the key
+    os.utime(real[0], ns=(1, 1))
+    third = fid.compute_fid_folders(real_dir, tmp_path / "fake", **run)
+    assert not third["real_stats_reused"] and seen == [3, 3, 3, 3, 3]
+
+
+def test_small_n_warnings_are_loud_and_recorded():
+    with pytest.warns(UserWarning) as record:
+        messages = fid.sample_size_warnings(1000)
+    assert len(messages) == 2 and len(record) == 2
+    assert "biased upward" in messages[0] and "N=1000" in messages[0]
+    assert "rank-deficient" in messages[1]
+    assert fid.sample_size_warnings(5000) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generation and the CLI
+def test_generation_resumes_skipping_written_images_with_a_fixed_seed_per_index(tmp_path):
+    pipe, handle = fid.fid_pipeline("tiny")
+    assert handle is None
+    prompts = ["a red circle", "a blue square", "a green star"]
+    run = dict(seed=3, steps=2, guidance_scale=7.5, resolution=32)
+    paths = fid.generate_fid_images(pipe, prompts, tmp_path, batch_size=3, **run)
+    before = [np.asarray(Image.open(p)).astype(int) for p in paths]
+    paths[1].unlink()
+    kept = paths[0].stat().st_mtime_ns
+    fid.generate_fid_images(pipe, prompts, tmp_path, batch_size=1, **run)
+    assert paths[0].stat().st_mtime_ns == kept
+    regenerated = np.asarray(Image.open(paths[1])).astype(int)
+    assert np.abs(regenerated - before[1]).max() <= 2  # same seed for index 1, another batch size
+    assert np.abs(before[0] - before[1]).mean() > 1  # and indices do get different seeds
+
+
+def test_fid_pipeline_loads_the_tuner_file_on_the_unet(tmp_path, tiny_sd):
+    from restune_diffusion.attach import attach, attached_sets
+    from restune_diffusion.weights import save_tuners
+
+    path = save_tuners(tmp_path / "tuners.safetensors", attach(tiny_sd.unet, {"type": "res_adapter", "dim": 4}))
+    pipe, handle = fid.fid_pipeline("tiny", path)
+    assert handle is not None and attached_sets(pipe.unet)
+    assert len(handle.state_dict()) > 0
+
+
+def test_resume_into_a_folder_made_with_other_settings_is_refused(tmp_path):
+    record = {"seed": 0, "steps": 50}
+    fid._check_generation_record(tmp_path, record)
+    fid._check_generation_record(tmp_path, dict(record))
+    with pytest.raises(ValueError, match="steps: 50 there vs 20 now"):
+        fid._check_generation_record(tmp_path, {**record, "steps": 20})
+
+
+def _coco(root: Path, n: int = 8) -> Path:
+    """A COCO2017-format folder: annotations/captions_val2017.json and val2017/*.jpg, two captions per image."""
+    files = _write_images(root / "val2017", range(100, 100 + n), suffix=".jpg", size=40)
+    images = [{"id": 10 + i, "file_name": p.name} for i, p in enumerate(files)]
+    words = ["red", "blue", "green", "yellow"]
+    annotations = [{"id": 1000 + 2 * i + j, "image_id": 10 + i, "caption": f"a {words[(i + j) % 4]} shape"}
+                   for i in range(n) for j in range(2)]
+    (root / "annotations").mkdir()
+    (root / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": images,
+                                                                            "annotations": annotations}))
+    return root
+
+
+def test_eval_fid_cli_end_to_end_on_a_tiny_coco_folder(weights, tmp_path):
+    coco = _coco(tmp_path / "coco")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "eval_fid.py"), "--pretrained_model_name_or_path", "tiny", "--coco_dir",
+           str(coco), "--num_samples", "8", "--resolution", "32", "--steps", "2", "--batch_size", "4",
+           "--inception_weights", str(weights), "--output_dir", str(out), "--stats_cache_dir", str(tmp_path / "c"),
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FID " in proc.stdout
+    result = json.loads((out / "fid.json").read_text())
+    assert np.isfinite(result["fid"]) and result["fid"] > 0
+    fields = ("n", "seed", "steps", "resolution", "batch_size", "guidance_scale", "scheduler", "tuners_sha256")
+    assert [result[f] for f in fields] == [8, 0, 2, 32, 4, 7.5, "ddim", None]
+    assert result["inception_sha256"] == fid.file_sha256(weights)
+    assert result["versions"]["torch"] == torch.__version__ and "diffusers" in result["versions"]
+    assert "COCO2017 val2017" in result["protocol"] and result["elapsed_s"] > 0
+    assert any("rank-deficient" in w for w in result["warnings"])
+    assert sorted(p.name for p in (out / "fake").glob("*.png")) == [f"{i:05d}.png" for i in range(8)]
+    assert Image.open(out / "fake" / "00000.png").size == (32, 32)
+    assert Path(result["real_stats_cache"]).is_file()
+
+
+def _eval_fid_main():
+    spec = importlib.util.spec_from_file_location("eval_fid", REPO / "eval_fid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_eval_fid_cli_folder_mode_writes_fid_json(weights, tmp_path):
+    _write_images(tmp_path / "a", range(3))
+    _write_images(tmp_path / "b", range(3, 6), suffix=".jpg", size=48)
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        result = _eval_fid_main()(["--real_dir", str(tmp_path / "a"), "--fake_dir", str(tmp_path / "b"),
+                                   "--inception_weights", str(weights), "--output_dir", str(tmp_path / "out"),
+                                   "--batch_size", "6", "--device", "cpu"])
+    stored = json.loads((tmp_path / "out" / "fid.json").read_text())
+    assert stored["fid"] == pytest.approx(result["fid"]) and stored["fid"] > 0
+    assert (stored["mode"], stored["n_real"], stored["n_fake"], stored["batch_size"]) == ("folders", 3, 3, 6)
+
+
+def test_eval_fid_cli_errors_name_the_flag_or_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    main = _eval_fid_main()
+    _write_images(tmp_path / "a", range(2))
+    with pytest.raises(SystemExit) as err:
+        main(["--real_dir", str(tmp_path / "a"), "--fake_dir", str(tmp_path / "a")])
+    assert fid.WEIGHTS_FILE in str(err.value.code) and "--inception_weights" in str(err.value.code)
+    with pytest.raises(SystemExit) as err:
+        main(["--real_dir", str(tmp_path / "missing"), "--fake_dir", str(tmp_path / "a"),
+              "--inception_weights", str(KEYS_FILE)])
+    assert "--real_dir" in str(err.value.code) and "missing" in str(err.value.code)
+    with pytest.raises(SystemExit) as err:
+        main(["--real_dir", str(tmp_path / "a")])
+    assert err.value.code == 2  # argparse: --fake_dir missing
