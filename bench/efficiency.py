@@ -1,0 +1,692 @@
+"""Efficiency of every tuner on the Stable Diffusion v1.5 UNet: trainable parameters, peak memory and time of one
+training step, and multi-task bypass inference (DESIGN.md, "Benchmark"; paper arXiv 2310.19859, SD v1.5 table).
+
+    python bench/efficiency.py                                  # CPU: batch 2, 32x32 latents, fp32 (~10 min)
+    python bench/efficiency.py --device cuda --latent_size 64 --batch_size 8 --dtype fp16    # 512 px on a GPU
+    python bench/efficiency.py --quick --out /tmp/bench         # tiny UNet, every method, seconds (CI)
+
+Each method runs in its own subprocess so memory peaks don't mix (--quick shares one, on one thread: a tiny
+model's peaks are not the point, and each process pays ~7 s of imports). The real architecture runs with random
+weights: time and memory don't depend on the values. Parameter counts always come from the SD v1.5 UNet built on
+the meta device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import functools
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/efficiency.py` from anywhere, without installing the package
+    sys.path.insert(0, str(ROOT))
+
+GB = 1e9
+METHODS = ("floor", "full", "lora", "peft_lora", "adapter", "prefix", "prompt", "res_tuning", "res_tuning_bypass",
+           "sc_tuner")
+MULTITASK = "multitask"
+CONFIGS = {m: ROOT / "configs" / f"{m}.yaml" for m in METHODS if m not in ("floor", "peft_lora")}
+# the peer users run today (diffusers' train_text_to_image_lora.py): 9,964,800 params on SD v1.5
+PEFT_LORA = dict(r=50, lora_alpha=50, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+MULTITASK_KS = (1, 2, 4, 8)
+DTYPES = ("fp32", "fp16", "bf16")
+
+# Paper, SD v1.5 on COCO2017: row, FID, params (M), train memory (GB), hours/epoch
+PAPER = {
+    "floor": ("SD (no tuning)", 15.48, None, None, None),
+    "full": ("Full", 14.85, 862.0, 72.77, 1.98),
+    "lora": ("LoRA", 14.50, 9.96, 61.03, 1.42),
+    "peft_lora": ("LoRA", 14.50, 9.96, 61.03, 1.42),
+    "adapter": ("Adapter", 14.73, 2.51, 54.30, 1.30),
+    "prefix": ("Prefix", 15.36, 4.99, 64.91, 2.20),
+    "prompt": ("Prompt", 14.90, 1.25, 63.70, 2.17),
+    "res_tuning": ("Res-Tuning", 13.96, 2.54, 54.49, 1.38),
+    "res_tuning_bypass": ("Bypass", 14.89, 3.76, 21.35, 0.82),
+}
+BYPASS = "res_tuning_bypass"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# memory of this process: the CUDA allocator on a GPU, the resident set on CPU
+
+
+def _proc_status(field: str) -> int | None:
+    """VmRSS / VmHWM of this process in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_in_use(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    rss = _proc_status("VmRSS")
+    return rss if rss is not None else peak_memory(device)
+
+
+def reset_peak(device) -> bool:
+    """Start a new peak from what is in use now; False where the OS cannot (the peak then includes the model build)."""
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS shows what is live
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the resident-set high-water mark (proc(5))
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(device) -> int:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    hwm = _proc_status("VmHWM")
+    if hwm is not None:
+        return hwm
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# methods
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def prepare(unet, method: str) -> list:
+    """Freeze the UNet and put `method` on it; returns the trainable parameters (fp32, as in training)."""
+    import torch
+
+    unet.requires_grad_(False)
+    if method == "floor":
+        return []
+    if method == "peft_lora":
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(**PEFT_LORA))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:  # diffusers' cast_training_params: the LoRA weights train in fp32 on an fp16 UNet
+            p.data = p.data.to(torch.float32)
+        return params
+    from restune_diffusion.attach import attach
+
+    return attach(unet, CONFIGS[method], name=method).trainable_parameters()
+
+
+def count_parameters(method: str) -> dict:
+    """Trainable parameters of `method` on the SD v1.5 UNet, built on the meta device (no memory, no init)."""
+    from restune_diffusion.models import build_unet
+
+    unet = build_unet("sd15", device="meta")
+    total = sum(p.numel() for p in unet.parameters())
+    trainable = sum(p.numel() for p in prepare(unet, method))
+    return {"params": trainable, "unet_params": total, "params_pct": 100 * trainable / total}
+
+
+def make_inputs(unet, batch: int, latent: int, device, dtype):
+    """Seeded (latents (B, 4, S, S), timesteps (B,), text states (B, 77, D), target like latents)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    cfg = unet.config
+    sample = torch.randn(batch, cfg.in_channels, latent, latent, generator=g)
+    text = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g)
+    target = torch.randn(batch, cfg.out_channels, latent, latent, generator=g)
+    timesteps = torch.randint(0, 1000, (batch,), generator=g)
+    return (sample.to(device, dtype), timesteps.to(device), text.to(device, dtype)), target.to(device)
+
+
+def autocast(device, dtype):
+    """Mixed precision as accelerate sets it up for training: autocast in the weight dtype, nothing for fp32."""
+    import torch
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_step(unet, params: list, inputs, target, amp_dtype, device):
+    """One training step (forward, MSE vs the target, backward, AdamW, zero_grad(set_to_none)); the floor: a frozen
+    forward under no_grad. Returns a closure that runs it and gives the loss."""
+    import torch
+    import torch.nn.functional as F
+
+    if not params:
+        def floor_step():
+            with torch.no_grad(), autocast(device, amp_dtype):
+                return unet(*inputs).sample.float().pow(2).mean()
+        return floor_step
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def train_step():
+        with autocast(device, amp_dtype):
+            pred = unet(*inputs).sample  # (B, 4, S, S)
+        loss = F.mse_loss(pred.float(), target.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return train_step
+
+
+def timed(fn, device) -> tuple[float, object]:
+    import torch
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
+
+
+def measure_method(method: str, opts: dict) -> dict:
+    """Build the UNet, put the method on it, run warm-up + timed steps; memory and times of this process."""
+    import torch
+
+    from restune_diffusion.models import build_unet
+
+    device, dtype = torch.device(opts["device"]), torch_dtype(opts["dtype"])
+    # trainable weights stay fp32: full fine-tuning keeps the whole UNet fp32 (autocast computes in --dtype)
+    weight_dtype = torch.float32 if method == "full" else dtype
+    start = time.perf_counter()
+    torch.manual_seed(0)  # the same random weights in every run
+    unet = build_unet(opts["model"], device=device, dtype=weight_dtype)
+    params = prepare(unet, method)
+    unet.train(bool(params))
+    build_s = time.perf_counter() - start
+    inputs, target = make_inputs(unet, opts["batch_size"], opts["latent_size"], device, weight_dtype)
+    weights = memory_in_use(device)
+    peak_reset = reset_peak(device)
+    step = make_step(unet, params, inputs, target, dtype, device)
+    times, losses = [], []
+    for i in range(opts["warmup"] + opts["steps"]):
+        seconds, loss = timed(step, device)
+        losses.append(float(loss))
+        if i >= opts["warmup"]:
+            times.append(seconds)
+    peak = peak_memory(device)
+    return {
+        "params_bench_model": sum(p.numel() for p in params),
+        "shapes": {"sample": list(inputs[0].shape), "text": list(inputs[2].shape), "weights": str(weight_dtype)},
+        "weights_bytes": weights, "peak_bytes": peak, "above_weights_bytes": peak - weights,
+        "peak_reset_after_build": peak_reset, "step_s": statistics.median(times), "step_times_s": times,
+        "loss_finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)), "build_s": build_s,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# multi-task inference: K bypasses on one backbone pass vs K passes
+
+
+def measure_multitask(opts: dict) -> dict:
+    """K task bypasses (K in MULTITASK_KS) under no_grad, with restune_diffusion.multitask:
+    one backbone pass on B rows feeding all K bypasses (the same input for every task, as at the first denoising
+    step) vs K separate passes; and the K tasks' inputs stacked into one call of K·B rows (later steps)."""
+    import torch
+
+    from restune_diffusion.attach import attach
+    from restune_diffusion.models import build_unet
+    from restune_diffusion.multitask import multitask_unet_forward
+
+    device, dtype = torch.device(opts["device"]), torch_dtype(opts["dtype"])
+    torch.manual_seed(0)
+    unet = build_unet(opts["model"], device=device, dtype=dtype).eval()
+    handles = [attach(unet, CONFIGS[BYPASS], name=f"task{i}") for i in range(max(MULTITASK_KS))]
+    (sample, timestep, text), _ = make_inputs(unet, opts["multitask_batch_size"], opts["latent_size"], device, dtype)
+    forward = functools.partial(multitask_unet_forward, unet)
+    rows = []
+    for k in MULTITASK_KS:
+        tasks = handles[:k]
+        one = functools.partial(forward, tasks, sample, timestep, text, broadcast=True)
+        separate = functools.partial(forward, tasks, sample, timestep, text, shared=False, broadcast=True)
+        stacked = functools.partial(forward, tasks, sample.repeat(k, 1, 1, 1), timestep.repeat(k), text.repeat(k, 1, 1))
+        t_one, t_sep, t_stack = (_median_time(fn, device, opts) for fn in (one, separate, stacked))
+        rows.append({"k": k, "one_pass_s": t_one, "separate_s": t_sep, "speedup": t_sep / t_one,
+                     "stacked_s": t_stack, "stacked_speedup": t_sep / t_stack})
+    return {"batch_size": opts["multitask_batch_size"], "rows": rows}
+
+
+def _median_time(fn, device, opts) -> float:
+    times = [timed(fn, device)[0] for _ in range(opts["warmup"] + opts["steps"])]
+    return statistics.median(times[opts["warmup"]:])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# worker: one process, one or more methods, results as JSON to a file
+
+
+def environment(device_name: str) -> dict:
+    import diffusers
+    import torch
+
+    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "torch_threads": torch.get_num_threads()}
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        env["peft"] = importlib.metadata.version("peft")
+    if device_name == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _cpu_jiffies() -> list[int] | None:
+    """The machine's CPU time counters from /proc/stat (user nice system idle iowait irq softirq steal ...)."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def _steal_pct(before, after) -> float | None:
+    """% of CPU time the hypervisor gave to other guests between two readings."""
+    if not before or not after or len(before) < 8:
+        return None
+    delta = [a - b for a, b in zip(after, before)]
+    return 100 * delta[7] / max(1, sum(delta[:8]))
+
+
+def worker(methods: list[str], opts: dict, result_path: Path) -> int:
+    if opts["quick"]:  # tiny ops: threads only add synchronisation, and thrash when other jobs share the cores
+        import torch
+
+        torch.set_num_threads(1)
+    results: dict = {"environment": environment(opts["device"]), "methods": {}}
+    for method in methods:
+        load_before, cpu_before = os.getloadavg()[0], _cpu_jiffies()
+        try:
+            if method == MULTITASK:
+                results["multitask"] = {"status": "ok", **measure_multitask(opts)}
+            else:
+                row = {"status": "ok", **count_parameters(method), **measure_method(method, opts)}
+                results["methods"][method] = row
+        except Exception as err:  # one broken method must not take the others down; the report names it
+            entry = {"status": "error", "note": f"{type(err).__name__}: {err}"}
+            if method == MULTITASK:
+                results["multitask"] = entry
+            else:
+                results["methods"][method] = entry
+            print(f"[bench] {method}: {entry['note']}", file=sys.stderr)
+        entry = results["multitask"] if method == MULTITASK else results["methods"][method]
+        # other processes, or the hypervisor (steal time), skew the times: say how busy the machine was
+        entry["load_avg"] = [load_before, os.getloadavg()[0]]
+        entry["cpu_steal_pct"] = _steal_pct(cpu_before, _cpu_jiffies())
+        gc.collect()
+        write_atomic(result_path, json.dumps(results))  # partial results survive a crash in a later method
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# parent: run workers, gather, judge, write
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def available(method: str) -> str | None:
+    """None if `method` can run here, else why not."""
+    if method in CONFIGS and not CONFIGS[method].is_file():
+        return f"{CONFIGS[method].relative_to(ROOT)} not found"
+    if method == "peft_lora" and importlib.util.find_spec("peft") is None:
+        return "peft not installed (pip install peft)"
+    if method == MULTITASK:
+        if importlib.util.find_spec("restune_diffusion.multitask") is None:
+            return "restune_diffusion/multitask.py not found"
+        if not CONFIGS[BYPASS].is_file():
+            return f"{CONFIGS[BYPASS].relative_to(ROOT)} not found"
+    return None
+
+
+def run_worker(methods: list[str], opts: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", ",".join(methods),
+               "--result", str(result), "--opts", json.dumps(opts)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        data = json.loads(result.read_text()) if result.is_file() else {"methods": {}}
+    why = (f"worker exited with {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode < 0 else "")
+           + ": " + " | ".join(proc.stderr.strip().splitlines()[-3:]))
+    for method in methods:
+        done = data.get("multitask") if method == MULTITASK else data["methods"].get(method)
+        if done is None:
+            entry = {"status": "error", "note": why}
+            data.__setitem__("multitask", entry) if method == MULTITASK else data["methods"].__setitem__(method, entry)
+    return data
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine()}
+    with contextlib.suppress(OSError):
+        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        info["cpu"] = names[0] if names else info["cpu"]
+    with contextlib.suppress(OSError, AttributeError):
+        info["ram_gb"] = int(re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024 / GB
+    return info
+
+
+def _ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def derive(rows: dict) -> None:
+    """Add ratios to full fine-tuning and to the floor (measured in this run), and to the paper's rows."""
+    ok = {m: r for m, r in rows.items() if r.get("status") == "ok"}
+    full, floor = ok.get("full", {}), ok.get("floor", {})
+    for row in ok.values():
+        row["peak_vs_full"] = _ratio(row["peak_bytes"], full.get("peak_bytes"))
+        row["peak_vs_floor"] = _ratio(row["peak_bytes"], floor.get("peak_bytes"))
+        row["above_vs_full"] = _ratio(row["above_weights_bytes"], full.get("above_weights_bytes"))
+        row["step_vs_full"] = _ratio(row["step_s"], full.get("step_s"))
+        row["step_vs_floor"] = _ratio(row["step_s"], floor.get("step_s"))
+    for method, row in rows.items():
+        paper = PAPER.get(method)
+        if paper:
+            row["paper"] = dict(zip(("row", "fid", "params_m", "memory_gb", "hours_per_epoch"), paper))
+            row["paper"]["memory_vs_full"] = _ratio(paper[3], PAPER["full"][3])
+            row["paper"]["hours_vs_full"] = _ratio(paper[4], PAPER["full"][4])
+
+
+def targets(rows: dict, multitask: dict | None) -> list[dict]:
+    """The benchmark's targets (figures to reach, not tests): name, measured, bound, passed (None = not measured)."""
+    ok = {m: r for m, r in rows.items() if r.get("status") == "ok"}
+    found = []
+
+    def check(name, value, bound, passed_if, unit=""):
+        passed = None if value is None or bound is None else passed_if(value, bound)
+        found.append({"target": name, "measured": value, "bound": bound, "unit": unit, "passed": passed})
+
+    for method, paper in PAPER.items():
+        if paper[2] is not None and method in rows:
+            count = ok.get(method, {}).get("params")
+            error = None if count is None else abs(count / 1e6 - paper[2]) / paper[2]
+            check(f"params {method} within 1 % of the paper's {paper[2]} M", error, 0.01, float.__le__)
+    get = lambda m, k: ok.get(m, {}).get(k)  # noqa: E731
+    check("bypass peak memory <= 1.15 x floor", _ratio(get(BYPASS, "peak_bytes"), get("floor", "peak_bytes")), 1.15,
+          float.__le__, "x")
+    check("bypass memory above weights <= 0.25 x full's",
+          _ratio(get(BYPASS, "above_weights_bytes"), get("full", "above_weights_bytes")), 0.25, float.__le__, "x")
+    check("Res-Tuning step time <= 1.10 x LoRA's", _ratio(get("res_tuning", "step_s"), get("lora", "step_s")), 1.10,
+          float.__le__, "x")
+    check("bypass step time <= 0.45 x full's", _ratio(get(BYPASS, "step_s"), get("full", "step_s")), 0.45,
+          float.__le__, "x")
+    k4 = next((r for r in (multitask or {}).get("rows", []) if r["k"] == 4), None)
+    check("K=4 bypasses in one pass >= 3.2 x faster than 4 passes", k4 and k4["speedup"], 3.2, float.__ge__, "x")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# markdown
+
+
+def _f(value, digits: int = 2, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _gb(value) -> str:
+    return "–" if value is None else f"{value / GB:.{2 if value >= GB else 3}f}"
+
+
+def _s(value) -> str:
+    return "–" if value is None else f"{value:.{2 if value >= 1 else 4}f}"
+
+
+def _spread(row: dict) -> str:
+    times = row["step_times_s"]
+    return f"{_s(row['step_s'])} ({_s(min(times))}–{_s(max(times))})" if len(times) > 1 else _s(row["step_s"])
+
+
+def method_table(rows: dict) -> list[str]:
+    head = ("method | params (M) | % UNet | peak mem (GB) | weights (GB) | above weights (GB) | mem / full | "
+            "mem / floor | step (s) | step / full | step / floor || paper row | paper params (M) | "
+            "paper mem (GB) | paper mem / full | paper h/epoch | paper h / full | paper FID")
+    lines = ["| " + head + " |", "|" + "---|" * (head.count("|") + 1)]
+    for method, r in rows.items():
+        p = r.get("paper") or {}
+        paper = [p.get("row", "–"), _f(p.get("params_m"), 2), _f(p.get("memory_gb"), 2),
+                 _f(p.get("memory_vs_full"), 2), _f(p.get("hours_per_epoch"), 2), _f(p.get("hours_vs_full"), 2),
+                 _f(p.get("fid"), 2)]
+        if r.get("status") != "ok":
+            ours = [f"{r.get('status')}: {r.get('note', '')}"] + ["–"] * 10
+        else:
+            ours = [_f(r["params"] / 1e6, 3), _f(r["params_pct"], 3), _gb(r["peak_bytes"]), _gb(r["weights_bytes"]),
+                    _gb(r["above_weights_bytes"]), _f(r["peak_vs_full"]), _f(r["peak_vs_floor"]), _spread(r),
+                    _f(r["step_vs_full"]), _f(r["step_vs_floor"])]
+        lines.append("| " + " | ".join([f"`{method}`", *ours, "", *paper]) + " |")
+    return lines
+
+
+def multitask_table(multitask: dict | None) -> list[str]:
+    if not multitask:
+        return ["(not run)"]
+    if multitask.get("status") != "ok":
+        return [f"{multitask.get('status')}: {multitask.get('note', '')}"]
+    lines = ["| K tasks | K separate passes (s) | one backbone pass + K bypasses (s) | speedup | "
+             "one call on K·B stacked rows (s) | speedup |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['k']} | {_s(r['separate_s'])} | {_s(r['one_pass_s'])} | {_f(r['speedup'])}x | "
+              f"{_s(r['stacked_s'])} | {_f(r['stacked_speedup'])}x |" for r in multitask["rows"]]
+    return lines + ["", "One backbone pass feeds every task only when their inputs are equal (same latents, timestep "
+                    "and text: the first denoising step). From the second step each task has its own latents; "
+                    "`generate_multitask` then stacks them into one call (last columns: the same FLOPs as K passes)."]
+
+
+def target_lines(found: list[dict], quick: bool) -> list[str]:
+    lines = []
+    for t in found:
+        verdict = {True: "PASS", False: "MISS", None: "SKIP"}[t["passed"]]
+        value = "not measured" if t["measured"] is None else (
+            f"{100 * t['measured']:.2f} % off" if t["target"].startswith("params") else f"{t['measured']:.3f}x")
+        note = " (tiny model: indicative only)" if quick and not t["target"].startswith("params") else ""
+        lines.append(f"{verdict}  {t['target']}: {value}{note}")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    env, mach = report["environment"], report["machine"]
+    where = env.get("gpu") or mach.get("cpu")
+    shapes = next((r["shapes"] for r in report["methods"].values() if "shapes" in r), None)
+    text_shape = "x".join(map(str, shapes["text"][1:])) if shapes else "77x768"
+    lines = [
+        f"# Efficiency: {'tiny UNet (--quick)' if s['quick'] else 'SD v1.5 UNet architecture (random weights)'}",
+        "",
+        f"`{report['command']}`  ",
+        f"{s['device']} ({where}, {mach.get('cores')} cores, {_f(mach.get('ram_gb'), 0)} GB RAM), "
+        f"torch {env.get('torch')}, diffusers {env.get('diffusers')}, peft {env.get('peft', '–')}; "
+        f"batch {s['batch_size']}, latents {s['latent_size']}x{s['latent_size']}, text {text_shape}, "
+        f"{s['dtype']} frozen UNet, fp32 trainables; step time: median (min–max) of {s['steps']} steps after "
+        f"{s['warmup']} warm-up.",
+        "",
+        "Params: trainable parameters on the SD v1.5 UNet (meta device) and % of its "
+        f"{report['unet_params'] / 1e6:.1f} M. Memory: "
+        + ("CUDA max_memory_allocated; weights = allocated after build + attach." if s["device"] == "cuda" else
+           "peak resident set (VmHWM) of the method's own process; weights = RSS after build + attach (includes "
+           "~0.4 GB of interpreter and libraries)."),
+        "One step = forward + MSE + backward + AdamW + zero_grad(set_to_none); floor = frozen forward under no_grad. "
+        "Paper figures: 512 px training on GPUs (their hardware, batch and epoch), for shape comparison only.",
+        "",
+        *method_table(report["methods"]),
+        "",
+        f"## Multi-task inference (no_grad, batch {s['multitask_batch_size']})",
+        "",
+        *multitask_table(report.get("multitask")),
+        "",
+        "## Targets",
+        "",
+        "```",
+        *target_lines(report["targets"], s["quick"]),
+        "```",
+    ]
+    notes = [f"- `{m}`: {r['note']}" for m, r in report["methods"].items() if r.get("status") != "ok"]
+    if "sc_tuner" in report["methods"]:
+        notes.append("- `sc_tuner`: SC-Tuner from SCEdit (arXiv 2312.11392), not a row of the Res-Tuning table; "
+                     "SCEdit reports 19.68 M parameters for it on SD v1.5.")
+    loads = [x for r in [*report["methods"].values(), report.get("multitask") or {}] for x in r.get("load_avg", [])]
+    steal = [r.get("cpu_steal_pct") or 0 for r in [*report["methods"].values(), report.get("multitask") or {}]]
+    if steal and max(steal) > 5:
+        notes.append(f"- The hypervisor took up to {max(steal):.0f} % of CPU time (steal) during a method; its step "
+                     "times are inflated.")
+    if loads and max(loads) > 1.5 * (mach.get("cores") or 1):
+        notes.append(f"- The machine was shared: 1-min load average up to {max(loads):.1f} on {mach.get('cores')} "
+                     "cores during the run; step times are inflated and noisy.")
+    return "\n".join(lines + (["", "## Notes", "", *notes] if notes else [])) + "\n"
+
+
+def device_tag(settings: dict, env: dict) -> str:
+    tag = "cpu" if settings["device"] == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", env.get("gpu", "").lower())
+    tag = tag.strip("-")
+    if settings["dtype"] != "fp32":
+        tag += f"-{settings['dtype']}"
+    return tag + ("-quick" if settings["quick"] else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=[*METHODS, MULTITASK], choices=[*METHODS, MULTITASK],
+                   help="what to measure (default: every method, then multi-task inference)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="dtype of the frozen UNet (trainables stay fp32)")
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--latent_size", type=int, default=None, help="latent side (default 32; 64 = 512 px; quick: 8)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps, median reported (default: cpu 3, cuda 10)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: cpu 1, cuda 3)")
+    p.add_argument("--multitask_batch_size", type=int, default=None, help="default: 1 on cpu, --batch_size on cuda")
+    p.add_argument("--quick", action="store_true", help="the tiny UNet, every method in one process: seconds (CI)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for <device>.md / .json (default bench/results)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: methods to run in this process
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--opts", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("batch_size", "latent_size", "steps", "multitask_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} must be a positive integer, got {value}")
+    if args.warmup is not None and args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    return args
+
+
+def settings_from(args) -> dict:
+    cpu = args.device == "cpu"
+    return {
+        "device": args.device, "dtype": args.dtype, "quick": args.quick, "model": "tiny" if args.quick else "sd15",
+        "batch_size": args.batch_size, "latent_size": args.latent_size or (8 if args.quick else 32),
+        "steps": args.steps or (3 if cpu or args.quick else 10),
+        "warmup": args.warmup if args.warmup is not None else (1 if cpu or args.quick else 3),
+        "multitask_batch_size": args.multitask_batch_size or (1 if cpu else args.batch_size),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args.worker.split(","), json.loads(args.opts), args.result)
+    if args.device == "cuda" and importlib.util.find_spec("torch") and not _cuda_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch; run with --device cpu")
+    opts = settings_from(args)
+    methods, rows, multitask, env = list(dict.fromkeys(args.methods)), {}, None, {}
+    runnable = []
+    for method in methods:
+        why = available(method)
+        if why:
+            print(f"[bench] skipping {method}: {why}", flush=True)
+            entry = {"status": "skipped", "note": why}
+            multitask = entry if method == MULTITASK else multitask
+            rows.update({} if method == MULTITASK else {method: entry})
+        else:
+            runnable.append(method)
+    groups = [runnable] if args.quick else [[m] for m in runnable]
+    for group in filter(None, groups):
+        start = time.perf_counter()
+        data = run_worker(group, opts)
+        env = data.get("environment", env)
+        multitask = data.get("multitask", multitask)
+        rows.update(data["methods"])
+        for method in group:
+            print(f"[bench] {method}: {summary(rows.get(method) or multitask)} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    rows = {m: rows[m] for m in methods if m in rows}
+    derive(rows)
+    report = {
+        "command": shlex.join(["python", "bench/efficiency.py", *(sys.argv[1:] if argv is None else argv)]),
+        "settings": opts, "machine": machine(), "environment": env,
+        "unet_params": next((r["unet_params"] for r in rows.values() if "unet_params" in r), 859_520_964),
+        "methods": rows, "multitask": multitask,
+    }
+    report["targets"] = targets(rows, multitask if (multitask or {}).get("status") == "ok" else None)
+    text = markdown(report)
+    out = args.out or ROOT / "bench" / "results"
+    tag = device_tag(opts, env)
+    write_atomic(out / f"{tag}.json", json.dumps(report, indent=1))
+    write_atomic(out / f"{tag}.md", text)
+    print(text)
+    print(f"[bench] wrote {out / tag}.md and .json")
+    return 0
+
+
+def summary(row: dict | None) -> str:
+    if not row:
+        return "no result"
+    if row.get("status") != "ok":
+        return f"{row.get('status')}: {row.get('note')}"
+    if "rows" in row:
+        return ", ".join(f"K={r['k']} {r['speedup']:.2f}x" for r in row["rows"])
+    return (f"{row['params'] / 1e6:.3f} M params, peak {_gb(row['peak_bytes'])} GB "
+            f"(weights {_gb(row['weights_bytes'])}), step {_s(row['step_s'])} s")
+
+
+def _cuda_available() -> bool:
+    # a subprocess, so the parent never initialises CUDA itself
+    code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
