@@ -72,6 +72,8 @@ DATA_KEYS = ("dataset", "data_dir", "resolution", "center_crop", "random_flip", 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 STATE_FILE = "train_state.json"  # written last into a checkpoint: its presence means the checkpoint is complete
 TUNERS_FILE = "tuners.safetensors"
+CONFIG_FILE = "train_config.yaml"  # the resolved config: `--config` on it repeats the run
+NOT_IN_CONFIG = ("config", "config_name", "tuners", "resume_from_checkpoint")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LOG_FILE = "train_log.jsonl"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
@@ -223,6 +225,23 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--dataset {args.dataset} needs --data_dir (the dataset folder)")
         args.data_dir = os.path.join(args.output_dir, "demo_data")
     return args
+
+
+def resolved_config(args: argparse.Namespace) -> dict:
+    """The run's settings as a --config YAML body: train:/data: with every value in effect, and tuners:."""
+    values = {k: v for k, v in vars(args).items() if k not in NOT_IN_CONFIG}
+    source = args.config or "the built-in tiny demo config"
+    return {"description": f"resolved by train_t2i.py from {source} and the command-line flags",
+            "train": {k: v for k, v in values.items() if k not in DATA_KEYS},
+            "data": {k: v for k, v in values.items() if k in DATA_KEYS},
+            "tuners": args.tuners}
+
+
+def write_resolved_config(args: argparse.Namespace, path: Path) -> Path:
+    from restune_diffusion.weights import atomic_write
+
+    text = yaml.safe_dump(resolved_config(args), sort_keys=False)
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -811,6 +830,7 @@ def train(args: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         records = read_log(out, upto=run.global_step)  # steps after the checkpoint are replayed
         (out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_resolved_config(args, out / CONFIG_FILE)
     if accelerator.is_main_process and args.report_to != "none":
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("restune-diffusion", config=config)

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import count_saved, perturb, run_unet
+from conftest import (
+    assert_checkpointing_keeps_gradients,
+    assert_step_changes_only_tuners,
+    count_saved,
+    perturb,
+    run_unet,
+)
 from restune_diffusion.attach import attach, attached_sets
 from restune_diffusion.models import build_pipeline, build_unet
 from restune_diffusion.multitask import generate_multitask, multitask_unet_forward, route_bypasses
@@ -102,27 +108,13 @@ def test_no_feature_stays_referenced_and_grad_mode_survives_an_exception(unet, u
 def test_gradient_checkpointing_changes_nothing(unet, unet_inputs):
     handle = attach(unet, BYPASS)
     perturb(handle)
-    unet(*unet_inputs).sample.square().mean().backward()
-    plain = [p.grad.clone() for p in handle.trainable_parameters()]
-    for p in handle.trainable_parameters():
-        p.grad = None
-    unet.enable_gradient_checkpointing()
-    unet.train()
-    unet(*unet_inputs).sample.square().mean().backward()
-    for g0, p in zip(plain, handle.trainable_parameters()):
-        torch.testing.assert_close(p.grad, g0, rtol=1e-4, atol=1e-7)
+    assert_checkpointing_keeps_gradients(unet, unet_inputs, handle, atol=1e-7)
 
 
 def test_optimizer_step_changes_only_bypass_tensors(unet, unet_inputs):
-    before = {k: v.clone() for k, v in unet.state_dict().items()}
     handle = attach(unet, BYPASS)
     perturb(handle)
-    tuner_before = {k: v.clone() for k, v in handle.state_dict().items()}
-    opt = torch.optim.AdamW(handle.trainable_parameters(), lr=1e-2)
-    unet(*unet_inputs).sample.square().mean().backward()
-    opt.step()
-    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
-    assert all(not torch.equal(v, tuner_before[k]) for k, v in handle.state_dict().items())
+    assert_step_changes_only_tuners(unet, unet_inputs, handle)
 
 
 def test_save_load_round_trip_gives_identical_outputs(unet, unet_inputs, tmp_path):

@@ -360,6 +360,11 @@ def test_lora_run_with_validation_exports_both_formats(tmp_path, data_dir):
     tensors, _ = read_tuner_file(out / T.TUNERS_FILE)
     assert len(lora) == len(tensors) and all(k.startswith("unet.") and ".lora_" in k for k in lora)
     assert summary["trainable_params"] == sum(t.numel() for t in tensors.values()) and summary["peak_memory_bytes"]
+    again = T.parse_args(["--config", str(out / T.CONFIG_FILE)])  # the resolved config repeats the run
+    first = T.parse_args(argv)
+    for key, value in vars(first).items():
+        if key not in ("config", "config_name"):
+            assert getattr(again, key) == value, key
 
 
 def test_a_fresh_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path, data_dir, capsys):
