@@ -1,8 +1,8 @@
 """The training loop (restune_diffusion/train.py, train_t2i.py) on the tiny model, CPU.
 
 Default suite: the loss step per tuner, min-SNR weights, gradient checkpointing, dtypes after validation, options,
-checkpoint bookkeeping, named data errors, and in-process runs (resume == uninterrupted, nan loss, LoRA export).
-Slow (-m slow): train_t2i.py in subprocesses (kill -9 + resume, torchrun with 2 processes, the no-argument demo).
+checkpoint bookkeeping, named data errors, in-process runs (resume == uninterrupted, nan loss, LoRA export), and
+train_t2i.py in subprocesses (kill -9 + resume, torchrun with 2 processes, the no-argument demo; ~75 s together).
 """
 
 import json
@@ -380,7 +380,6 @@ def run_cli(argv: list[str], cwd: Path, timeout: float = 300) -> subprocess.Comp
                           text=True, timeout=timeout)
 
 
-@pytest.mark.slow
 def test_kill_9_then_resume_latest_equals_the_uninterrupted_run(tmp_path, data_dir):
     common = ["--max_train_steps", "12", "--checkpointing_steps", "2", "--checkpoints_total_limit", "3"]
     straight = run_cli(cli_args(tmp_path / "a", data_dir, *common), tmp_path)
@@ -405,7 +404,6 @@ def test_kill_9_then_resume_latest_equals_the_uninterrupted_run(tmp_path, data_d
     assert sorted(p.name for p in T.list_checkpoints(out)) == ["checkpoint-10", "checkpoint-12", "checkpoint-8"]
 
 
-@pytest.mark.slow
 def test_torchrun_with_two_processes_trains_synchronised_tuners_and_resumes_exactly(tmp_path, data_dir):
     probe = tmp_path / "probe.py"  # all-gathers the tuner tensors of both ranks before the export
     probe.write_text(
@@ -443,7 +441,6 @@ def test_torchrun_with_two_processes_trains_synchronised_tuners_and_resumes_exac
     assert all(torch.equal(straight[k], again[k]) for k in straight) and T.read_log(out) == log
 
 
-@pytest.mark.slow
 def test_no_arguments_runs_the_tiny_demo(tmp_path):
     done = run_cli([], tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
