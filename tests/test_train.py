@@ -324,7 +324,7 @@ def assert_same_run(a: Path, b: Path, steps: int):
         assert state["step"] == ob["state"][key]["step"]
         assert torch.equal(state["exp_avg"], ob["state"][key]["exp_avg"])
         assert torch.equal(state["exp_avg_sq"], ob["state"][key]["exp_avg_sq"])
-    sa, sb = (torch.load(p / f"checkpoint-{steps}" / "scheduler.bin", weights_only=False) for p in (a, b))
+    sa, sb = (torch.load(p / f"checkpoint-{steps}" / "scheduler.bin", weights_only=True) for p in (a, b))
     assert sa["last_epoch"] == sb["last_epoch"] and sa["_last_lr"] == sb["_last_lr"]
     assert json.loads((b / f"checkpoint-{steps}" / T.STATE_FILE).read_text())["global_step"] == steps
     la, lb = (T.read_log(p) for p in (a, b))
