@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -333,6 +334,9 @@ def build_models(args, accelerator, weight_dtype: torch.dtype):
     if args.prediction_type:
         sd.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     if args.enable_xformers_memory_efficient_attention:
+        if importlib.util.find_spec("xformers") is None or not torch.cuda.is_available():
+            raise ImportError("--enable_xformers_memory_efficient_attention needs xformers and a CUDA GPU "
+                              "(pip install -e '.[xformers]'); without the flag PyTorch SDPA is used")
         sd.unet.enable_xformers_memory_efficient_attention()  # before attach: our processors wrap the kernel
     handle = attach(sd.unet, args.tuners, name="default")
     sd.vae.requires_grad_(False)

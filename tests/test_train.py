@@ -281,6 +281,14 @@ def test_a_missing_resume_path_is_an_error_not_a_fresh_start(tmp_path, data_dir,
     assert "--resume_from_checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only message")
+def test_xformers_without_a_gpu_says_what_is_needed(tmp_path, data_dir, capsys):
+    argv = cli_args(tmp_path, data_dir, "--enable_xformers_memory_efficient_attention", "--max_train_steps", "1")
+    assert T.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--enable_xformers_memory_efficient_attention needs xformers and a CUDA GPU" in err and "SDPA" in err
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # in-process runs
 class Stop(Exception):
