@@ -2,6 +2,14 @@
 
 __version__ = "0.1.0"
 
+import logging as _logging
+
+# transformers suggests installing torchvision when a pipeline imports CLIPImageProcessor; we never use it (and it
+# has no build for the CPU torch): drop only that line, every other transformers warning stays
+_logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage()
+)
+
 # eager: `attach` is also the name of its module, which would shadow a lazily imported function
 from restune_diffusion.attach import attach, attached_sets
 from restune_diffusion.weights import load_tuners, save_tuners
