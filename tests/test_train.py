@@ -35,6 +35,8 @@ SMALL = {  # one row per tuner type, toy sizes
     "prefix": {"type": "prefix", "num_tokens": 2},
     "prompt": {"type": "prompt", "num_tokens": 2},
     "full": {"type": "full"},
+    "bypass": {"type": "bypass"},
+    "sc_tuner": {"type": "sc_tuner", "ratio": 0.5},
 }
 
 
@@ -354,6 +356,23 @@ def test_a_nan_loss_stops_with_a_named_error_and_keeps_the_last_checkpoint(tmp_p
     message = str(err.value)
     assert message.startswith("step 3: loss is nan") and "checkpoint-2" in message
     assert T.find_checkpoint(tmp_path / "out", "latest").name == "checkpoint-2"
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_the_training_loop_trains_and_exports_every_tuner_type(tmp_path, data_dir, name):
+    # 6 steps: a bypass chain of zero-init tuners opens one stem per step, from the target back (4 stems in tiny)
+    argv = cli_args(tmp_path, data_dir, "--max_train_steps", "6", "--checkpointing_steps", "0", tuners=[SMALL[name]])
+    summary = T.train(T.parse_args(argv))
+    sd = build_tiny_sd()
+    handle = load_tuners(sd.unet, tmp_path / "out" / T.TUNERS_FILE)
+    assert summary["global_step"] == 6 and summary["trainable_params"] == handle.num_parameters() > 0
+    initial = attach(build_tiny_sd().unet, SMALL[name]).state_dict()
+    trained = handle.state_dict()
+    assert trained.keys() == initial.keys()
+    if name == "full":  # the tiny model's seeded weights are the starting point
+        assert any(not torch.equal(trained[k], initial[k]) for k in trained)
+    zero_init = [k for k, v in initial.items() if v.is_floating_point() and not v.any()]
+    assert all(trained[k].any() for k in zero_init), "zero-initialised tensors did not train"
 
 
 def test_lora_run_with_validation_exports_both_formats(tmp_path, data_dir):
