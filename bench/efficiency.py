@@ -107,18 +107,15 @@ def reset_peak(device) -> bool:
 
 
 def peak_memory(device) -> int:
-    import resource
-
+    """CUDA: max_memory_allocated; Linux: VmHWM (reset by reset_peak); elsewhere: train.peak_memory_bytes."""
     import torch
+
+    from restune_diffusion.train import peak_memory_bytes
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    hwm = _proc_status("VmHWM")
-    if hwm is not None:
-        return hwm
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    hwm = _proc_status("VmHWM") if device.type == "cpu" else None
+    return hwm if hwm is not None else peak_memory_bytes(device)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

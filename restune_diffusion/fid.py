@@ -36,7 +36,7 @@ from PIL import Image
 from torch import nn
 
 from .data import coco_caption_pairs, load_rgb
-from .weights import atomic_write
+from .weights import atomic_write, atomic_write_text
 
 PROTOCOL_VERSION = "restune-fid-v1"
 PROTOCOL = (
@@ -458,7 +458,7 @@ def _check_generation_record(out: Path, record: dict) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _versions() -> dict:

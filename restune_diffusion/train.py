@@ -31,6 +31,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from restune_diffusion.weights import atomic_write, atomic_write_text
+
 # The built-in demo (`python train_t2i.py` with no arguments). configs/tiny_demo.yaml holds the same text (a test
 # keeps them equal); it is embedded so the demo runs from any working directory and from an installed package.
 TINY_DEMO_YAML = """\
@@ -239,10 +241,7 @@ def resolved_config(args: argparse.Namespace) -> dict:
 
 
 def write_resolved_config(args: argparse.Namespace, path: Path) -> Path:
-    from restune_diffusion.weights import atomic_write
-
-    text = yaml.safe_dump(resolved_config(args), sort_keys=False)
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write_text(path, yaml.safe_dump(resolved_config(args), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -565,8 +564,6 @@ def generate_grid(sd, prompts: list[str], num_images: int, resolution: int, seed
 
 def validate(run: Run) -> Path | None:
     """Grid of the validation prompts at this step: validation/step-<N>.png (main process) and tensorboard."""
-    from restune_diffusion.weights import atomic_write
-
     a, args = run.accelerator, run.args
     if not (args.validation_prompt and args.num_validation_images) or not a.is_main_process:
         return None
@@ -693,8 +690,6 @@ def plot_losses(records: list[dict], path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from restune_diffusion.weights import atomic_write
-
     steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
     ema, smooth = [], losses[0] if losses else 0.0
     for value in losses:
@@ -724,7 +719,7 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
 
 def export(run: Run, seconds: float, steps_run: int) -> dict:
     """Final tuners (+ diffusers LoRA file), sample grid, loss curve and summary; main process after a barrier."""
-    from restune_diffusion.weights import atomic_write, save_tuners
+    from restune_diffusion.weights import save_tuners
 
     a, out = run.accelerator, run.output_dir
     a.wait_for_everyone()
@@ -745,8 +740,8 @@ def export(run: Run, seconds: float, steps_run: int) -> dict:
     if grid.is_file():
         files["samples"] = str(atomic_write(out / "samples.png", lambda tmp: shutil.copyfile(grid, tmp)))
     records = read_log(out)
-    (out / "losses.json").write_text(json.dumps({"step": [r["step"] for r in records],
-                                                 "loss": [r["loss"] for r in records]}))
+    atomic_write_text(out / "losses.json", json.dumps({"step": [r["step"] for r in records],
+                                                      "loss": [r["loss"] for r in records]}))
     if records:
         files["loss_curve"] = str(plot_losses(records, out / "loss.png"))
     return summarize(run, files, seconds, steps_run)
@@ -759,7 +754,7 @@ def summarize(run: Run, files: dict, seconds: float, steps_run: int) -> dict:
     summary = {"global_step": run.global_step, "trainable_params": trainable, "unet_params": unet_params,
                "trainable_percent": 100 * trainable / unet_params, "peak_memory_bytes": peak,
                "peak_memory_kind": how, "train_seconds": seconds, "steps_run": steps_run, "files": files}
-    (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(run.output_dir / "summary.json", json.dumps(summary, indent=1))
     rate = f"{steps_run / seconds:.2f} steps/s" if seconds > 0 and steps_run else "no steps run"
     run.accelerator.print(
         f"\ntrainable parameters: {trainable:,} ({summary['trainable_percent']:.3f}% of the UNet's {unet_params:,})\n"
@@ -833,7 +828,7 @@ def train(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         records = read_log(out, upto=run.global_step)  # steps after the checkpoint are replayed
-        (out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(out / LOG_FILE, "".join(json.dumps(r) + "\n" for r in records))
         write_resolved_config(args, out / CONFIG_FILE)
     if accelerator.is_main_process and args.report_to != "none":
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}

@@ -32,6 +32,11 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file (JSON, YAML, logs) through atomic_write."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def base_metadata(unet) -> dict[str, str]:
     from restune_diffusion import __version__
     from restune_diffusion.models import unet_fingerprint
