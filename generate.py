@@ -3,11 +3,15 @@
     python generate.py --pretrained_model_name_or_path DIR --tuners out/tuners.safetensors --prompt "a cat" \
         --num_images 4 --steps 50 --guidance_scale 7.5 --seed 0 --out samples/
 
-Several --tuners files (bypasses of different tasks) run in one backbone pass per step; images go to out/<task>/.
+Several --tuners files (bypasses of different tasks) run in one backbone pass per step; images go to out/<task>/,
+<task> being the file's stem, or its run folder when stems collide (out/dogs/tuners.safetensors -> dogs), or
+--task_names. Every other flag means the same with one file or several.
+Errors are one line (exit 2); RESTUNE_DEBUG=1 shows the traceback.
 """
 
 import argparse
 
+from restune_diffusion.cli import run_cli
 from restune_diffusion.generate import run
 
 
@@ -15,6 +19,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", default="tiny", help="local SD v1.5 folder, or 'tiny'")
     p.add_argument("--tuners", action="append", help="tuner .safetensors (repeat for several bypass tasks)")
+    p.add_argument("--task_names", action="append", help="a folder name per --tuners file, in order (repeat)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts_file", help="a text file, one prompt a line")
     p.add_argument("--negative_prompt", default=None)
@@ -25,7 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--scale", type=float, default=1.0, help="tuner strength (residual tuners)")
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--height", type=int, default=None, help="default: the model's native size (512 for SD v1.5)")
+    p.add_argument("--height", type=int, default=None,
+                   help="default: the model's native size (512 for SD v1.5, 32 for tiny)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, else fp32")
@@ -33,5 +39,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def main(argv=None) -> None:
+    run(parse_args(argv))
+
+
 if __name__ == "__main__":
-    run(parse_args())
+    raise SystemExit(run_cli(main, "generate.py"))

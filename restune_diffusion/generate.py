@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -51,9 +53,20 @@ def load_pipeline(base: str, tuners=None, device: str | None = None, dtype: torc
     return pipe
 
 
+def native_resolution(pipe) -> int:
+    """The size the model was made for: the VAE's sample_size, else the UNet's latent size x the VAE factor.
+
+    SD v1.5: 512 both ways. The tiny model: its VAE says 32 (what the demo trains at) where its UNet config says 8
+    latents (16 px), so the VAE, which sets the pixel scale, wins when the two disagree upward.
+    """
+    from_unet = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from_vae = getattr(pipe.vae.config, "sample_size", None)
+    return max(from_unet, from_vae) if isinstance(from_vae, int) else from_unet
+
+
 def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
-    """The model's native size unless asked (512 for SD v1.5); multiples of 8 as the VAE needs."""
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """The model's native size unless asked (512 for SD v1.5, 32 for tiny); multiples of 8 as the VAE needs."""
+    native = native_resolution(pipe)
     height, width = height or native, width or native
     for name, value in (("height", height), ("width", width)):
         if value % 8:
@@ -61,26 +74,49 @@ def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     return height, width
 
 
+class NonFiniteImagesError(ValueError):
+    """Generated images hold NaN/Inf (from non-finite latents): written nowhere, since they would be black."""
+
+
+def check_finite(images: np.ndarray, first_index: int = 0) -> None:
+    """images: (B, H, W, 3) floats before conversion to uint8; raise naming how many (and which) are non-finite."""
+    bad = [first_index + i for i in range(len(images)) if not np.isfinite(images[i]).all()]
+    if bad:
+        raise NonFiniteImagesError(
+            f"{len(bad)} of {len(images)} images in this batch have NaN/Inf pixels (image indices {bad[:8]}): the "
+            f"denoised latents were non-finite, e.g. fp16 overflow (try --dtype fp32) or a tuner file holding "
+            f"NaN/Inf weights. Nothing was written for them (they would be black).")
+
+
+def initial_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+    """(B, C, h, w) starting noise, row i from a CPU generator seeded with seeds[i]: an image depends on its seed
+    only, on any device and at any batch size."""
+    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    rows = [torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(s)) for s in seeds]
+    return torch.stack(rows).to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+
+
 @torch.no_grad()
 def generate_images(pipe, prompts: list[str], seed: int = 0, steps: int = 50, guidance_scale: float = 7.5,
                     batch_size: int = 4, height: int | None = None, width: int | None = None,
                     negative_prompt: str | None = None, start: int = 0, progress: bool = True):
-    """One image per prompt; image i uses torch.Generator seeded with seed + start + i. Returns PIL images."""
+    """One image per prompt; image i uses torch.Generator seeded with seed + start + i. Returns PIL images.
+
+    Raises NonFiniteImagesError rather than return black images from NaN/Inf latents.
+    """
     from tqdm.auto import tqdm
 
     height, width = image_size(pipe, height, width)
-    device = pipe.unet.device
     images = []
     batches = range(0, len(prompts), batch_size)
     for lo in tqdm(batches, desc="generating", disable=not progress or len(batches) < 2):
         chunk = prompts[lo: lo + batch_size]
-        generators = [torch.Generator(device="cpu").manual_seed(seed + start + lo + i) for i in range(len(chunk))]
-        latents = torch.stack([torch.randn(pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
-                                           width // pipe.vae_scale_factor, generator=g) for g in generators])
+        latents = initial_latents(pipe, [seed + start + lo + i for i in range(len(chunk))], height, width)
         out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
                    negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-                   latents=latents.to(device=device, dtype=pipe.unet.dtype))
-        images.extend(out.images)
+                   latents=latents, output_type="np")
+        check_finite(out.images, start + lo)
+        images.extend(pipe.numpy_to_pil(out.images))
     return images
 
 
@@ -120,16 +156,44 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
 
 def run(args) -> list[Path]:
     """The generate.py CLI: every prompt x num_images, PNGs + grid.png in args.out (per task for several bypasses)."""
+    for flag in ("num_images", "steps", "batch_size"):
+        value = getattr(args, flag)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{flag}: expected a positive integer, got {value!r}")
     prompts = [p for p in read_prompts(args.prompt, args.prompts_file) for _ in range(args.num_images)]
     out = Path(args.out)
+    names = getattr(args, "task_names", None)
     if len(args.tuners or []) > 1:
-        return _run_multitask(args, prompts, out)
+        return _run_multitask(args, prompts, out, task_names(args.tuners, names))
+    if names:
+        raise ValueError(f"--task_names: names the tasks of several --tuners files; got {len(args.tuners or [])} "
+                         f"--tuners")
     pipe = load_pipeline(args.pretrained_model_name_or_path, args.tuners[0] if args.tuners else None,
                          device=args.device, dtype=args.dtype, scheduler=args.scheduler, scale=args.scale)
     images = generate_images(pipe, prompts, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
                              batch_size=args.batch_size, height=args.height, width=args.width,
                              negative_prompt=args.negative_prompt)
     return _save_all(images, out)
+
+
+def task_names(paths: Sequence[str | os.PathLike], names: Sequence[str] | None = None) -> list[str]:
+    """One name per tuner file (its output folder): `names` if given, else the file stems, else, when stems collide
+    (every training run writes tuners.safetensors), the run folders: out/dogs/tuners.safetensors -> "dogs"."""
+    paths = [Path(p) for p in paths]
+    if names:
+        if len(names) != len(paths) or len(set(names)) != len(names):
+            raise ValueError(f"--task_names: expected {len(paths)} different names (one per --tuners file), "
+                             f"got {list(names)}")
+        bad = [n for n in names if not n or n in (".", "..") or "/" in n or os.sep in n]
+        if bad:
+            raise ValueError(f"--task_names: a name is a folder name under --out, got {bad}")
+        return list(names)
+    for candidate in ([p.stem for p in paths], [p.resolve().parent.name for p in paths]):
+        if len(set(candidate)) == len(candidate):
+            return candidate
+    listed = [str(p) for p in paths]
+    raise ValueError(f"--tuners: neither the file names nor their folders tell the tasks apart ({listed}); "
+                     "name them with --task_names A --task_names B ...")
 
 
 def _save_all(images, out: Path) -> list[Path]:
@@ -139,18 +203,30 @@ def _save_all(images, out: Path) -> list[Path]:
     return paths
 
 
-def _run_multitask(args, prompts: list[str], out: Path) -> list[Path]:
-    """Several tuner files (bypasses): one backbone pass per step serves every task."""
-    from restune_diffusion.models import build_pipeline, load_model
-    from restune_diffusion.multitask import generate_multitask
+def _run_multitask(args, prompts: list[str], out: Path, names: list[str]) -> list[Path]:
+    """Several tuner files (bypasses): one backbone pass per step serves every task. Every flag means what it means
+    for one file: image i has seed + i, --batch_size prompts per denoising loop, --scale and --negative_prompt."""
+    from tqdm.auto import tqdm
 
-    device = args.device or default_device()
-    sd = load_model(args.pretrained_model_name_or_path, dtype=parse_dtype(args.dtype, device), device=device)
-    pipe = build_pipeline(sd, scheduler=args.scheduler)
-    tasks = {Path(p).stem: p for p in args.tuners}
-    if len(tasks) != len(args.tuners):
-        raise ValueError(f"--tuners: file names must differ (they name the tasks), got {args.tuners}")
+    from restune_diffusion.multitask import generate_multitask
+    from restune_diffusion.weights import load_tuners
+
+    pipe = load_pipeline(args.pretrained_model_name_or_path, None, device=args.device, dtype=args.dtype,
+                         scheduler=args.scheduler)
+    handles = {}
+    for name, path in zip(names, args.tuners):
+        handles[name] = load_tuners(pipe.unet, path, name=f"task:{name}")
+        handles[name].scale = args.scale
     height, width = image_size(pipe, args.height, args.width)
-    results = generate_multitask(pipe, tasks, prompts, num_inference_steps=args.steps,
-                                 guidance_scale=args.guidance_scale, seed=args.seed, height=height, width=width)
+    results: dict[str, list] = {name: [] for name in names}
+    for lo in tqdm(range(0, len(prompts), args.batch_size), desc="generating"):
+        chunk = prompts[lo: lo + args.batch_size]
+        latents = initial_latents(pipe, [args.seed + lo + i for i in range(len(chunk))], height, width)
+        negative = [args.negative_prompt] * len(chunk) if args.negative_prompt else None
+        batch = generate_multitask(pipe, handles, chunk, num_inference_steps=args.steps,
+                                   guidance_scale=args.guidance_scale, negative_prompt=negative, height=height,
+                                   width=width, latents=latents, output_type="np")
+        for name, images in batch.items():
+            check_finite(images, lo)
+            results[name].extend(pipe.numpy_to_pil(images))
     return [p for name, images in results.items() for p in _save_all(images, out / name)]

@@ -121,12 +121,14 @@ def generate_multitask(pipe, tasks: Mapping[str, Any], prompt: str | list[str], 
                        guidance_scale: float = 7.5, negative_prompt: str | list[str] | None = None,
                        height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
                        generator: torch.Generator | None = None, seed: int | None = None, eta: float = 0.0,
-                       shared: bool = True, output_type: str = "pil") -> dict[str, Any]:
+                       shared: bool = True, output_type: str = "pil",
+                       latents: torch.Tensor | None = None) -> dict[str, Any]:
     """Images for K tasks from one denoising loop: {task name: images} (a list of PIL images for output_type="pil").
 
     `tasks`: name -> bypass tuner file | attached bypass handle | None (the base UNet). Each task gets what a
     `pipe(prompt, ...)` call with only its bypass enabled and the same seed/generator gives; the backbone runs once
-    per step on the K tasks' stacked latents (shared=False: K runs per step, for timing).
+    per step on the K tasks' stacked latents (shared=False: K runs per step, for timing). `latents`: the starting
+    noise (B·num_images_per_prompt, C, h, w), the same for every task, as `pipe(latents=...)` takes it.
     """
     unet = pipe.unet
     if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
@@ -134,7 +136,7 @@ def generate_multitask(pipe, tasks: Mapping[str, Any], prompt: str | list[str], 
     handles, loaded = _task_handles(unet, tasks)
     try:
         latents = _denoise(pipe, handles, prompt, num_inference_steps, guidance_scale, negative_prompt, height,
-                           width, num_images_per_prompt, generator, seed, eta, shared)
+                           width, num_images_per_prompt, generator, seed, eta, shared, latents)
         images = {}
         for name, x in zip(tasks, latents):
             image = pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False)[0]
@@ -147,7 +149,7 @@ def generate_multitask(pipe, tasks: Mapping[str, Any], prompt: str | list[str], 
 
 
 def _denoise(pipe, handles, prompt, steps, guidance_scale, negative_prompt, height, width, per_prompt, generator,
-             seed, eta, shared) -> list[torch.Tensor]:
+             seed, eta, shared, start=None) -> list[torch.Tensor]:
     """The StableDiffusionPipeline loop, one scheduler and latent trajectory per task, one UNet call per step."""
     unet, device, k = pipe.unet, pipe._execution_device, len(handles)
     height = height or unet.config.sample_size * pipe.vae_scale_factor
@@ -162,7 +164,7 @@ def _denoise(pipe, handles, prompt, steps, guidance_scale, negative_prompt, heig
     if generator is None and seed is None:  # one draw for all tasks: they must start from the same noise
         seed = int(torch.randint(0, 2**62, ()))
     generators = [_clone(generator, seed, device) for _ in handles]
-    latents = [pipe.prepare_latents(batch, unet.config.in_channels, height, width, text.dtype, device, g)
+    latents = [pipe.prepare_latents(batch, unet.config.in_channels, height, width, text.dtype, device, g, start)
                for g in generators]
     extra = [pipe.prepare_extra_step_kwargs(g, eta) for g in generators]
     for t in schedulers[0].timesteps:

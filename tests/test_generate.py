@@ -94,3 +94,132 @@ def test_generate_cli_with_several_bypass_files_writes_one_folder_per_task(tmp_p
     cats, dogs = (Image.open(out / task / "00000.png") for task in ("cats", "dogs"))
     assert sorted(p.name for p in (out / "cats").iterdir())[-1] == "grid.png"
     assert np.abs(pixels(cats) - pixels(dogs)).max() > 0  # each task's own bypass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# several --tuners: names, and every flag meaning what it means for one file (issue 12 items 5, 6)
+def _generate_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _bypass_file(path, seed: int):
+    sd = rd.build_tiny_sd(0)
+    handle = rd.attach(sd.unet, {"type": "bypass"})
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in handle.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return rd.save_tuners(path, handle)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two training runs' outputs, as train_t2i.py leaves them: out/<run>/tuners.safetensors."""
+    root = tmp_path_factory.mktemp("runs")
+    return [_bypass_file(root / "out" / run / "tuners.safetensors", seed) for run, seed in (("dogs", 1), ("cars", 2))]
+
+
+def _images(folder, n):
+    return [pixels(Image.open(folder / f"{i:05d}.png")) for i in range(n)]
+
+
+def _close(a, b, levels=2):
+    return all(np.abs(x - y).max() <= levels for x, y in zip(a, b, strict=True))
+
+
+def test_readme_multitask_command_with_two_tuners_safetensors_names_tasks_by_run_folder(two_runs, tmp_path):
+    out = tmp_path / "samples"
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--pretrained_model_name_or_path", "tiny",
+           "--tuners", str(two_runs[0]), "--tuners", str(two_runs[1]), "--prompt", "a photo of a dog",
+           "--num_images", "1", "--steps", "2", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["cars", "dogs"]
+    assert Image.open(out / "dogs" / "00000.png").size == (32, 32)  # the tiny model's native size, as the demo
+
+
+def test_task_names_flag_names_the_folders_and_is_checked(two_runs, tmp_path):
+    from restune_diffusion.generate import task_names
+
+    assert task_names(two_runs) == ["dogs", "cars"]
+    assert task_names(["a/x.safetensors", "b/y.safetensors"]) == ["x", "y"]
+    assert task_names(two_runs, ["a", "b"]) == ["a", "b"]
+    with pytest.raises(ValueError, match="--task_names"):
+        task_names(two_runs, ["a", "a"])
+    with pytest.raises(ValueError, match="--task_names"):
+        task_names(["r/tuners.safetensors", "r/../r/tuners.safetensors"])
+    _generate_main()(["--tuners", str(two_runs[0]), "--tuners", str(two_runs[1]), "--task_names", "one",
+                      "--task_names", "two", "--prompt", "x", "--num_images", "1", "--steps", "2",
+                      "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+
+
+@pytest.fixture(scope="module")
+def multitask_runs(two_runs, tmp_path_factory):
+    """generate.py outputs with both files and with one, over the flags of the single-tuner path."""
+    root = tmp_path_factory.mktemp("flags")
+    main = _generate_main()
+    common = ["--prompt", "a red circle", "--prompt", "a blue square", "--num_images", "2", "--steps", "2",
+              "--seed", "5"]
+    both = ["--tuners", str(two_runs[0]), "--tuners", str(two_runs[1])]
+    runs = {
+        "multi_b4": both + ["--batch_size", "4"],
+        "multi_b1": both + ["--batch_size", "1"],
+        "multi_neg": both + ["--negative_prompt", "a green star"],
+        "multi_scale0": both + ["--scale", "0"],
+        "single_dogs": ["--tuners", str(two_runs[0]), "--batch_size", "1"],
+        "single_dogs_neg": ["--tuners", str(two_runs[0]), "--negative_prompt", "a green star"],
+        "single_base": [],
+    }
+    for name, flags in runs.items():
+        main(common + flags + ["--out", str(root / name)])
+    return root
+
+
+def test_multitask_images_equal_single_tuner_images_and_ignore_batch_size(multitask_runs):
+    r = multitask_runs
+    single = _images(r / "single_dogs", 4)
+    assert _close(_images(r / "multi_b4" / "dogs", 4), single)
+    assert _close(_images(r / "multi_b1" / "dogs", 4), single)
+    assert not _close(_images(r / "multi_b4" / "cars", 4), single)  # the other task's own bypass
+
+
+def test_multitask_negative_prompt_means_what_it_means_for_one_file(multitask_runs):
+    r = multitask_runs
+    negative = _images(r / "multi_neg" / "dogs", 4)
+    assert _close(negative, _images(r / "single_dogs_neg", 4))
+    assert not _close(negative, _images(r / "multi_b4" / "dogs", 4))
+
+
+def test_multitask_scale_zero_gives_the_base_model_for_every_task(multitask_runs):
+    r = multitask_runs
+    base = _images(r / "single_base", 4)
+    assert _close(_images(r / "multi_scale0" / "dogs", 4), base)
+    assert _close(_images(r / "multi_scale0" / "cars", 4), base)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# defaults follow the model; non-finite latents never become silent black images (issue 12.8, 13.8)
+def test_default_size_is_the_models_native_resolution():
+    from restune_diffusion.generate import image_size, native_resolution
+
+    pipe = rd.load_pipeline("tiny", device="cpu")
+    assert native_resolution(pipe) == 32 == pipe.vae.config.sample_size  # what the demo trains at, not 16
+    assert image_size(pipe, None, None) == (32, 32)
+    assert image_size(pipe, 48, None) == (48, 32)
+
+
+def test_non_finite_latents_raise_a_named_error_instead_of_black_images(tuner_file):
+    from restune_diffusion.generate import NonFiniteImagesError
+
+    pipe = rd.load_pipeline("tiny", tuners=tuner_file, device="cpu")
+    with torch.no_grad():
+        next(iter(pipe.tuner_handles["default"].trainable_parameters())).fill_(float("nan"))
+    with pytest.raises(NonFiniteImagesError, match=r"2 of 2 images .*NaN/Inf.*\[0, 1\]"):
+        rd.generate_images(pipe, ["a", "b"], steps=2, progress=False)
