@@ -1,43 +1,60 @@
-r"""FID of Stable Diffusion v1.5, base or tuned, on COCO2017 val (the paper's protocol), or between two image folders.
+r"""FID, KID and CLIP score of Stable Diffusion v1.5, base and tuned, on COCO captions; or FID between two folders.
 
-    python eval_fid.py --pretrained_model_name_or_path PATH_TO_SD15 --tuners out/tuners.safetensors \
-        --coco_dir data/coco2017 --inception_weights pt_inception-2015-12-05-6726825d.pth --output_dir out/fid
+    python eval_fid.py --pretrained_model_name_or_path PATH_TO_SD15 --coco_dir data/coco2017 \
+        --base --tuners out/lora/tuners.safetensors --tuners out/res_tuning/tuners.safetensors \
+        --guidance_scale 1.5 2 3 4 5 6 7 8 --clip_model clip-vit-large-patch14/ \
+        --inception_weights pt_inception-2015-12-05-6726825d.pth --output_dir out/eval
+    python eval_fid.py ... --tuners 'out/run/checkpoint-*'            # one row per checkpoint
+    accelerate launch eval_fid.py ...                                 # N processes (CPU: torchrun --nproc_per_node N)
     python eval_fid.py --real_dir a/ --fake_dir b/ --inception_weights ... --output_dir out/fid
 
-The protocol is described in restune_diffusion/fid.py and written into fid.json.
+Writes eval.json, eval.md and fid_vs_clip.png; the protocol is in restune_diffusion/evaluation/coco.py and eval.json.
+Errors are one line (exit 2); RESTUNE_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+
+from restune_diffusion.cli import run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="local diffusers SD v1.5 folder, or 'tiny' for the built-in tiny model")
-    p.add_argument("--tuners", default=None, help="tuner .safetensors file; omit for the base model (paper's SD row)")
-    p.add_argument("--coco_dir", default=None, help="COCO2017 root: annotations/captions_val2017.json, val2017/")
+    p.add_argument("--tuners", action="append", default=None,
+                   help="tuner .safetensors file, checkpoint folder or glob (repeat: one row each)")
+    p.add_argument("--base", action="store_true", help="also the untuned base (the paper's SD row; the default "
+                                                        "when no --tuners is given)")
+    p.add_argument("--coco_dir", default=None, help="COCO root: annotations/captions_val2017.json, val2017/")
+    p.add_argument("--coco_year", default="2017", choices=["2014", "2017"])
     p.add_argument("--split", default="val", choices=["val", "train"])
-    p.add_argument("--num_samples", type=int, default=5000, help="N images (5000 = all of val2017, the protocol)")
-    p.add_argument("--seed", type=int, default=0, help="caption choice, subset and per-image generation seeds")
+    p.add_argument("--num_samples", type=int, default=None,
+                   help="N images (default 5000 = all of val2017; 64 for tiny). Beyond the split: captions drawn "
+                        "with replacement (FID-10K/30K)")
+    p.add_argument("--seed", type=int, default=0, help="caption draw and per-image generation seeds")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--guidance_scale", type=float, nargs="+", default=[7.5], help="one or several (a sweep)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "pndm", "dpm"])
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--batch_size", type=int, default=8, help="generation and Inception batch (recorded)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="default: the model's native size (512 for SD v1.5, 32 for tiny)")
+    p.add_argument("--batch_size", type=int, default=8, help="generation and feature batch (recorded)")
     p.add_argument("--inception_weights", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (or $RESTUNE_FID_INCEPTION)")
-    p.add_argument("--output_dir", default="fid_output", help="fid.json and fake/ go here")
+    p.add_argument("--clip_model", default=None, help="local CLIP folder for CLIP score (or $RESTUNE_CLIP_MODEL; "
+                                                      "SD v1.x cards use openai/clip-vit-large-patch14)")
+    p.add_argument("--kid_subsets", type=int, default=100)
+    p.add_argument("--kid_subset_size", type=int, default=1000, help="capped at N")
+    p.add_argument("--output_dir", default="eval_output", help="eval.json, eval.md, fid_vs_clip.png, images")
     p.add_argument("--real_dir", default=None, help="folder-vs-folder mode: real images")
     p.add_argument("--fake_dir", default=None, help="folder-vs-folder mode: generated images")
     p.add_argument("--stats_cache_dir", default=None,
-                   help="where real-image statistics are cached (default ~/.cache/restune_diffusion/fid_stats)")
+                   help="where real-image features are cached (default ~/.cache/restune_diffusion/fid_stats)")
+    p.add_argument("--skip_bad_images", action="store_true", help="skip and count unreadable real/folder images")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
-                   help="dtype of the generating model; the Inception always runs in fp32")
-    p.add_argument("--no_keep_images", action="store_true", help="delete fake/ after measuring")
+                   help="dtype of the generating model; the Inception and CLIP run in fp32")
     args = p.parse_args(argv)
     if (args.real_dir is None) != (args.fake_dir is None):
         p.error("--real_dir and --fake_dir go together (folder-vs-folder mode)")
@@ -46,31 +63,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    import torch
+    from restune_diffusion.evaluation.runner import evaluate, evaluate_folders
 
-    from restune_diffusion import fid
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        if args.real_dir is not None:
-            result = fid.compute_fid_folders(
-                args.real_dir, args.fake_dir, inception_weights=args.inception_weights, batch_size=args.batch_size,
-                device=device, stats_cache_dir=args.stats_cache_dir, output_dir=args.output_dir)
-        else:
-            result = fid.evaluate_coco_fid(
-                args.pretrained_model_name_or_path, args.coco_dir, args.output_dir, tuners=args.tuners,
-                split=args.split, num_samples=args.num_samples, seed=args.seed, steps=args.steps,
-                guidance_scale=args.guidance_scale, scheduler=args.scheduler, resolution=args.resolution,
-                batch_size=args.batch_size, inception_weights=args.inception_weights,
-                stats_cache_dir=args.stats_cache_dir, device=device, mixed_precision=args.mixed_precision,
-                keep_images=not args.no_keep_images)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"eval_fid.py: error: {err}")
-    print(f"FID {result['fid']:.4f} (N={result['n']}) -> {args.output_dir}/fid.json")
+    if args.real_dir is not None:
+        result = evaluate_folders(args.real_dir, args.fake_dir, args.output_dir,
+                                  inception_weights=args.inception_weights, batch_size=args.batch_size,
+                                  device=args.device, stats_cache_dir=args.stats_cache_dir,
+                                  skip_bad_images=args.skip_bad_images, kid_subsets=args.kid_subsets,
+                                  kid_subset_size=args.kid_subset_size)
+        print(f"FID {result['fid']:.4f} KID {result['kid_mean']:.5f} (N={result['n']}) -> {args.output_dir}/eval.json")
+        return result
+    result = evaluate(
+        args.pretrained_model_name_or_path, args.coco_dir, args.output_dir, tuners=args.tuners, base=args.base,
+        guidance_scales=args.guidance_scale, num_samples=args.num_samples, coco_year=args.coco_year,
+        split=args.split, seed=args.seed, steps=args.steps, scheduler=args.scheduler, resolution=args.resolution,
+        batch_size=args.batch_size, inception_weights=args.inception_weights, clip_model=args.clip_model,
+        stats_cache_dir=args.stats_cache_dir, device=args.device, mixed_precision=args.mixed_precision,
+        kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, skip_bad_images=args.skip_bad_images)
+    if result is not None:  # the main process
+        for row in result["rows"]:
+            clip = f" CLIP {row['clip_score']:.2f}" if row["clip_score"] is not None else ""
+            print(f"{row['model']} cfg {row['guidance_scale']:g}: FID {row['fid']:.4f} KID {row['kid_mean']:.5f}"
+                  f"{clip} (N={row['n']})")
+        print(f"-> {args.output_dir}/eval.json, eval.md, fid_vs_clip.png")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main, "eval_fid.py"))

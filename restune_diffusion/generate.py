@@ -97,6 +97,18 @@ def initial_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torc
 
 
 @torch.no_grad()
+def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: float,
+                   height: int, width: int, negative_prompt: str | None = None, first_index: int = 0):
+    """One pipeline call: image i from the noise of seeds[i] (see initial_latents). Returns PIL images, or raises
+    NonFiniteImagesError naming the images (first_index + i) that came out NaN/Inf."""
+    latents = initial_latents(pipe, seeds, height, width)
+    out = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+               negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+               latents=latents, output_type="np")
+    check_finite(out.images, first_index)
+    return pipe.numpy_to_pil(out.images)
+
+
 def generate_images(pipe, prompts: list[str], seed: int = 0, steps: int = 50, guidance_scale: float = 7.5,
                     batch_size: int = 4, height: int | None = None, width: int | None = None,
                     negative_prompt: str | None = None, start: int = 0, progress: bool = True):
@@ -111,12 +123,9 @@ def generate_images(pipe, prompts: list[str], seed: int = 0, steps: int = 50, gu
     batches = range(0, len(prompts), batch_size)
     for lo in tqdm(batches, desc="generating", disable=not progress or len(batches) < 2):
         chunk = prompts[lo: lo + batch_size]
-        latents = initial_latents(pipe, [seed + start + lo + i for i in range(len(chunk))], height, width)
-        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                   negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-                   latents=latents, output_type="np")
-        check_finite(out.images, start + lo)
-        images.extend(pipe.numpy_to_pil(out.images))
+        images += generate_batch(pipe, chunk, [seed + start + lo + i for i in range(len(chunk))], steps=steps,
+                                 guidance_scale=guidance_scale, height=height, width=width,
+                                 negative_prompt=negative_prompt, first_index=start + lo)
     return images
 
 

@@ -4,8 +4,6 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,81 +223,80 @@ def test_fid_equals_the_full_2048_sqrtm_reference(shifted_runs):
     assert shifted_runs["fid"][1] == pytest.approx(_scipy_fid(real, fake, full=True), rel=1e-4)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# the real-statistics cache
-def test_cache_is_reused_for_the_same_protocol_key_and_recomputed_when_any_parameter_changes(inception, tmp_path):
-    metric = fid.fid_metric(inception)
+def test_fid_from_features_equals_torchmetrics_through_the_extractor(shifted_runs):
+    real, fake = shifted_runs["real"].float().numpy(), shifted_runs["fake"][1].float().numpy()
+    assert fid.fid_from_features(real, fake) == pytest.approx(shifted_runs["fid"][1], rel=1e-5)
+
+
+def test_low_rank_fid_equals_torchmetrics_on_the_same_features():
+    from restune_diffusion.evaluation.metrics import FeatureInput, _feed, low_rank_fid
+
     rng = np.random.default_rng(0)
-    calls = []
-
-    def compute():  # stands in for the real-image pass: fills the accumulators from random features
-        calls.append(1)
-        features = torch.from_numpy(rng.random((5, fid.NUM_FEATURES)))
-        metric.real_features_sum = features.sum(0)
-        metric.real_features_cov_sum = features.T @ features
-        metric.real_features_num_samples = torch.tensor(5)
-
-    key = {"protocol": fid.PROTOCOL_VERSION, "coco_dir": "/data/coco", "split": "val", "n": 5000, "seed": 0,
-           "resolution": 512, "inception_sha256": "ab"}
-    path, reused = fid.cached_real_statistics(metric, key, tmp_path, compute)
-    assert (len(calls), reused, path.is_file()) == (1, False, True)
-    first = fid.real_statistics(metric)
-
-    metric.real_features_sum = torch.zeros_like(metric.real_features_sum)
-    assert fid.cached_real_statistics(metric, dict(key), tmp_path, compute) == (path, True)
-    assert len(calls) == 1
-    again = fid.real_statistics(metric)
-    np.testing.assert_allclose(again[0], first[0], rtol=1e-12)
-    np.testing.assert_allclose(again[1], first[1], rtol=1e-9, atol=1e-15)
-    assert again[2] == first[2] == 5
-
-    for field, value in (("coco_dir", "/other"), ("split", "train"), ("n", 100), ("seed", 1), ("resolution", 256),
-                         ("inception_sha256", "cd")):
-        other, reused = fid.cached_real_statistics(metric, {**key, field: value}, tmp_path, compute)
-        assert not reused and other != path, field
-    assert len(calls) == 7
+    real = rng.random((6, fid.NUM_FEATURES)).astype(np.float32)
+    fake = (rng.random((7, fid.NUM_FEATURES)) * 1.2 + 0.1).astype(np.float32)
+    metric = fid.fid_metric(FeatureInput())
+    _feed(metric, real, True)
+    _feed(metric, fake, False)
+    assert low_rank_fid(real, fake) == pytest.approx(fid.fid_value(metric), rel=1e-5)
 
 
-def test_cache_file_with_a_different_key_inside_is_not_trusted(inception, tmp_path):
-    metric = fid.fid_metric(inception)
-    calls = []
+def test_kid_repeats_with_its_seed_and_grows_with_the_shift(shifted_runs):
+    real = shifted_runs["real"].float().numpy()
+    near, far = (shifted_runs["fake"][i].float().numpy() for i in (0, 1))
+    first = fid.kid_from_features(real, far, subsets=10, subset_size=4, seed=1)
+    assert first == fid.kid_from_features(real, far, subsets=10, subset_size=4, seed=1)
+    assert first[2] == 4 and first[0] > fid.kid_from_features(real, near, subsets=10, subset_size=4, seed=1)[0]
 
-    def compute():
-        calls.append(1)
-        metric.real_features_sum = torch.ones(fid.NUM_FEATURES, dtype=torch.float64)
-        metric.real_features_cov_sum = torch.eye(fid.NUM_FEATURES, dtype=torch.float64) * 3
-        metric.real_features_num_samples = torch.tensor(2)
 
-    key = {"n": 1}
-    path, _ = fid.cached_real_statistics(metric, key, tmp_path, compute)
-    path.rename(fid.stats_cache_path(tmp_path, {"n": 2}))  # e.g. a file copied under the wrong name
+# ---------------------------------------------------------------------------------------------------------------------
+# hostile files: weights and caches (issue 13 item 15, issue 15)
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "truncated_safetensors"])
+def test_a_corrupt_inception_file_is_a_named_error(weights, tmp_path, damage):
+    data = weights.read_bytes()
+    if damage == "truncated":
+        path, content = tmp_path / fid.WEIGHTS_FILE, data[: len(data) // 2]
+    elif damage == "garbage":
+        path, content = tmp_path / fid.WEIGHTS_FILE, os.urandom(4096)
+    else:
+        from safetensors.torch import save_file
+
+        path = tmp_path / "inception.safetensors"
+        save_file({k: v.contiguous() for k, v in torch.load(weights, weights_only=True).items()}, str(path))
+        content = path.read_bytes()[:100_000]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        fid.load_fid_inception(path)
+
+
+def test_inception_weights_other_than_the_standard_file_give_a_loud_warning(weights):
+    with pytest.warns(UserWarning, match="NOT comparable with published"):
+        message = fid.weights_hash_warning(fid.file_sha256(weights), weights)
+    assert fid.WEIGHTS_SHA256[:16] in message
+    assert fid.weights_hash_warning(fid.WEIGHTS_SHA256, weights) is None
+
+
+def test_features_cache_round_trips_and_a_corrupt_or_foreign_one_is_recomputed(tmp_path):
+    from restune_diffusion.evaluation.metrics import features_cache_path, load_cached_features, save_cached_features
+
+    key = {"n": 3}
+    path = features_cache_path(tmp_path, key)
+    features = np.random.default_rng(0).random((3, 8)).astype(np.float32)
+    save_cached_features(path, key, features)
+    assert np.array_equal(load_cached_features(path, key), features)
     with pytest.warns(UserWarning, match="another protocol key"):
-        _, reused = fid.cached_real_statistics(metric, {"n": 2}, tmp_path, compute)
-    assert not reused and len(calls) == 2
+        assert load_cached_features(path, {"n": 4}) is None
+    path.write_bytes(path.read_bytes()[:50])  # torn
+    with pytest.warns(UserWarning, match="unreadable real-features cache"):
+        assert load_cached_features(path, key) is None
+    path.write_bytes(b"not a zip")
+    with pytest.warns(UserWarning, match="recomputing"):
+        assert load_cached_features(path, key) is None
 
 
-@pytest.mark.slow  # three FID computes
-def test_folder_fid_reuses_cached_real_statistics_without_running_the_extractor_on_real_images(
-        weights, tmp_path, monkeypatch):
-    real_dir = tmp_path / "real"
-    real = _write_images(real_dir, range(3))
-    _write_images(tmp_path / "fake", range(10, 13))
-    seen = []
-    forward = fid.FIDInceptionV3.forward
-    monkeypatch.setattr(fid.FIDInceptionV3, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
-    run = dict(inception_weights=weights, batch_size=3, stats_cache_dir=tmp_path / "cache")
-
-    with pytest.warns(UserWarning, match="rank-deficient"):
-        first = fid.compute_fid_folders(real_dir, tmp_path / "fake", **run)
-    second = fid.compute_fid_folders(real_dir, tmp_path / "fake", **run)
-    assert seen == [3, 3, 3]  # real + fake, then fake only
-    assert (first["real_stats_reused"], second["real_stats_reused"]) == (False, True)
-    assert second["fid"] == pytest.approx(first["fid"], rel=1e-5)
-
-    _image(99).save(real[0])  # the real folder changed: its listing (size/mtime) is part of the key
-    os.utime(real[0], ns=(1, 1))
-    third = fid.compute_fid_folders(real_dir, tmp_path / "fake", **run)
-    assert not third["real_stats_reused"] and seen == [3, 3, 3, 3, 3]
+def test_folder_listing_leaves_out_generate_pys_grid(tmp_path):
+    _write_images(tmp_path, range(3))
+    _image(9, 64).save(tmp_path / "grid.png")
+    assert [p.name for p in fid.list_images(tmp_path, "--fake_dir")] == ["00000.png", "00001.png", "00002.png"]
 
 
 def test_small_n_warnings_are_loud_and_recorded():
@@ -311,76 +308,25 @@ def test_small_n_warnings_are_loud_and_recorded():
     assert fid.sample_size_warnings(5000) == []
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# generation and the CLI
-def test_generation_resumes_skipping_written_images_with_a_fixed_seed_per_index(tmp_path):
-    pipe, handle = fid.fid_pipeline("tiny")
-    assert handle is None
-    prompts = ["a red circle", "a blue square", "a green star"]
-    run = dict(seed=3, steps=2, guidance_scale=7.5, resolution=32)
-    paths = fid.generate_fid_images(pipe, prompts, tmp_path, batch_size=3, **run)
-    before = [np.asarray(Image.open(p)).astype(int) for p in paths]
-    paths[1].unlink()
-    kept = paths[0].stat().st_mtime_ns
-    fid.generate_fid_images(pipe, prompts, tmp_path, batch_size=1, **run)
-    assert paths[0].stat().st_mtime_ns == kept
-    regenerated = np.asarray(Image.open(paths[1])).astype(int)
-    assert np.abs(regenerated - before[1]).max() <= 2  # same seed for index 1, another batch size
-    assert np.abs(before[0] - before[1]).mean() > 1  # and indices do get different seeds
-
-
-def test_fid_pipeline_loads_the_tuner_file_on_the_unet(tmp_path, tiny_sd):
-    from restune_diffusion.attach import attach, attached_sets
-    from restune_diffusion.weights import save_tuners
-
-    path = save_tuners(tmp_path / "tuners.safetensors", attach(tiny_sd.unet, {"type": "res_adapter", "dim": 4}))
-    pipe, handle = fid.fid_pipeline("tiny", path)
-    assert handle is not None and attached_sets(pipe.unet)
-    assert len(handle.state_dict()) > 0
-
-
 def test_resume_into_a_folder_made_with_other_settings_is_refused(tmp_path):
     record = {"seed": 0, "steps": 50}
-    fid._check_generation_record(tmp_path, record)
-    fid._check_generation_record(tmp_path, dict(record))
+    fid.check_generation_record(tmp_path, record)
+    fid.check_generation_record(tmp_path, dict(record))
     with pytest.raises(ValueError, match="steps: 50 there vs 20 now"):
-        fid._check_generation_record(tmp_path, {**record, "steps": 20})
+        fid.check_generation_record(tmp_path, {**record, "steps": 20})
 
 
-def _coco(root: Path, n: int = 8) -> Path:
-    """A COCO2017-format folder: annotations/captions_val2017.json and val2017/*.jpg, two captions per image."""
-    files = _write_images(root / "val2017", range(100, 100 + n), suffix=".jpg", size=40)
+def _coco(root: Path, n: int = 8, year: str = "2017") -> Path:
+    """A COCO-format folder: annotations/captions_val{year}.json and val{year}/*.jpg, two captions per image."""
+    files = _write_images(root / f"val{year}", range(100, 100 + n), suffix=".jpg", size=40)
     images = [{"id": 10 + i, "file_name": p.name} for i, p in enumerate(files)]
     words = ["red", "blue", "green", "yellow"]
     annotations = [{"id": 1000 + 2 * i + j, "image_id": 10 + i, "caption": f"a {words[(i + j) % 4]} shape"}
                    for i in range(n) for j in range(2)]
-    (root / "annotations").mkdir()
-    (root / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": images,
-                                                                            "annotations": annotations}))
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / f"captions_val{year}.json").write_text(json.dumps({"images": images,
+                                                                               "annotations": annotations}))
     return root
-
-
-def test_eval_fid_cli_end_to_end_on_a_tiny_coco_folder(weights, tmp_path):
-    coco = _coco(tmp_path / "coco")
-    out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "eval_fid.py"), "--pretrained_model_name_or_path", "tiny", "--coco_dir",
-           str(coco), "--num_samples", "8", "--resolution", "32", "--steps", "2", "--batch_size", "4",
-           "--inception_weights", str(weights), "--output_dir", str(out), "--stats_cache_dir", str(tmp_path / "c"),
-           "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "FID " in proc.stdout
-    result = json.loads((out / "fid.json").read_text())
-    assert np.isfinite(result["fid"]) and result["fid"] > 0
-    fields = ("n", "seed", "steps", "resolution", "batch_size", "guidance_scale", "scheduler", "tuners_sha256")
-    assert [result[f] for f in fields] == [8, 0, 2, 32, 4, 7.5, "ddim", None]
-    assert result["inception_sha256"] == fid.file_sha256(weights)
-    assert result["versions"]["torch"] == torch.__version__ and "diffusers" in result["versions"]
-    assert "COCO2017 val2017" in result["protocol"] and result["elapsed_s"] > 0
-    assert any("rank-deficient" in w for w in result["warnings"])
-    assert sorted(p.name for p in (out / "fake").glob("*.png")) == [f"{i:05d}.png" for i in range(8)]
-    assert Image.open(out / "fake" / "00000.png").size == (32, 32)
-    assert Path(result["real_stats_cache"]).is_file()
 
 
 def _eval_fid_main():
@@ -390,29 +336,32 @@ def _eval_fid_main():
     return module.main
 
 
-def test_eval_fid_cli_folder_mode_writes_fid_json(weights, tmp_path):
+def test_eval_fid_cli_folder_mode_writes_eval_json_and_skips_bad_images_when_asked(weights, tmp_path):
     _write_images(tmp_path / "a", range(3))
     _write_images(tmp_path / "b", range(3, 6), suffix=".jpg", size=48)
+    (tmp_path / "a" / "00003.png").write_bytes(b"\x89PNG broken")
+    args = ["--real_dir", str(tmp_path / "a"), "--fake_dir", str(tmp_path / "b"), "--inception_weights",
+            str(weights), "--output_dir", str(tmp_path / "out"), "--batch_size", "6", "--device", "cpu"]
+    with pytest.raises(ValueError, match="00003.png.*--skip_bad_images"):
+        _eval_fid_main()(args)
     with pytest.warns(UserWarning, match="rank-deficient"):
-        result = _eval_fid_main()(["--real_dir", str(tmp_path / "a"), "--fake_dir", str(tmp_path / "b"),
-                                   "--inception_weights", str(weights), "--output_dir", str(tmp_path / "out"),
-                                   "--batch_size", "6", "--device", "cpu"])
-    stored = json.loads((tmp_path / "out" / "fid.json").read_text())
+        result = _eval_fid_main()(args + ["--skip_bad_images"])
+    stored = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert stored["fid"] == pytest.approx(result["fid"]) and stored["fid"] > 0
-    assert (stored["mode"], stored["n_real"], stored["n_fake"], stored["batch_size"]) == ("folders", 3, 3, 6)
+    assert (stored["mode"], stored["n_real"], stored["n_fake"], stored["skipped_images"]) == ("folders", 3, 3, 1)
+    assert any("NOT comparable" in w for w in stored["warnings"])
 
 
 def test_eval_fid_cli_errors_name_the_flag_or_file(tmp_path, monkeypatch):
     monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
     main = _eval_fid_main()
     _write_images(tmp_path / "a", range(2))
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(FileNotFoundError) as err:
         main(["--real_dir", str(tmp_path / "a"), "--fake_dir", str(tmp_path / "a")])
-    assert fid.WEIGHTS_FILE in str(err.value.code) and "--inception_weights" in str(err.value.code)
-    with pytest.raises(SystemExit) as err:
+    assert fid.WEIGHTS_FILE in str(err.value) and "--inception_weights" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="--real_dir .*missing"):
         main(["--real_dir", str(tmp_path / "missing"), "--fake_dir", str(tmp_path / "a"),
               "--inception_weights", str(KEYS_FILE)])
-    assert "--real_dir" in str(err.value.code) and "missing" in str(err.value.code)
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(SystemExit) as exit_:
         main(["--real_dir", str(tmp_path / "a")])
-    assert err.value.code == 2  # argparse: --fake_dir missing
+    assert exit_.value.code == 2  # argparse: --fake_dir missing
