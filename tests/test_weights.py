@@ -1,15 +1,25 @@
 """Tuner files: round trip, the header, and clear refusals."""
 
 import json
+import os
+import stat
+import time
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from conftest import run_unet
-from restune_diffusion.attach import attach
+from restune_diffusion.attach import attach, select_blocks
 from restune_diffusion.models import build_unet, tiny_unet_config, unet_fingerprint
-from restune_diffusion.weights import FORMAT, load_tuners, save_tuners
+from restune_diffusion.weights import (
+    FORMAT,
+    atomic_write_text,
+    clean_stale_temps,
+    load_tuners,
+    safe_file_pattern,
+    save_tuners,
+)
 
 CONFIG = [{"type": "res_adapter", "dim": 4, "targets": ["ff", "attn2"]}, {"type": "res_prompt", "num_tokens": 3},
           {"type": "lora", "rank": 2, "blocks": "mid"}]
@@ -79,3 +89,148 @@ def test_broken_or_foreign_files_are_refused_cleanly(saved, unet, tmp_path, dama
 def test_missing_file_is_named(unet, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         load_tuners(unet, tmp_path / "nope.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tuner files from strangers (issue 13, items 6-9) and file hygiene (item 14)
+def rewrite(path, out, tensors=None, **meta_changes):
+    """A copy of tuner file `path` at `out` with other metadata (and tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(tensors if tensors is not None else load_file(str(path)), str(out), metadata={**meta, **meta_changes})
+    return out
+
+
+def run_python(code: str, timeout: float = 60):
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    return done, time.perf_counter() - start
+
+
+def test_file_stores_exact_block_names_and_round_trips(unet, unet_inputs, tmp_path):
+    handle = attach(unet, [{"type": "lora", "rank": 2, "blocks": r"^up_blocks\.1\."}], name="x")
+    chosen = [n for n, _ in select_blocks(unet, r"^up_blocks\.1\.")]
+    path = save_tuners(tmp_path / "t.safetensors", handle)
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["tuners"])[0]["blocks"] == chosen  # names, not the regex
+    expected = run_unet(unet, unet_inputs)
+    handle.detach()
+    loaded = load_tuners(unet, path)
+    assert sorted({k.split(".to_")[0].rsplit(".attn", 1)[0] for k in loaded.state_dict()}) == chosen
+    assert torch.equal(run_unet(unet, unet_inputs), expected)
+
+
+def test_redos_pattern_in_a_file_is_refused_fast(saved, tmp_path):
+    _, path = saved
+    configs = [{"type": "lora", "rank": 2, "blocks": r"^([\w.]+[\w.]+)+!"}]
+    evil = rewrite(path, tmp_path / "evil.safetensors", tuners=json.dumps(configs))
+    code = ("from restune_diffusion.models import build_tiny_sd\nfrom restune_diffusion.weights import load_tuners\n"
+            f"try:\n    load_tuners(build_tiny_sd(0).unet, {str(evil)!r})\nexcept ValueError as e:\n    print(e)\n")
+    done, _ = run_python(code, timeout=60)  # before the fix: hours of backtracking on 2**40 paths per block name
+    assert done.returncode == 0, done.stderr
+    assert f"{evil}: tuner config" in done.stdout and "not a pattern a file may carry" in done.stdout
+
+
+@pytest.mark.parametrize("pattern, ok", [("mid", True), (r"^down_blocks\.1\.", True), (r"up_blocks\.[12].*", True),
+                                         (r"^([\w.]+[\w.]+)+!", False), (r"\w*\w*\w*!", False), ("a{1,99}", False),
+                                         ("x" * 300, False), ("[", False)])
+def test_safe_file_pattern(pattern, ok):
+    assert safe_file_pattern(pattern) is ok
+
+
+def test_huge_dim_in_header_fails_fast_without_allocating(saved, tmp_path):
+    _, path = saved
+    configs = [{"type": "res_adapter", "dim": 2**40, "targets": ["ff", "attn2"]}, {"type": "res_prompt",
+                                                                                   "num_tokens": 3},
+               {"type": "lora", "rank": 2, "blocks": "mid"}]
+    bomb = rewrite(path, tmp_path / "bomb.safetensors", tuners=json.dumps(configs))
+    code = ("import resource, time\nfrom restune_diffusion.models import build_tiny_sd\n"
+            "from restune_diffusion.weights import load_tuners\nunet = build_tiny_sd(0).unet\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\nstart = time.perf_counter()\n"
+            f"try:\n    load_tuners(unet, {str(bomb)!r})\nexcept ValueError as e:\n    print(e)\n"
+            "print('SECONDS', time.perf_counter() - start)\n"
+            "print('GROWTH_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    done, _ = run_python(code)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert f"{bomb} does not fit" in out and "res_adapter.down.weight: shape (4, 32)" in out and "1099511627776" in out
+    assert float(out.split("SECONDS")[1].split()[0]) < 5
+    assert int(out.split("GROWTH_KB")[1].split()[0]) < 200_000  # < 200 MB (the header asks for 140 TB)
+
+
+def test_nonfinite_tensors_are_refused_by_name_unless_allowed(saved, unet, tmp_path, caplog):
+    handle, path = saved
+    handle.detach()
+    tensors = {k: v.clone() for k, v in handle.state_dict().items()}
+    key = sorted(tensors)[0]
+    tensors[key].view(-1)[0] = float("nan")
+    broken = rewrite(path, tmp_path / "nan.safetensors", tensors=tensors)
+    with pytest.raises(ValueError, match=rf"{broken}: 1 tensor\(s\) hold NaN/Inf values: {key} \(1 of"):
+        load_tuners(unet, broken)
+    assert not getattr(unet, "_restune_sets", {})
+    with caplog.at_level("WARNING"):
+        loaded = load_tuners(unet, broken, allow_nonfinite=True)
+    assert key in caplog.text and torch.isnan(loaded.state_dict()[key]).any()
+
+
+@pytest.mark.parametrize("tuners, says", [
+    ('[{"type": "nope"}]', "unknown tuner 'nope'"),
+    ('[{"type": "lora", "rnak": 2}]', "unknown field(s) ['rnak']"),
+    ('[{"type": "lora", "rank": "two"}]', "rank must be a positive int"),
+    ("[]", "expected at least one tuner"),
+    ('{"type": "lora"}', "must be a JSON list"),
+    ('"configs/x.yaml"', "must be a JSON list"),
+    ("[{", "not valid JSON"),
+    ('[{"type": "lora", "blocks": ["no_such_block"]}]', "no_such_block"),
+    ('[{"type": "lora", "blocks": [99]}]', "positions must be ints"),
+])
+def test_every_config_error_names_the_file(saved, unet, tmp_path, tuners, says):
+    handle, path = saved
+    handle.detach()
+    bad = rewrite(path, tmp_path / "bad.safetensors", tuners=tuners)
+    with pytest.raises(ValueError) as err:
+        load_tuners(unet, bad)
+    assert str(err.value).startswith(f"{bad}: tuner config") and says in str(err.value)
+    assert not getattr(unet, "_restune_sets", {})
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_outputs_get_normal_modes_honouring_umask(saved, tmp_path, umask, file_mode, dir_mode):
+    handle, _ = saved
+    old = os.umask(umask)
+    try:
+        path = save_tuners(tmp_path / "new" / "tuners.safetensors", handle)
+        text = atomic_write_text(tmp_path / "new" / "log.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == file_mode and stat.S_IMODE(text.stat().st_mode) == file_mode
+    assert stat.S_IMODE(path.parent.stat().st_mode) == dir_mode
+
+
+def test_clean_stale_temps_removes_only_dead_or_old_writers(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me = os.getpid()
+    (tmp_path / "ckpt").mkdir()
+    files = {
+        f".loss.png.tmp{dead.pid}": False, f"ckpt/.state.json.tmp{dead.pid}": False,  # writer gone
+        f".old.png.tmp{me}": False,  # writer alive but 2 h old: a reused PID
+        f".fresh.png.tmp{me}": True, "loss.png": True, ".loss.png.tmpX": True, "notes.tmp123": True,
+    }
+    for name in files:
+        (tmp_path / name).write_text("x")
+    old = time.time() - 7200
+    os.utime(tmp_path / f".old.png.tmp{me}", (old, old))
+    removed = clean_stale_temps(tmp_path, max_age_minutes=60)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == sorted(k for k, v in files.items() if not v)
+    assert all((tmp_path / name).exists() == keep for name, keep in files.items())
+    assert clean_stale_temps(tmp_path / "missing") == []
