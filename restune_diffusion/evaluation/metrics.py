@@ -43,8 +43,10 @@ def fid_metric(extractor: nn.Module):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     device = next(iter(extractor.parameters()), torch.empty(0)).device
-    # normalize=False: images go to the extractor as given (uint8 0..255); reset() keeps the real statistics
-    metric = FrechetInceptionDistance(feature=extractor, normalize=False, reset_real_features=False)
+    # normalize=False: images go to the extractor as given (uint8 0..255); reset() keeps the real statistics;
+    # sync_on_compute=False: the statistics are computed on the main process alone, from gathered features
+    metric = FrechetInceptionDistance(feature=extractor, normalize=False, reset_real_features=False,
+                                      sync_on_compute=False)
     return metric.to(device)
 
 
@@ -101,7 +103,8 @@ def kid_from_features(real: np.ndarray, fake: np.ndarray, subsets: int = 100, su
         raise ValueError(f"KID needs at least 2 real and 2 fake images, got {len(real)} and {len(fake)}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=FeatureInput(real.shape[1]), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(feature=FeatureInput(real.shape[1]), subsets=subsets, subset_size=size,
+                                          sync_on_compute=False)
     _feed(metric, real, True)
     _feed(metric, fake, False)
     with torch.random.fork_rng(devices=[]), tf32_disabled():
