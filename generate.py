@@ -6,6 +6,8 @@
 Several --tuners files (bypasses of different tasks) run in one backbone pass per step; images go to out/<task>/,
 <task> being the file's stem, or its run folder when stems collide (out/dogs/tuners.safetensors -> dogs), or
 --task_names. Every other flag means the same with one file or several.
+Each PNG carries its prompt, seed, steps, guidance, sampler and tuner file in its text metadata (A1111's
+"parameters"), and out/index.json lists them; a rerun into the same folder continues the numbering.
 Errors are one line (exit 2); RESTUNE_DEBUG=1 shows the traceback.
 """
 
@@ -26,7 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--num_images", type=int, default=4, help="images per prompt")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--scheduler", default="ddim", choices=["ddim", "pndm", "dpm"])
+    p.add_argument("--scheduler", default="ddim",
+                   help="sampler: DDIM (default), Euler, 'Euler a', UniPC, 'DPM++ 2M', 'DPM++ 2M Karras', PNDM")
+    p.add_argument("--karras_sigmas", action="store_true", help="Karras sigmas (Euler, UniPC, DPM++ 2M)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--scale", type=float, default=1.0, help="tuner strength (residual tuners)")
     p.add_argument("--batch_size", type=int, default=4)

@@ -6,13 +6,19 @@ Several bypass files at once go through one backbone pass per step (restune_diff
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from restune_diffusion.samplers import make_scheduler, sampler_key, sampler_label
+from restune_diffusion.weights import atomic_write, atomic_write_text
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -31,18 +37,22 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
 
 
 def load_pipeline(base: str, tuners=None, device: str | None = None, dtype: torch.dtype | str | None = None,
-                  scheduler: str = "ddim", scale: float = 1.0):
+                  scheduler: str = "ddim", scale: float = 1.0, karras_sigmas: bool = False):
     """A StableDiffusionPipeline over `base` ("tiny" or a local SD v1.5 folder) with tuner file(s) attached.
 
-    The handles are on `pipe.tuner_handles` (name -> handle); `scale` sets the tuners' strength.
+    The handles are on `pipe.tuner_handles` (name -> handle); `scale` sets the tuners' strength. `scheduler`: a
+    sampler name users know ("Euler a", "DPM++ 2M Karras", ...; restune_diffusion.samplers).
     """
     from restune_diffusion.models import build_pipeline, load_model
     from restune_diffusion.weights import load_tuners
 
+    sampler = sampler_key(scheduler)  # a bad name fails before any model loads
     device = device or default_device()
     dtype = parse_dtype(dtype, device) if not isinstance(dtype, torch.dtype) else dtype
     sd = load_model(base, dtype=dtype, device=device)
-    pipe = build_pipeline(sd, scheduler=scheduler)
+    pipe = build_pipeline(sd)
+    pipe.scheduler = make_scheduler(scheduler, sd.noise_scheduler.config, karras_sigmas)
+    pipe.sampler_name = sampler_label(scheduler, karras_sigmas or sampler[1])
     pipe.tuner_handles = {}
     paths = [tuners] if isinstance(tuners, (str, os.PathLike)) else list(tuners or [])
     for path in paths:
@@ -96,6 +106,12 @@ def initial_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torc
     return torch.stack(rows).to(device=pipe.unet.device, dtype=pipe.unet.dtype)
 
 
+def sampler_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """Per-image CPU generators for stochastic samplers (Euler a), on a stream apart from the initial noise's."""
+    return [torch.Generator(device="cpu").manual_seed(int(np.random.SeedSequence([s, 1]).generate_state(1)[0]))
+            for s in seeds]
+
+
 @torch.no_grad()
 def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: float,
                    height: int, width: int, negative_prompt: str | None = None, first_index: int = 0):
@@ -104,7 +120,7 @@ def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps:
     latents = initial_latents(pipe, seeds, height, width)
     out = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
                negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-               latents=latents, output_type="np")
+               latents=latents, output_type="np", generator=sampler_generators(seeds))
     check_finite(out.images, first_index)
     return pipe.numpy_to_pil(out.images)
 
@@ -144,11 +160,25 @@ def make_grid(images, cols: int | None = None):
     return grid
 
 
-def save_image(image, path: str | os.PathLike) -> Path:
-    """PNG written atomically (a resumed run never meets a half-written image)."""
-    from restune_diffusion.weights import atomic_write
+def save_image(image, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """PNG written atomically (a resumed run never meets a half-written image); `metadata` goes into its text chunks:
+    "parameters" in A1111's format (what A1111/ComfyUI show and read back) and "restune" as JSON."""
+    from PIL.PngImagePlugin import PngInfo
 
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    info = PngInfo()
+    if metadata:
+        info.add_text("parameters", a1111_parameters(metadata))
+        info.add_text("restune", json.dumps(metadata))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def a1111_parameters(m: dict) -> str:
+    """prompt, then "Negative prompt: ...", then "Steps: 50, Sampler: Euler a, CFG scale: 7.5, Seed: 3, ..."."""
+    lines = [m["prompt"]] + ([f"Negative prompt: {m['negative_prompt']}"] if m.get("negative_prompt") else [])
+    fields = {"Steps": m["steps"], "Sampler": m["sampler"], "CFG scale": m["guidance_scale"], "Seed": m["seed"],
+              "Size": f"{m['width']}x{m['height']}", "Model": m["model"], "Tuners": m.get("tuners"),
+              "Tuners hash": (m.get("tuners_sha256") or "")[:10] or None, "Tuner scale": m.get("scale")}
+    return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)])
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
@@ -177,12 +207,30 @@ def run(args) -> list[Path]:
     if names:
         raise ValueError(f"--task_names: names the tasks of several --tuners files; got {len(args.tuners or [])} "
                          f"--tuners")
-    pipe = load_pipeline(args.pretrained_model_name_or_path, args.tuners[0] if args.tuners else None,
-                         device=args.device, dtype=args.dtype, scheduler=args.scheduler, scale=args.scale)
+    tuners = args.tuners[0] if args.tuners else None
+    pipe = load_pipeline(args.pretrained_model_name_or_path, tuners, device=args.device, dtype=args.dtype,
+                         scheduler=args.scheduler, scale=args.scale, karras_sigmas=getattr(args, "karras_sigmas", 0))
     images = generate_images(pipe, prompts, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
                              batch_size=args.batch_size, height=args.height, width=args.width,
                              negative_prompt=args.negative_prompt)
-    return _save_all(images, out)
+    return _save_all(images, out, _records(args, pipe, prompts, tuners, images[0].size))
+
+
+def _records(args, pipe, prompts: list[str], tuners, size: tuple[int, int]) -> list[dict]:
+    """What made each image: written into its PNG text and the folder's index.json."""
+    sha = _sha256(tuners) if tuners else None
+    return [{"prompt": p, "negative_prompt": args.negative_prompt, "seed": args.seed + i, "steps": args.steps,
+             "guidance_scale": args.guidance_scale, "sampler": pipe.sampler_name, "width": size[0], "height": size[1],
+             "model": str(args.pretrained_model_name_or_path), "tuners": str(tuners) if tuners else None,
+             "tuners_sha256": sha, "scale": args.scale if tuners else None} for i, p in enumerate(prompts)]
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def task_names(paths: Sequence[str | os.PathLike], names: Sequence[str] | None = None) -> list[str]:
@@ -205,10 +253,31 @@ def task_names(paths: Sequence[str | os.PathLike], names: Sequence[str] | None =
                      "name them with --task_names A --task_names B ...")
 
 
-def _save_all(images, out: Path) -> list[Path]:
-    paths = [save_image(image, out / f"{i:05d}.png") for i, image in enumerate(images)]
-    paths.append(save_image(make_grid(images), out / "grid.png"))
-    print(f"wrote {len(images)} images and grid.png to {out}")
+INDEX_FILE = "index.json"
+NUMBERED = re.compile(r"^(\d{5,})\.png$")
+
+
+def next_index(out: Path) -> int:
+    """1 + the highest NNNNN.png in `out` (0 for a new folder): a rerun continues numbering, never overwrites."""
+    found = [int(m.group(1)) for p in out.glob("*.png") if (m := NUMBERED.match(p.name))] if out.is_dir() else []
+    return max(found, default=-1) + 1
+
+
+def _save_all(images, out: Path, records: list[dict]) -> list[Path]:
+    """NNNNN.png per image (numbering continued), a grid (grid.png, then grid_NNNNN.png), and index.json extended."""
+    start = next_index(out)
+    paths = [save_image(image, out / f"{start + i:05d}.png", record)
+             for i, (image, record) in enumerate(zip(images, records, strict=True))]
+    grid = out / ("grid.png" if start == 0 else f"grid_{start:05d}.png")
+    paths.append(save_image(make_grid(images), grid))
+    index_path = out / INDEX_FILE
+    try:
+        index = json.loads(index_path.read_text()) if index_path.is_file() else []
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{index_path}: not valid JSON ({err}); move it aside to start a new index") from None
+    index += [{"file": p.name, **r} for p, r in zip(paths, records)]
+    atomic_write_text(index_path, json.dumps(index, indent=1) + "\n")
+    print(f"wrote {len(images)} images ({start:05d}..{start + len(images) - 1:05d}) and {grid.name} to {out}")
     return paths
 
 
@@ -221,7 +290,7 @@ def _run_multitask(args, prompts: list[str], out: Path, names: list[str]) -> lis
     from restune_diffusion.weights import load_tuners
 
     pipe = load_pipeline(args.pretrained_model_name_or_path, None, device=args.device, dtype=args.dtype,
-                         scheduler=args.scheduler)
+                         scheduler=args.scheduler, karras_sigmas=getattr(args, "karras_sigmas", False))
     handles = {}
     for name, path in zip(names, args.tuners):
         handles[name] = load_tuners(pipe.unet, path, name=f"task:{name}")
@@ -234,8 +303,10 @@ def _run_multitask(args, prompts: list[str], out: Path, names: list[str]) -> lis
         negative = [args.negative_prompt] * len(chunk) if args.negative_prompt else None
         batch = generate_multitask(pipe, handles, chunk, num_inference_steps=args.steps,
                                    guidance_scale=args.guidance_scale, negative_prompt=negative, height=height,
-                                   width=width, latents=latents, output_type="np")
+                                   width=width, latents=latents, output_type="np", seed=args.seed + lo)
         for name, images in batch.items():
             check_finite(images, lo)
             results[name].extend(pipe.numpy_to_pil(images))
-    return [p for name, images in results.items() for p in _save_all(images, out / name)]
+    size = (width, height)
+    return [p for (name, images), path in zip(results.items(), args.tuners)
+            for p in _save_all(images, out / name, _records(args, pipe, prompts, path, size))]

@@ -1,5 +1,6 @@
 """Generation from tuner files: the Python API and the generate.py CLI."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,8 @@ def test_generate_cli_writes_images_and_grid(tuner_file, tmp_path):
            "--steps", "2", "--height", "32", "--width", "32", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png",
+                                                   "index.json"]
     assert Image.open(out / "grid.png").size == (64, 64)
 
 
@@ -92,7 +94,7 @@ def test_generate_cli_with_several_bypass_files_writes_one_folder_per_task(tmp_p
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["cats", "dogs"]
     cats, dogs = (Image.open(out / task / "00000.png") for task in ("cats", "dogs"))
-    assert sorted(p.name for p in (out / "cats").iterdir())[-1] == "grid.png"
+    assert sorted(p.name for p in (out / "cats").iterdir())[-2:] == ["grid.png", "index.json"]
     assert np.abs(pixels(cats) - pixels(dogs)).max() > 0  # each task's own bypass
 
 
@@ -223,3 +225,50 @@ def test_non_finite_latents_raise_a_named_error_instead_of_black_images(tuner_fi
         next(iter(pipe.tuner_handles["default"].trainable_parameters())).fill_(float("nan"))
     with pytest.raises(NonFiniteImagesError, match=r"2 of 2 images .*NaN/Inf.*\[0, 1\]"):
         rd.generate_images(pipe, ["a", "b"], steps=2, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# samplers by name, metadata, continued numbering (issue 17, generate.py)
+def test_samplers_by_the_names_users_know():
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    from restune_diffusion.samplers import make_scheduler, sampler_label
+
+    config = rd.build_tiny_sd(0).noise_scheduler.config
+    assert type(make_scheduler("Euler", config)) is EulerDiscreteScheduler
+    assert type(make_scheduler("Euler a", config)) is EulerAncestralDiscreteScheduler
+    assert type(make_scheduler("unipc", config)) is UniPCMultistepScheduler
+    dpm = make_scheduler("DPM++ 2M Karras", config)
+    assert type(dpm) is DPMSolverMultistepScheduler and dpm.config.use_karras_sigmas
+    assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.solver_order == 2
+    assert make_scheduler("euler", config, karras=True).config.use_karras_sigmas
+    assert sampler_label("dpm++-2m_karras") == "DPM++ 2M Karras"
+    with pytest.raises(ValueError, match="no Karras sigmas"):
+        make_scheduler("Euler a Karras", config)
+    with pytest.raises(ValueError, match=r"unknown sampler 'LMS'.*Euler a"):
+        make_scheduler("LMS", config)
+
+
+def test_png_metadata_index_json_and_a_rerun_continues_numbering(tuner_file, tmp_path):
+    out = tmp_path / "samples"
+    args = ["--tuners", str(tuner_file), "--prompt", "a red circle", "--num_images", "2", "--steps", "2",
+            "--scheduler", "Euler a", "--seed", "7", "--negative_prompt", "blur", "--out", str(out)]
+    _generate_main()(args)
+    _generate_main()(args)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png", "grid_00002.png", "index.json"]
+    assert np.array_equal(pixels(Image.open(out / "00000.png")), pixels(Image.open(out / "00002.png")))  # seeded
+    assert not np.array_equal(pixels(Image.open(out / "00000.png")), pixels(Image.open(out / "00001.png")))
+    text = Image.open(out / "00001.png").text
+    assert text["parameters"].startswith("a red circle\nNegative prompt: blur\nSteps: 2, Sampler: Euler a, "
+                                         "CFG scale: 7.5, Seed: 8, Size: 32x32")
+    meta = json.loads(text["restune"])
+    assert (meta["seed"], meta["sampler"], meta["tuners"]) == (8, "Euler a", str(tuner_file))
+    index = json.loads((out / "index.json").read_text())
+    assert [e["file"] for e in index] == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    assert index[3]["seed"] == 8 and len(index[0]["tuners_sha256"]) == 64

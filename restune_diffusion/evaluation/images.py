@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ..generate import generate_batch
 from ..weights import atomic_write, atomic_write_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-GRID_NAMES = ("grid.png",)  # generate.py's contact sheet: not a sample
+GRID = re.compile(r"^grid(_\d+)?\.png$")  # generate.py's contact sheets (grid.png, grid_00004.png): not samples
 SEED_STRIDE = 1_000_000
 
 
@@ -80,7 +81,7 @@ def list_images(folder: str | os.PathLike, flag: str) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"{flag} {root}: not a folder")
     paths = sorted(p for p in root.iterdir()
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.name not in GRID_NAMES and p.is_file())
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not GRID.match(p.name) and p.is_file())
     if len(paths) < 2:
         raise ValueError(f"{flag} {root}: found {len(paths)} images ({'/'.join(IMAGE_SUFFIXES)}); FID needs at least 2")
     return paths
