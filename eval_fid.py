@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="caption draw and per-image generation seeds")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, nargs="+", default=[7.5], help="one or several (a sweep)")
-    p.add_argument("--scheduler", default="ddim", choices=["ddim", "pndm", "dpm"])
+    p.add_argument("--scheduler", default="ddim", help="sampler: DDIM (default), Euler, 'Euler a', UniPC, "
+                                                        "'DPM++ 2M', 'DPM++ 2M Karras', PNDM")
     p.add_argument("--resolution", type=int, default=None,
                    help="default: the model's native size (512 for SD v1.5, 32 for tiny)")
     p.add_argument("--batch_size", type=int, default=8, help="generation and feature batch (recorded)")

@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..weights import atomic_write, atomic_write_text
+from ..generate import native_resolution, task_names
+from ..models import TINY, build_pipeline, load_model
+from ..samplers import make_scheduler, sampler_key
+from ..weights import atomic_write, atomic_write_text, load_tuners
 from . import coco
 from .clip_score import CLIPScorer, resolve_clip_folder
 from .images import blocks, check_generation_record, generate_by_index, list_images
@@ -61,8 +64,6 @@ def model_rows(tuners: list[str] | None, base: bool = False) -> list[ModelRow]:
     """--tuners arguments (files, checkpoint folders, globs such as out/run/checkpoint-*) and --base -> rows.
 
     Checkpoints sort by step. Names: the file stems, or the run/checkpoint folders when stems collide."""
-    from ..generate import task_names
-
     paths: list[Path] = []
     for arg in tuners or []:
         matches = sorted(glob.glob(arg)) if glob.has_magic(arg) else [arg]
@@ -182,10 +183,6 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
     num_samples None: 5,000 (the val2017 protocol), or 64 for the tiny model; resolution None: the model's native
     size (512 for SD v1.5, 32 for tiny). Returns the eval.json content on the main process, None on the others.
     """
-    from ..generate import native_resolution
-    from ..models import TINY, build_pipeline, load_model
-    from ..weights import load_tuners
-
     started = time.perf_counter()
     scales = [float(s) for s in (guidance_scales or [7.5])]
     if mixed_precision not in DTYPES:
@@ -193,6 +190,7 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"--{name}: expected a positive integer, got {value!r}")
+    sampler_key(scheduler)  # a bad sampler name fails before anything loads
     rows = model_rows(tuners, base)
     weights = resolve_inception_weights(inception_weights)
     clip_folder = resolve_clip_folder(clip_model)
@@ -201,7 +199,8 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
     n = num_samples if num_samples is not None else (TINY_NUM_SAMPLES if tiny else COCO_FULL_N)
     draw = coco.draw(coco_dir, n, seed, coco_year, split)
     sd = load_model(pretrained_model_name_or_path, dtype=DTYPES[mixed_precision], device=device)
-    pipe = build_pipeline(sd, scheduler=scheduler)
+    pipe = build_pipeline(sd)
+    pipe.scheduler = make_scheduler(scheduler, sd.noise_scheduler.config)
     resolution = resolution or native_resolution(pipe)
     if resolution % 8:
         raise ValueError(f"--resolution: expected a multiple of 8 (the VAE's downsampling), got {resolution}")
