@@ -164,6 +164,7 @@ def _cli(out: Path, root: Path, weights: Path, clip_dir: Path, launcher: list[st
     return json.loads((out / "eval.json").read_text())
 
 
+@pytest.mark.slow  # two torchrun processes + one: ~35 s on 2 idle cores
 def test_two_processes_give_the_one_process_result(tmp_path, weights, clip_dir):  # noqa: F811
     root = _coco(tmp_path / "coco", n=6)
     one = _cli(tmp_path / "one", root, weights, clip_dir, [sys.executable])
