@@ -21,7 +21,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,23 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from restune_diffusion.checkpoints import (
+    STATE_FILE,
+    DiskWriteError,
+    checkpoint_step,
+    compare_settings,
+    data_fingerprint,
+    find_checkpoint,
+    list_checkpoints,
+    newest_file,
+    prune_checkpoints,
+    read_state,
+    set_aside_newer,
+    weights_fingerprint,
+    write_error,
+    write_state,
+)
+from restune_diffusion.cli import run_cli
 from restune_diffusion.weights import atomic_write, atomic_write_text
 
 # The built-in demo (`python train_t2i.py` with no arguments). configs/tiny_demo.yaml holds the same text (a test
@@ -73,13 +90,11 @@ data:
 DATA_KEYS = ("dataset", "data_dir", "resolution", "center_crop", "random_flip", "caption_mode", "caption_column",
              "image_column", "category", "skip_bad_images", "cache_latents", "dataloader_num_workers")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-STATE_FILE = "train_state.json"  # written last into a checkpoint: its presence means the checkpoint is complete
 TUNERS_FILE = "tuners.safetensors"
 CONFIG_FILE = "train_config.yaml"  # the resolved config: `--config` on it repeats the run
 NOT_IN_CONFIG = ("config", "config_name", "tuners", "resume_from_checkpoint")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LOG_FILE = "train_log.jsonl"
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 VALIDATION_INFERENCE_STEPS = 30  # as diffusers' LoRA script
 
 
@@ -98,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data (YAML section data:)")
     d.add_argument("--dataset", choices=("coco2017", "finegrained", "imagefolder", "demo", "auto"))
     d.add_argument("--data_dir", help="dataset folder (demo: default <output_dir>/demo_data, made if missing)")
-    d.add_argument("--resolution", type=int, default=512)
+    d.add_argument("--resolution", type=int, help="default: the model's native size (512 for SD v1.5, 32 for tiny)")
     d.add_argument("--center_crop", action=bool_flag, default=False)
     d.add_argument("--random_flip", action=bool_flag, default=False)
     d.add_argument("--caption_mode", choices=("random", "all", "first"), default="random")
@@ -222,12 +237,57 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
                          "v1.5 folder in the diffusers layout, or 'tiny' for the built-in tiny model)")
     if args.dataset is None:
         raise ValueError("no dataset: pass --dataset coco2017|finegrained|imagefolder|demo|auto and --data_dir")
+    if args.resolution is None:
+        args.resolution = model_resolution(args.pretrained_model_name_or_path)
     args.output_dir = args.output_dir or os.path.join("outputs", args.config_name)
     if args.data_dir is None:
         if args.dataset != "demo":
             raise ValueError(f"--dataset {args.dataset} needs --data_dir (the dataset folder)")
         args.data_dir = os.path.join(args.output_dir, "demo_data")
     return args
+
+
+def model_resolution(name_or_path: str) -> int:
+    """The model's native image size (generate.native_resolution), read from its config files before any weights
+    load: a config made for SD v1.5 used with `tiny` trains at tiny's 32 px, not at 512."""
+    from types import SimpleNamespace
+
+    from restune_diffusion.generate import native_resolution
+    from restune_diffusion.models import TINY, check_sd15_folder, load_model
+
+    if name_or_path == TINY:
+        sd = load_model(TINY)
+        unet, vae = sd.unet.config, sd.vae.config
+    else:
+        root = check_sd15_folder(name_or_path)
+        unet, vae = (SimpleNamespace(**json.loads((root / s / "config.json").read_text())) for s in ("unet", "vae"))
+    factor = 2 ** (len(vae.block_out_channels) - 1)
+    return native_resolution(SimpleNamespace(unet=SimpleNamespace(config=unet), vae=SimpleNamespace(config=vae),
+                                             vae_scale_factor=factor))
+
+
+def check_report_to(args) -> None:
+    """--report_to tensorboard without tensorboard would log nothing (accelerate only warns): stop before loading."""
+    if args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
+                          "(or pip install -e '.[tensorboard]'); or pass --report_to none")
+
+
+def warn_single_process(accelerator) -> None:
+    """`accelerate launch --num_processes N --cpu` starts ONE process (PITFALLS, multi-CPU): it sets MASTER_ADDR for
+    N processes but no WORLD_SIZE. Say so instead of training N times slower in silence."""
+    asked = "MASTER_ADDR" in os.environ and "ACCELERATE_USE_CPU" in os.environ and "WORLD_SIZE" not in os.environ
+    if asked and accelerator.num_processes == 1:
+        accelerator.print("warning: several processes were asked for (accelerate launch --num_processes) but ONE "
+                          "started: accelerate's CPU launcher runs a single process. For N processes on CPU use "
+                          "`torchrun --nproc_per_node N train_t2i.py ...`; on GPUs drop --cpu")
+
+
+def warn_long_warmup(args, max_train_steps: int, accelerator) -> None:
+    if args.lr_scheduler != "constant" and args.lr_warmup_steps >= max_train_steps:
+        accelerator.print(f"warning: --lr_warmup_steps {args.lr_warmup_steps} is not shorter than the run "
+                          f"({max_train_steps} steps): the learning rate never reaches {args.learning_rate:g}. "
+                          "Pass a smaller --lr_warmup_steps")
 
 
 def resolved_config(args: argparse.Namespace) -> dict:
@@ -325,11 +385,13 @@ def weight_dtype_of(accelerator) -> torch.dtype:
 
 
 def build_models(args, accelerator, weight_dtype: torch.dtype):
-    """SD components on the device, tuners attached (fp32), frozen parts in `weight_dtype`. Returns (sd, handle)."""
+    """SD components on the device, tuners attached (fp32), frozen parts in `weight_dtype`. Returns (sd, handle,
+    the base UNet's fingerprint taken before any cast)."""
     from restune_diffusion.attach import attach
     from restune_diffusion.models import load_model
 
     sd = load_model(args.pretrained_model_name_or_path, dtype=torch.float32, device=accelerator.device)
+    base_fingerprint = weights_fingerprint(sd.unet)
     if args.prediction_type:
         sd.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     if args.enable_xformers_memory_efficient_attention:
@@ -349,7 +411,7 @@ def build_models(args, accelerator, weight_dtype: torch.dtype):
     if not_fp32:
         raise RuntimeError(f"trainable parameters must be fp32 (mixed precision keeps master weights in fp32); "
                            f"{len(not_fp32)} are not, e.g. shape {not_fp32[0]}")
-    return sd, handle
+    return sd, handle, base_fingerprint
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -381,13 +443,18 @@ def build_loader(args, dataset, sd, accelerator, weight_dtype: torch.dtype):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # optimizer and schedule
+def effective_lr(args, num_processes: int) -> float:
+    """--learning_rate, times accumulation x batch x processes with --scale_lr (opt-in, as in diffusers)."""
+    if args.scale_lr:
+        return args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * num_processes
+    return args.learning_rate
+
+
 def build_optimizer(args, params: list, accelerator, max_train_steps: int):
     """AdamW (8-bit with --use_8bit_adam) over the tuner parameters only, and diffusers' LR schedule."""
     from diffusers.optimization import get_scheduler
 
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    lr = effective_lr(args, accelerator.num_processes)
     optimizer_class = torch.optim.AdamW
     if args.use_8bit_adam:
         try:
@@ -410,45 +477,6 @@ def build_optimizer(args, params: list, accelerator, max_train_steps: int):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # checkpoints
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (`checkpoint-<step>/` with its state file), oldest first by integer step."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if CHECKPOINT_RE.fullmatch(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT_RE.fullmatch(p.name).group(1)))
-
-
-def find_checkpoint(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: None (fresh), the newest for "latest" (None if there is none), or a path.
-    A path that is not a complete checkpoint is an error, never a silent fresh start."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_dir() and (Path(output_dir) / resume).is_dir():
-        path = Path(output_dir) / resume  # diffusers also accepts the folder name inside output_dir
-    if not path.is_dir():
-        have = [p.name for p in list_checkpoints(output_dir)]
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder (nor in {output_dir}); "
-                                f"checkpoints there: {', '.join(have) or 'none'}. Pass one of them or 'latest'")
-    if not (path / STATE_FILE).is_file():
-        raise ValueError(f"{path}: not a complete checkpoint (no {STATE_FILE}); it may be half-written. "
-                         "Pass another checkpoint or 'latest'")
-    return path
-
-
-def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
-    """Keep the newest `limit` complete checkpoints by step, after the new one is complete; drop stale temp folders."""
-    for tmp in output_dir.glob(".checkpoint-*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    if limit:
-        for old in list_checkpoints(output_dir)[:-limit]:
-            shutil.rmtree(old)
-
-
 def register_state_hooks(accelerator, handle) -> None:
     """save_state/load_state carry the tuner tensors only (`tuners.safetensors`, self-describing, loadable by
     weights.load_tuners), never the frozen UNet, and load them strictly. Full fine-tuning: the UNet is in them."""
@@ -476,20 +504,27 @@ def register_state_hooks(accelerator, handle) -> None:
 
 
 def save_checkpoint(run: Run) -> Path:
-    """accelerate state into `.checkpoint-<step>.tmp/` on every rank, then (main, after a barrier) the state file,
-    rename to `checkpoint-<step>/` and prune: `latest` never sees a half-written checkpoint."""
+    """accelerate state into `.checkpoint-<step>.tmp/` on every rank, then (main, after a barrier) the state file
+    with every file's size, rename to `checkpoint-<step>/` and prune: `latest` never sees a half-written checkpoint.
+    A full disk or a file-size limit: one line naming the file; the temp folder is removed, older ones stay."""
     a, step = run.accelerator, run.global_step
     final, tmp = run.output_dir / f"checkpoint-{step}", run.output_dir / f".checkpoint-{step}.tmp"
     if a.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     a.wait_for_everyone()
-    a.save_state(str(tmp))
-    a.wait_for_everyone()  # every rank's random_states_<rank>.pkl is in
+    try:
+        a.save_state(str(tmp))
+        a.wait_for_everyone()  # every rank's random_states_<rank>.pkl is in
+        if a.is_main_process:
+            write_state(tmp, {"global_step": step, "epoch": step // run.steps_per_epoch, "settings": run.settings})
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not re.search(r"writ|unexpected pos", str(err)):
+            raise  # not an I/O failure: a bug, keep its traceback
+        file = Path(getattr(err, "filename", None) or newest_file(tmp))
+        file = final / file.relative_to(tmp) if file.is_relative_to(tmp) else file  # the name it was to have
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space it took
+        raise write_error(file, f"checkpoint-{step}", err, run.output_dir) from err
     if a.is_main_process:
-        state = {"global_step": step, "epoch": step // run.steps_per_epoch, "seed": run.args.seed,
-                 "train_batch_size": run.args.train_batch_size, "num_processes": a.num_processes,
-                 "gradient_accumulation_steps": run.args.gradient_accumulation_steps}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if final.exists():  # the same step written again by a run resumed from an earlier checkpoint
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -498,24 +533,55 @@ def save_checkpoint(run: Run) -> Path:
     return final
 
 
+def check_resume_settings(path: Path, now: dict) -> list[str]:
+    """Before anything loads: refuse what cannot change on resume (seed, batch, data options, tuners, ...) with the
+    reason; return the changes that will be applied, for the log. Old checkpoints without settings: nothing to check."""
+    saved = read_state(path).get("settings")
+    return compare_settings(path, saved, now) if isinstance(saved, dict) else []
+
+
+def apply_optimizer_settings(optimizer, schedule, lrs: list[float], adam: list[dict]) -> None:
+    """load_state put the checkpoint's LR and Adam settings into the optimizer and schedule; set this run's, at the
+    restored step (LambdaLR: lr = base_lr · λ(step), λ rebuilt from this run's schedule flags)."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    sched = getattr(schedule, "scheduler", schedule)
+    for group, lr, settings in zip(opt.param_groups, lrs, adam):
+        group.update(initial_lr=lr, **settings)
+    sched.base_lrs = list(lrs)
+    for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in opt.param_groups]
+
+
+def adam_settings(args) -> dict:
+    return {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
+            "weight_decay": args.adam_weight_decay}
+
+
 def resume(run: Run, path: Path) -> None:
     """Load tuners, optimizer, LR schedule, RNG and accelerate's step; global_step from the checkpoint's name and
-    state file (not from the LR scheduler, musubi PR #915)."""
-    state = json.loads((path / STATE_FILE).read_text())
-    match = CHECKPOINT_RE.fullmatch(path.name)
-    step = int(match.group(1)) if match else state["global_step"]
+    state file (not from the LR scheduler, musubi PR #915); then this run's LR, schedule and Adam settings (item 1 of
+    issue 13: never print one value and use another); newer checkpoints of the abandoned run moved aside."""
+    a, state = run.accelerator, read_state(path)
+    step = checkpoint_step(path)
+    step = state["global_step"] if step is None else step
     if step != state["global_step"]:
         raise ValueError(f"{path}: folder name says step {step}, {STATE_FILE} says {state['global_step']}")
-    run.accelerator.load_state(str(path))
+    if step > run.max_train_steps:
+        raise ValueError(f"{path}: the checkpoint is at step {step}, past this run's end (step {run.max_train_steps}"
+                         "); pass a larger --max_train_steps or an earlier checkpoint")
+    a.load_state(str(path))
     run.global_step = step
-    now = {"seed": run.args.seed, "train_batch_size": run.args.train_batch_size,
-           "num_processes": run.accelerator.num_processes,
-           "gradient_accumulation_steps": run.args.gradient_accumulation_steps}
-    changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
-    if changed:
-        run.accelerator.print(f"warning: {path} was written with other settings {changed} (then, now); "
-                              "the run continues but does not replay the uninterrupted one exactly")
-    run.accelerator.print(f"resumed from {path} at step {step}")
+    apply_optimizer_settings(run.optimizer, run.lr_scheduler, [effective_lr(run.args, a.num_processes)],
+                             [adam_settings(run.args)])
+    for line in run.resume_notes:
+        a.print(f"{path.name}: {line}")
+    a.print(f"resumed from {path} at step {step}")
+    if a.is_main_process:
+        moved = set_aside_newer(run.output_dir, step)
+        if moved:
+            a.print(f"moved the abandoned run's newer checkpoints aside: {', '.join(str(p) for p in moved)}")
+    a.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -603,11 +669,22 @@ class Run:
     num_epochs: int
     global_step: int = 0
     validated_at: int = -1
+    settings: dict = field(default_factory=dict)  # what a resume compares (checkpoints.compare_settings)
+    resume_notes: list = field(default_factory=list)  # settings changed on resume, applied
 
 
-def last_checkpoint_note(output_dir: Path) -> str:
-    found = list_checkpoints(output_dir)
-    return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+def recovery_note(output_dir: Path, step: int) -> str:
+    """Where to go back to after a non-finite loss or gradient at `step`. The weights of checkpoint-(step-1) gave it
+    whatever the learning rate, so: the newest checkpoint at step-2 or before, from which a lower LR redoes at least
+    one of the updates that led here (PITFALLS "last good checkpoint after a NaN")."""
+    good = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) <= step - 2]
+    if not good:
+        return (f"there is no checkpoint before step {step - 1} to go back to: start again with a lower "
+                "--learning_rate (and --checkpointing_steps to keep recovery points)")
+    j = checkpoint_step(good[-1])
+    return (f"resume with --resume_from_checkpoint {good[-1]} and a lower --learning_rate: it redoes steps "
+            f"{j + 1}..{step - 1}, whose updates led here (a checkpoint at step {step - 1} would give the same loss "
+            "again, whatever the learning rate); or try --mixed_precision bf16/no")
 
 
 def epoch_batches(run: Run, epoch: int, skip: int):
@@ -625,8 +702,11 @@ def after_step(run: Run, loss: float, epoch: int, bar) -> None:
     a, args, step = run.accelerator, run.args, run.global_step
     lr = run.lr_scheduler.get_last_lr()[0]
     if a.is_main_process:
-        with open(run.output_dir / LOG_FILE, "a") as f:
-            f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr}) + "\n")
+        try:
+            with open(run.output_dir / LOG_FILE, "a") as f:
+                f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr}) + "\n")
+        except OSError as err:
+            raise write_error(run.output_dir / LOG_FILE, f"the log line of step {step}", err, run.output_dir) from err
     a.log({"train_loss": loss, "lr": lr}, step=step)
     bar.update(1)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -636,52 +716,87 @@ def after_step(run: Run, loss: float, epoch: int, bar) -> None:
         validate(run)
 
 
+def check_gradients(run: Run, params: list, loss: float) -> None:
+    """Clip (max_grad_norm 0: measure only); a non-finite norm stops before the update. Under fp16 the grad scaler
+    skips such steps itself (inf gradients are how it finds its scale)."""
+    a = run.accelerator
+    norm = a.clip_grad_norm_(params, run.args.max_grad_norm or math.inf)
+    if a.scaler is None and norm is not None and not torch.isfinite(norm):
+        step = run.global_step + 1
+        raise NonFiniteLossError(f"step {step}: the gradient norm is {float(norm)} (loss {loss:.4g}); the update was "
+                                 f"not applied. {recovery_note(run.output_dir, step)}")
+
+
+def micro_step(run: Run, params: list, batch: dict, epoch: int, index: int) -> float:
+    """One micro-batch: loss (stop before backward if non-finite), backward; at the accumulation boundary clip,
+    check the gradients and update. Returns the loss averaged over every process."""
+    a, args = run.accelerator, run.args
+    with a.accumulate(run.model):
+        generator = torch.Generator(a.device).manual_seed(seed_for(args.seed, a.process_index, epoch, index))
+        inputs = batch_inputs(batch, run.sd, generator, args.noise_offset, run.weight_dtype, a.device)
+        loss = diffusion_loss(run.model, run.sd.noise_scheduler, *inputs, snr_gamma=args.snr_gamma)
+        mean = a.gather(loss.detach().repeat(len(batch["captions"]))).mean().item()  # same on every rank
+        if not math.isfinite(mean):
+            step = run.global_step + 1
+            raise NonFiniteLossError(f"step {step}: loss is {mean}; the update was not applied. "
+                                     f"{recovery_note(run.output_dir, step)}")
+        a.backward(loss)
+        if a.sync_gradients:
+            check_gradients(run, params, mean)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return mean
+
+
 def train_loop(run: Run) -> None:
     from tqdm.auto import tqdm
 
-    a, args, accum = run.accelerator, run.args, run.args.gradient_accumulation_steps
+    a, accum = run.accelerator, run.args.gradient_accumulation_steps
     params = run.handle.trainable_parameters()
     first_epoch = run.global_step // run.steps_per_epoch
     skip = (run.global_step % run.steps_per_epoch) * accum  # batches of the current epoch already consumed
     bar = tqdm(total=run.max_train_steps, initial=run.global_step, desc="steps", disable=not a.is_local_main_process)
-    run.model.train()
-    micro: list[float] = []
-    for epoch in range(first_epoch, run.num_epochs):
-        if run.global_step >= run.max_train_steps:
-            break
-        for index, batch in epoch_batches(run, epoch, skip if epoch == first_epoch else 0):
-            with a.accumulate(run.model):
-                generator = torch.Generator(a.device).manual_seed(seed_for(args.seed, a.process_index, epoch, index))
-                inputs = batch_inputs(batch, run.sd, generator, args.noise_offset, run.weight_dtype, a.device)
-                loss = diffusion_loss(run.model, run.sd.noise_scheduler, *inputs, snr_gamma=args.snr_gamma)
-                mean = a.gather(loss.detach().repeat(len(batch["captions"]))).mean().item()  # same on every rank
-                if not math.isfinite(mean):
-                    raise NonFiniteLossError(f"step {run.global_step + 1}: loss is {mean}; training stopped and "
-                                             f"{last_checkpoint_note(run.output_dir)}. Resume from it with a lower "
-                                             "--learning_rate, or --mixed_precision bf16/no")
-                micro.append(mean)
-                a.backward(loss)
-                if a.sync_gradients and args.max_grad_norm > 0:
-                    a.clip_grad_norm_(params, args.max_grad_norm)
-                run.optimizer.step()
-                run.lr_scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            if a.sync_gradients:
-                run.global_step += 1
-                after_step(run, sum(micro) / len(micro), epoch, bar)
-                micro = []
-                if run.global_step >= run.max_train_steps:
-                    break
-    bar.close()
+    with bar:  # closed on errors too, so an error message starts its own line
+        run.model.train()
+        micro: list[float] = []
+        for epoch in range(first_epoch, run.num_epochs):
+            if run.global_step >= run.max_train_steps:
+                break
+            for index, batch in epoch_batches(run, epoch, skip if epoch == first_epoch else 0):
+                micro.append(micro_step(run, params, batch, epoch, index))
+                if a.sync_gradients:
+                    run.global_step += 1
+                    after_step(run, sum(micro) / len(micro), epoch, bar)
+                    micro = []
+                    if run.global_step >= run.max_train_steps:
+                        break
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # outputs
-def read_log(output_dir: Path, upto: int | None = None) -> list[dict]:
+def read_log(output_dir: Path, upto: int | None = None, say=None) -> list[dict]:
+    """The per-step records of train_log.jsonl. A torn last line (a kill during the append) is dropped, and named
+    through `say`; a bad line before the last is an error naming the file and line."""
     path = output_dir / LOG_FILE
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except ValueError:
+            if number == len(lines):
+                if say is not None:
+                    say(f"warning: {path}: dropped a torn last line (line {number}); its step is replayed")
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON record with a step: {line[:80]!r}") from None
+        records.append(record)
     return [r for r in records if upto is None or r["step"] <= upto]
 
 
@@ -808,26 +923,64 @@ def prepare_run(args, accelerator, sd, handle, loader, weight_dtype) -> Run:
                Path(args.output_dir), steps_per_epoch, max_steps, num_epochs)
 
 
+def run_settings(args, num_processes: int) -> dict:
+    """The settings a checkpoint records and a resume compares: the resolved config (flat), the tuner configs with
+    their defaults filled in, and the process count."""
+    from restune_diffusion.config import parse_tuner_configs, to_dicts
+
+    resolved = resolved_config(args)
+    return {**resolved["train"], **resolved["data"], "tuners": to_dicts(parse_tuner_configs(args.tuners)),
+            "num_processes": num_processes}
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail before any model loads when the output folder cannot be written: one line naming it. Then remove the
+    temp files of writers killed mid-write (weights.clean_stale_temps)."""
+    from restune_diffusion.weights import clean_stale_temps
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"{out}: cannot write to the output folder ({err.strerror or err}); pass a writable "
+                              "--output_dir") from None
+    clean_stale_temps(out)
+
+
 def train(args: argparse.Namespace) -> dict:
     """The whole job: returns the summary (trainable params, peak memory, files) on the main process."""
     from accelerate.utils import set_seed
 
+    check_report_to(args)
     accelerator = make_accelerator(args)
     out = Path(args.output_dir)
-    resume_from = find_checkpoint(out, args.resume_from_checkpoint)  # a wrong path fails before any loading
+    if accelerator.is_main_process:
+        check_output_dir(out)
+    warn_single_process(accelerator)
+    resume_from = find_checkpoint(out, args.resume_from_checkpoint, accelerator.print)  # fails before any loading
     check_fresh_start(out, resume_from, args, accelerator)
+    settings = run_settings(args, accelerator.num_processes)
+    notes = check_resume_settings(resume_from, settings) if resume_from else []  # refusals before any loading
     set_seed(args.seed)  # tuner initialisation; batches draw from their own seeded generators
     dataset = build_dataset(args, accelerator)
+    settings["data"] = data_fingerprint(dataset)
+    if resume_from:
+        check_resume_settings(resume_from, {"data": settings["data"]})
     weight_dtype = weight_dtype_of(accelerator)
-    sd, handle = build_models(args, accelerator, weight_dtype)
+    sd, handle, settings["base_model"] = build_models(args, accelerator, weight_dtype)
+    if resume_from:
+        check_resume_settings(resume_from, {"base_model": settings["base_model"]})
     accelerator.print(handle.report())
     loader = build_loader(args, dataset, sd, accelerator, weight_dtype)
     run = prepare_run(args, accelerator, sd, handle, loader, weight_dtype)
+    run.settings, run.resume_notes = settings, notes
+    warn_long_warmup(args, run.max_train_steps, accelerator)
     if resume_from is not None:
         resume(run, resume_from)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        records = read_log(out, upto=run.global_step)  # steps after the checkpoint are replayed
+        records = read_log(out, upto=run.global_step, say=accelerator.print)  # later steps are replayed
         atomic_write_text(out / LOG_FILE, "".join(json.dumps(r) + "\n" for r in records))
         write_resolved_config(args, out / CONFIG_FILE)
     if accelerator.is_main_process and args.report_to != "none":
@@ -841,10 +994,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`train_t2i.py`: parse, train; named errors (bad data, config, checkpoint, nan loss) as one line, exit 1."""
-    try:
-        train(parse_args(argv))
-    except (ValueError, FileNotFoundError, ImportError, NonFiniteLossError) as err:
-        print(f"train_t2i.py: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    """`train_t2i.py`: parse, train; named errors (bad data, config, checkpoint, nan loss, full disk) as one line on
+    stderr, exit 2 (cli.run_cli, as every CLI)."""
+    return run_cli(lambda args: train(parse_args(args)), "train_t2i.py", argv,
+                   extra_errors=(NonFiniteLossError, DiskWriteError))

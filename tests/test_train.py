@@ -256,7 +256,7 @@ def test_a_corrupt_image_is_named_before_loading_models(tmp_path, data_dir, no_m
     bad = tmp_path / "data"
     shutil.copytree(data_dir, bad)
     (bad / "00003.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    assert T.main(cli_args(tmp_path, bad)) == 1
+    assert T.main(cli_args(tmp_path, bad)) == 2
     err = capsys.readouterr().err
     assert "00003.png: cannot read image" in err and "--skip_bad_images" in err
 
@@ -266,7 +266,7 @@ def test_a_bad_annotation_is_named(tmp_path, no_models, capsys):
     (coco / "annotations").mkdir(parents=True)
     (coco / "train2017").mkdir()
     (coco / "annotations" / "captions_train2017.json").write_text('{"images": []}')
-    assert T.main(cli_args(tmp_path, coco)[:-2] + ["--dataset", "coco2017", "--output_dir", str(tmp_path)]) == 1
+    assert T.main(cli_args(tmp_path, coco)[:-2] + ["--dataset", "coco2017", "--output_dir", str(tmp_path)]) == 2
     assert "captions_train2017.json: missing 'images' or 'annotations'" in capsys.readouterr().err
 
 
@@ -274,19 +274,19 @@ def test_a_bad_annotation_is_named(tmp_path, no_models, capsys):
 def test_an_empty_folder_is_named(tmp_path, no_models, capsys, kind, message):
     (tmp_path / "empty").mkdir()
     argv = cli_args(tmp_path, tmp_path / "empty") + ["--dataset", kind]
-    assert T.main(argv) == 1
+    assert T.main(argv) == 2
     assert message in capsys.readouterr().err
 
 
 def test_a_missing_resume_path_is_an_error_not_a_fresh_start(tmp_path, data_dir, no_models, capsys):
-    assert T.main(cli_args(tmp_path, data_dir, "--resume_from_checkpoint", str(tmp_path / "nope"))) == 1
+    assert T.main(cli_args(tmp_path, data_dir, "--resume_from_checkpoint", str(tmp_path / "nope"))) == 2
     assert "--resume_from_checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only message")
 def test_xformers_without_a_gpu_says_what_is_needed(tmp_path, data_dir, capsys):
     argv = cli_args(tmp_path, data_dir, "--enable_xformers_memory_efficient_attention", "--max_train_steps", "1")
-    assert T.main(argv) == 1
+    assert T.main(argv) == 2
     err = capsys.readouterr().err
     assert "--enable_xformers_memory_efficient_attention needs xformers and a CUDA GPU" in err and "SDPA" in err
 
@@ -341,23 +341,6 @@ def assert_same_run(a: Path, b: Path, steps: int):
     assert [r["step"] for r in lb] == list(range(1, steps + 1)) and la == lb
 
 
-def test_a_nan_loss_stops_with_a_named_error_and_keeps_the_last_checkpoint(tmp_path, data_dir, monkeypatch):
-    loss = T.diffusion_loss
-    calls = []
-
-    def nan_at_third(*args, **kwargs):
-        calls.append(1)
-        value = loss(*args, **kwargs)
-        return value * float("nan") if len(calls) == 3 else value
-
-    monkeypatch.setattr(T, "diffusion_loss", nan_at_third)
-    with pytest.raises(T.NonFiniteLossError) as err:
-        T.train(T.parse_args(cli_args(tmp_path, data_dir, "--max_train_steps", "5", "--checkpointing_steps", "2")))
-    message = str(err.value)
-    assert message.startswith("step 3: loss is nan") and "checkpoint-2" in message
-    assert T.find_checkpoint(tmp_path / "out", "latest").name == "checkpoint-2"
-
-
 @pytest.mark.parametrize("name", list(SMALL))
 def test_the_training_loop_trains_and_exports_every_tuner_type(tmp_path, data_dir, name):
     # 6 steps: a bypass chain of zero-init tuners opens one stem per step, from the target back (4 stems in tiny)
@@ -396,7 +379,7 @@ def test_lora_run_with_validation_exports_both_formats(tmp_path, data_dir):
 
 def test_a_fresh_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path, data_dir, capsys):
     make_checkpoint(tmp_path / "out", "checkpoint-3")
-    assert T.main(cli_args(tmp_path, data_dir)) == 1
+    assert T.main(cli_args(tmp_path, data_dir)) == 2
     assert "--resume_from_checkpoint latest" in capsys.readouterr().err
 
 
