@@ -46,7 +46,6 @@ APPLIED = {
     "dataset": "checked by the data set's fingerprint instead",
     "skip_bad_images": "checked by the data set's fingerprint instead",
     "pretrained_model_name_or_path": "checked by the base model's fingerprint instead (a moved folder is fine)",
-    "tasks": "checked task by task",
 }
 _DATA = "each sample would change: the tuners would continue on other data"
 _POSITION = ("the data position of the checkpoint is counted in steps of the old batch: samples would be skipped or "
@@ -59,6 +58,7 @@ REFUSED = {
     "resolution": _DATA, "center_crop": _DATA, "random_flip": _DATA, "caption_mode": _DATA,
     "caption_column": _DATA, "image_column": _DATA, "category": _DATA,
     "tuners": "the checkpoint's tuners are other modules (same shapes or not)",
+    "tasks": "a joint run's bypasses (names, tuners, per-task settings) are fixed by its checkpoints",
 }
 FINGERPRINTS = {"base_model": "another base model", "data": "another data set (other images or captions)"}
 

@@ -92,7 +92,8 @@ DATA_KEYS = ("dataset", "data_dir", "resolution", "center_crop", "random_flip", 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TUNERS_FILE = "tuners.safetensors"
 CONFIG_FILE = "train_config.yaml"  # the resolved config: `--config` on it repeats the run
-NOT_IN_CONFIG = ("config", "config_name", "tuners", "resume_from_checkpoint")
+NOT_IN_CONFIG = ("config", "config_name", "tuners", "resume_from_checkpoint", "tasks", "sweep_learning_rate",
+                 "sweep_seed")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LOG_FILE = "train_log.jsonl"
 VALIDATION_INFERENCE_STEPS = 30  # as diffusers' LoRA script
@@ -109,7 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_t2i.py", description="Fine-tune Stable Diffusion v1.5 with Res-Tuning and other tuners. "
         "With no arguments: the built-in tiny demo on CPU. Flags override the --config YAML's train:/data: keys.")
-    p.add_argument("--config", help="YAML with tuners: and optional train:/data: sections (default: the tiny demo)")
+    p.add_argument("--config", action="append",
+                   help="YAML with tuners: and optional train:/data: sections (default: the tiny demo). Repeat it "
+                   "for a joint run: K bypasses trained in one backbone pass, one sub-folder each")
+    j = p.add_argument_group("joint bypass runs (restune_diffusion.joint)")
+    j.add_argument("--sweep_learning_rate", type=float, nargs="+", help="one bypass per learning rate (and config)")
+    j.add_argument("--sweep_seed", type=int, nargs="+", help="one bypass per initialisation seed (and config); "
+                   "the data order and noise follow --seed")
     d = p.add_argument_group("data (YAML section data:)")
     d.add_argument("--dataset", choices=("coco2017", "finegrained", "imagefolder", "demo", "auto"))
     d.add_argument("--data_dir", help="dataset folder (demo: default <output_dir>/demo_data, made if missing)")
@@ -198,17 +205,10 @@ def _section_values(parser: argparse.ArgumentParser, config: dict, section: str,
     return {k: _coerce(actions[k], v, f"{where} {section}") for k, v in body.items()}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def config_values(parser, defaults: dict, given: dict, path: str | None) -> dict:
     """Defaults < the YAML's train:/data: < flags given on the command line; `tuners` from the YAML."""
     from restune_diffusion.config import load_yaml, parse_tuner_configs
 
-    parser = build_parser()
-    defaults = vars(parser.parse_args([]))
-    explicit = build_parser()
-    for action in explicit._actions:
-        action.default = argparse.SUPPRESS  # parse only what was typed
-    given = vars(explicit.parse_args(argv))
-    path = given.get("config")
     config = load_yaml(path) if path else yaml.safe_load(TINY_DEMO_YAML)
     where = str(path) if path else "built-in tiny demo config"
     values = dict(defaults)
@@ -218,8 +218,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "tuners" not in config:
         raise ValueError(f"{where}: no tuners: section; expected a list like [{{type: res_adapter, dim: 100}}]")
     parse_tuner_configs(config["tuners"])  # named errors now, not after the models are loaded
-    values.update(tuners=config["tuners"], config_name=Path(path).stem if path else "tiny_demo")
-    return check_args(argparse.Namespace(**values))
+    values.update(tuners=config["tuners"], config=path, config_name=Path(path).stem if path else "tiny_demo")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Defaults < the YAML's train:/data: < flags given on the command line. Several --config or a sweep: a joint
+    run, `args.tasks` holds one entry per bypass (joint_tasks)."""
+    parser = build_parser()
+    defaults = vars(parser.parse_args([]))
+    explicit = build_parser()
+    for action in explicit._actions:
+        action.default = argparse.SUPPRESS  # parse only what was typed
+    given = vars(explicit.parse_args(argv))
+    paths = given.pop("config", None) or [None]
+    runs = [config_values(parser, defaults, given, path) for path in paths]
+    if len(runs) == 1 and runs[0]["sweep_learning_rate"] is None and runs[0]["sweep_seed"] is None:
+        return check_args(argparse.Namespace(**runs[0], tasks=None))
+    return check_args(argparse.Namespace(**joint_tasks(runs)))
+
+
+PER_TASK = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "seed", "adam_beta1", "adam_beta2",
+            "adam_weight_decay", "adam_epsilon", "max_grad_norm", "snr_gamma")
+
+
+def joint_tasks(runs: list[dict]) -> dict:
+    """The values of a joint run: the settings every config shares (one data stream, one backbone pass), and
+    `tasks`, one per bypass: name, tuners and the PER_TASK settings, crossed with the sweeps."""
+    from restune_diffusion.config import parse_tuner_configs
+
+    first = runs[0]
+    for run in runs[1:]:
+        differ = [k for k in first if k not in (*PER_TASK, "tuners", "config", "config_name") and run[k] != first[k]]
+        if differ:
+            k = differ[0]
+            raise ValueError(f"{run['config']}: {k} is {run[k]!r} where {first['config']} has {first[k]!r}; a joint "
+                             f"run shares it (one data stream, one backbone pass); only {', '.join(PER_TASK)} may "
+                             "differ per bypass")
+    tasks = []
+    for run in runs:
+        types = [c.type for c in parse_tuner_configs(run["tuners"])]
+        if types != ["bypass"]:
+            raise ValueError(f"{run['config'] or 'the built-in demo config'}: a joint run shares one backbone pass "
+                             f"per step, which only a bypass allows (it reads detached features); got tuners "
+                             f"{types}. Give each joint config one `type: bypass` tuner, and train the others in "
+                             "runs of their own")
+        for lr in run["sweep_learning_rate"] or [run["learning_rate"]]:
+            for seed in run["sweep_seed"] or [run["seed"]]:
+                name = run["config_name"] + (f"-lr{lr:g}" if run["sweep_learning_rate"] else "") + (
+                    f"-seed{seed}" if run["sweep_seed"] else "")
+                tasks.append({"name": name, "tuners": run["tuners"], **{k: run[k] for k in PER_TASK},
+                              "learning_rate": lr, "seed": seed})
+    names = [t["name"] for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--config: the joint run's bypasses need distinct names (config file stems), got {names}")
+    return {**first, "tasks": tasks, "tuners": None, "config_name": "+".join(dict.fromkeys(
+        r["config_name"] for r in runs))}
 
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -253,10 +307,10 @@ def model_resolution(name_or_path: str) -> int:
     from types import SimpleNamespace
 
     from restune_diffusion.generate import native_resolution
-    from restune_diffusion.models import TINY, check_sd15_folder, load_model
+    from restune_diffusion.models import TINY_NAMES, check_sd15_folder, load_model
 
-    if name_or_path == TINY:
-        sd = load_model(TINY)
+    if name_or_path in TINY_NAMES:
+        sd = load_model(name_or_path)
         unet, vae = sd.unet.config, sd.vae.config
     else:
         root = check_sd15_folder(name_or_path)
@@ -321,21 +375,30 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     raise ValueError(f"snr_gamma: prediction_type {kind!r} is not supported; expected 'epsilon' or 'v_prediction'")
 
 
-def diffusion_loss(unet, noise_scheduler, latents, text_states, noise, timesteps, snr_gamma: float | None = None):
-    """MSE between the UNet's prediction and its target (ε, or v = α·ε − σ·x0) on latents noised at `timesteps`."""
+def prediction_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """What the UNet learns to predict: ε, or v = α·ε − σ·x0. (B, 4, h, w)"""
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"prediction_type {kind!r} is not supported; expected 'epsilon' or 'v_prediction'")
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, 4, h, w)
-    pred = unet(noisy, timesteps, text_states, return_dict=False)[0]
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction_type {kind!r} is not supported; expected 'epsilon' or 'v_prediction'")
+
+
+def prediction_loss(pred, target, noise_scheduler, timesteps, snr_gamma: float | None) -> torch.Tensor:
+    """The mean over the batch of the per-sample MSE, min-SNR weighted when snr_gamma is given. Scalar."""
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if snr_gamma is not None:
         loss = loss * min_snr_weights(noise_scheduler, timesteps, snr_gamma)
     return loss.mean()
+
+
+def diffusion_loss(unet, noise_scheduler, latents, text_states, noise, timesteps, snr_gamma: float | None = None):
+    """MSE between the UNet's prediction and its target (ε, or v = α·ε − σ·x0) on latents noised at `timesteps`."""
+    target = prediction_target(noise_scheduler, latents, noise, timesteps)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, 4, h, w)
+    pred = unet(noisy, timesteps, text_states, return_dict=False)[0]
+    return prediction_loss(pred, target, noise_scheduler, timesteps, snr_gamma)
 
 
 def seed_for(*keys: int) -> int:
@@ -384,14 +447,12 @@ def weight_dtype_of(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def build_models(args, accelerator, weight_dtype: torch.dtype):
-    """SD components on the device, tuners attached (fp32), frozen parts in `weight_dtype`. Returns (sd, handle,
-    the base UNet's fingerprint taken before any cast)."""
-    from restune_diffusion.attach import attach
+def load_base(args, accelerator):
+    """The SD components on the device in fp32, before any tuner. Returns (sd, the base UNet's fingerprint)."""
     from restune_diffusion.models import load_model
 
     sd = load_model(args.pretrained_model_name_or_path, dtype=torch.float32, device=accelerator.device)
-    base_fingerprint = weights_fingerprint(sd.unet)
+    base_fingerprint = weights_fingerprint(sd.unet)  # before any cast
     if args.prediction_type:
         sd.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     if args.enable_xformers_memory_efficient_attention:
@@ -399,18 +460,33 @@ def build_models(args, accelerator, weight_dtype: torch.dtype):
             raise ImportError("--enable_xformers_memory_efficient_attention needs xformers and a CUDA GPU "
                               "(pip install -e '.[xformers]'); without the flag PyTorch SDPA is used")
         sd.unet.enable_xformers_memory_efficient_attention()  # before attach: our processors wrap the kernel
-    handle = attach(sd.unet, args.tuners, name="default")
+    return sd, base_fingerprint
+
+
+def freeze_and_cast(args, sd, handles: list, weight_dtype: torch.dtype) -> None:
+    """Frozen parts in `weight_dtype`, trainables stay fp32 (PITFALLS: unscale FP16 gradients)."""
     sd.vae.requires_grad_(False)
     sd.text_encoder.requires_grad_(False)
-    frozen = [sd.vae, sd.text_encoder] + ([] if handle.full_unet else [sd.unet])  # full: the UNet trains, in fp32
+    full = any(h.full_unet for h in handles)
+    frozen = [sd.vae, sd.text_encoder] + ([] if full else [sd.unet])  # full: the UNet trains, in fp32
     for module in frozen if weight_dtype != torch.float32 else []:
         module.to(weight_dtype)
     if args.gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()  # diffusers 0.42: non-reentrant (PITFALLS: starved adapters)
-    not_fp32 = [tuple(p.shape) for p in handle.trainable_parameters() if p.dtype != torch.float32]
+    not_fp32 = [tuple(p.shape) for h in handles for p in h.trainable_parameters() if p.dtype != torch.float32]
     if not_fp32:
         raise RuntimeError(f"trainable parameters must be fp32 (mixed precision keeps master weights in fp32); "
                            f"{len(not_fp32)} are not, e.g. shape {not_fp32[0]}")
+
+
+def build_models(args, accelerator, weight_dtype: torch.dtype):
+    """SD components on the device, tuners attached (fp32), frozen parts in `weight_dtype`. Returns (sd, handle,
+    the base UNet's fingerprint taken before any cast)."""
+    from restune_diffusion.attach import attach
+
+    sd, base_fingerprint = load_base(args, accelerator)
+    handle = attach(sd.unet, args.tuners, name="default")
+    freeze_and_cast(args, sd, [handle], weight_dtype)
     return sd, handle, base_fingerprint
 
 
@@ -477,9 +553,10 @@ def build_optimizer(args, params: list, accelerator, max_train_steps: int):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # checkpoints
-def register_state_hooks(accelerator, handle) -> None:
+def register_state_hooks(accelerator, handles: dict) -> None:
     """save_state/load_state carry the tuner tensors only (`tuners.safetensors`, self-describing, loadable by
-    weights.load_tuners), never the frozen UNet, and load them strictly. Full fine-tuning: the UNet is in them."""
+    weights.load_tuners), never the frozen UNet, and load them strictly. Full fine-tuning: the UNet is in them.
+    `handles`: file name inside the checkpoint -> handle (joint runs: one file per task)."""
     from restune_diffusion.weights import load_tuners_into, save_tuners
 
     def ours(model) -> bool:
@@ -490,13 +567,14 @@ def register_state_hooks(accelerator, handle) -> None:
             if ours(models[i]):
                 weights.pop(i)  # accelerate would write the whole UNet's state dict
         if accelerator.is_main_process:
-            save_tuners(Path(output_dir) / TUNERS_FILE, handle)
+            for name, handle in handles.items():
+                save_tuners(Path(output_dir) / name, handle)
 
     def load_hook(models, input_dir):
         for i in reversed(range(len(models))):
             if ours(models[i]):
                 models.pop(i)
-        count = load_tuners_into(handle, Path(input_dir) / TUNERS_FILE)
+        count = sum(load_tuners_into(handle, Path(input_dir) / name) for name, handle in handles.items())
         accelerator.print(f"{input_dir}: loaded {count} tuner tensors")
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -913,7 +991,7 @@ def prepare_run(args, accelerator, sd, handle, loader, weight_dtype) -> Run:
     model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)  # per process, after sharding
     num_epochs = math.ceil(max_steps / steps_per_epoch)
-    register_state_hooks(accelerator, handle)
+    register_state_hooks(accelerator, {TUNERS_FILE: handle})
     accelerator.print(
         f"{len(loader.dataset)} samples, {len(loader)} batches per epoch and process, {steps_per_epoch} steps per "
         f"epoch; {max_steps} steps = {num_epochs} epochs; batch {args.train_batch_size} per device x "
@@ -953,6 +1031,9 @@ def train(args: argparse.Namespace) -> dict:
     """The whole job: returns the summary (trainable params, peak memory, files) on the main process."""
     from accelerate.utils import set_seed
 
+    if getattr(args, "tasks", None):
+        raise ValueError("several --config or a sweep make a joint run: use restune_diffusion.joint.train_joint "
+                         "(train_t2i.py does)")
     check_report_to(args)
     accelerator = make_accelerator(args)
     out = Path(args.output_dir)

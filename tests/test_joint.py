@@ -1,0 +1,166 @@
+"""Joint bypass training (restune_diffusion/joint.py, issue 18): K bypasses in one backbone pass per step equal the
+same bypasses trained alone; kill -9 + resume equals the uninterrupted joint run; 2 processes; the K results load
+as K tasks of generate_multitask."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_train import REPO, cli_args, data_dir, fresh_accelerate_state  # noqa: F401 (fixtures)
+
+from restune_diffusion import joint as J
+from restune_diffusion import train as T
+from restune_diffusion.checkpoints import find_checkpoint
+
+TASKS = {  # three bypasses that differ in shape, activation and learning rate
+    "wide": ({"type": "bypass"}, {"learning_rate": 2e-3}),
+    "narrow": ({"type": "bypass", "hidden_ratio": 0.25}, {"learning_rate": 1e-3, "lr_scheduler": "constant"}),
+    "relu": ({"type": "bypass", "act": "relu", "groups": 2}, {"learning_rate": 3e-3, "max_grad_norm": 0.5}),
+}
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def write_configs(folder: Path, names=tuple(TASKS)) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        tuner, train = TASKS[name]
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"tuners": [tuner], "train": train}))
+        paths.append(str(path))
+    return paths
+
+
+def joint_argv(tmp: Path, data: Path, *extra: str, names=tuple(TASKS)) -> list[str]:
+    argv = cli_args(tmp, data, *extra)
+    i = argv.index("--config")
+    argv[i:i + 2] = [x for p in write_configs(tmp / "configs", names) for x in ("--config", p)]
+    for flag in ("--learning_rate", "--lr_scheduler"):  # per task, from each config
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    return argv
+
+
+def assert_same_tensors(a: Path, b: Path, atol: float = 1e-6):
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=atol, msg=k)
+
+
+def test_three_joint_bypasses_equal_each_trained_alone(tmp_path, data_dir):  # noqa: F811
+    steps = ["--max_train_steps", "5", "--checkpointing_steps", "0", "--gradient_accumulation_steps", "2",
+             "--snr_gamma", "5"]
+    reset_accelerate()
+    summaries = J.train_joint(T.parse_args(joint_argv(tmp_path / "joint", data_dir, *steps)))
+    assert list(summaries) == list(TASKS)
+    for name in TASKS:
+        alone = tmp_path / name
+        argv = joint_argv(alone, data_dir, *steps, names=(name,))
+        reset_accelerate()
+        T.train(T.parse_args(argv))
+        joint = tmp_path / "joint" / "out" / name
+        assert_same_tensors(joint / T.TUNERS_FILE, alone / "out" / T.TUNERS_FILE)
+        la, lb = T.read_log(joint), T.read_log(alone / "out")
+        assert [r["lr"] for r in la] == [r["lr"] for r in lb]
+        assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], abs=1e-6)
+        again = T.parse_args(["--config", str(joint / T.CONFIG_FILE)])  # the task's config trains it alone
+        assert again.tuners == [TASKS[name][0]] and again.learning_rate == TASKS[name][1]["learning_rate"]
+
+
+def test_non_bypass_tuners_are_refused_by_name(tmp_path):
+    paths = write_configs(tmp_path, ("wide",))
+    (tmp_path / "adapter.yaml").write_text(yaml.safe_dump({"tuners": [{"type": "res_adapter", "dim": 4}]}))
+    with pytest.raises(ValueError, match=r"adapter.yaml: a joint run shares one backbone pass .* \['res_adapter'\]"):
+        T.parse_args(["--config", paths[0], "--config", str(tmp_path / "adapter.yaml"), "--dataset", "demo",
+                      "--pretrained_model_name_or_path", "tiny"])
+
+
+def test_shared_settings_must_agree(tmp_path):
+    paths = write_configs(tmp_path, ("wide", "narrow"))
+    Path(paths[1]).write_text(yaml.safe_dump({"tuners": [{"type": "bypass"}], "train": {"train_batch_size": 3}}))
+    with pytest.raises(ValueError, match="train_batch_size is 3 where .* a joint run shares it"):
+        T.parse_args(["--config", paths[0], "--config", paths[1], "--dataset", "demo",
+                      "--pretrained_model_name_or_path", "tiny"])
+
+
+def test_a_sweep_names_one_task_per_value(tmp_path):
+    paths = write_configs(tmp_path, ("wide",))
+    args = T.parse_args(["--config", paths[0], "--sweep_learning_rate", "1e-3", "3e-3", "--sweep_seed", "0", "1",
+                         "--dataset", "demo", "--pretrained_model_name_or_path", "tiny"])
+    assert [t["name"] for t in args.tasks] == ["wide-lr0.001-seed0", "wide-lr0.001-seed1", "wide-lr0.003-seed0",
+                                               "wide-lr0.003-seed1"]
+    assert [(t["learning_rate"], t["seed"]) for t in args.tasks] == [(1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1)]
+
+
+def test_kill_9_then_resume_of_a_joint_run_equals_the_uninterrupted_one(tmp_path, data_dir):  # noqa: F811
+    common = ["--max_train_steps", "8", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2"]
+    names = ("wide", "narrow")
+    straight = subprocess.run([sys.executable, str(REPO / "train_t2i.py"), *joint_argv(tmp_path / "a", data_dir,
+                               *common, names=names)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    argv = joint_argv(tmp_path / "b", data_dir, *common, names=names)
+    out = tmp_path / "b" / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_t2i.py"), *argv], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-4" / T.STATE_FILE).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = find_checkpoint(out, "latest")
+    resumed = subprocess.run([sys.executable, str(REPO / "train_t2i.py"), *argv, "--resume_from_checkpoint",
+                              "latest"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {killed_at}" in resumed.stdout
+    for name in names:
+        a, b = tmp_path / "a" / "out", out
+        assert_same_tensors(a / name / T.TUNERS_FILE, b / name / T.TUNERS_FILE, atol=0)
+        assert_same_tensors(a / "checkpoint-8" / name / T.TUNERS_FILE, b / "checkpoint-8" / name / T.TUNERS_FILE,
+                            atol=0)
+        assert T.read_log(a / name) == T.read_log(b / name)
+    oa, ob = (torch.load(p / "checkpoint-8" / "optimizer.bin", weights_only=True)
+              for p in (tmp_path / "a" / "out", out))
+    assert all(torch.equal(oa["state"][k]["exp_avg_sq"], ob["state"][k]["exp_avg_sq"]) for k in oa["state"])
+
+
+def test_torchrun_with_two_processes_trains_a_joint_run(tmp_path, data_dir):  # noqa: F811
+    argv = joint_argv(tmp_path, data_dir, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                      names=("wide", "narrow"))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(REPO / "train_t2i.py"), *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stdout
+    out = tmp_path / "out"
+    for name in ("wide", "narrow"):
+        assert [r["step"] for r in T.read_log(out / name)] == [1, 2, 3, 4]  # one writer
+        tensors = load_file(out / name / T.TUNERS_FILE)
+        assert any(v.abs().sum() > 0 for k, v in tensors.items() if ".up." in k)
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (out / "checkpoint-4").iterdir()}
+
+
+def test_the_joint_results_load_as_tasks_of_generate_multitask(tmp_path, data_dir):  # noqa: F811
+    from restune_diffusion.models import build_pipeline, build_tiny_sd
+    from restune_diffusion.multitask import generate_multitask
+
+    reset_accelerate()
+    J.train_joint(T.parse_args(joint_argv(tmp_path, data_dir, "--max_train_steps", "4", "--checkpointing_steps",
+                                          "0", names=("wide", "narrow"))))
+    pipe = build_pipeline(build_tiny_sd())
+    tasks = {name: tmp_path / "out" / name / T.TUNERS_FILE for name in ("wide", "narrow")}
+    images = generate_multitask(pipe, tasks, "a red circle", num_inference_steps=2, seed=0, output_type="pt")
+    assert set(images) == set(tasks) and not torch.equal(images["wide"], images["narrow"])
