@@ -14,7 +14,11 @@ from typing import Any
 
 import torch
 
-TINY = "tiny"
+TINY = "tiny"  # the shipped pretrained tiny base of the tiny world (restune_diffusion/world.py)
+TINY_RANDOM = "tiny-random"  # the same family's seeded random components (build_tiny_sd): tests that need no training
+TINY_NAMES = (TINY, TINY_RANDOM)
+TINY_ASSETS = Path(__file__).parent / "assets" / "tiny_sd"
+TINY_PRETRAIN_COMMAND = "python tools/pretrain_tiny.py"
 SD15_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -25,7 +29,7 @@ class SDComponents:
     text_encoder: Any
     tokenizer: Any
     noise_scheduler: Any  # the training (DDPM) scheduler, built from the model's scheduler config
-    name: str = TINY
+    name: str = TINY_RANDOM
 
 
 def sd15_unet_config() -> dict:
@@ -74,7 +78,7 @@ def build_unet(config: dict | str = "sd15", device: str | torch.device = "cpu", 
     from diffusers import UNet2DConditionModel
 
     if isinstance(config, str):
-        config = {"sd15": sd15_unet_config, TINY: tiny_unet_config}[config]()
+        config = {"sd15": sd15_unet_config, TINY: tiny_unet_config, TINY_RANDOM: tiny_unet_config}[config]()
     with torch.device(device):
         unet = UNet2DConditionModel(**config)
     return unet.to(dtype) if str(device) != "meta" and dtype != torch.float32 else unet
@@ -167,7 +171,19 @@ def build_tiny_sd(seed: int = 0) -> SDComponents:
     )
     for module in (unet, vae, text_encoder):
         module.eval()
-    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, name=TINY)
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, name=TINY_RANDOM)
+
+
+def load_tiny(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> SDComponents:
+    """The shipped pretrained tiny base (fp16 files, loaded in `dtype`); a named error when the files are missing."""
+    missing = [s for s in SD15_SUBFOLDERS if not (TINY_ASSETS / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{TINY_ASSETS}: the pretrained tiny base is missing ({', '.join(m + '/' for m in missing)}). Make it with "
+            f"`{TINY_PRETRAIN_COMMAND}` (about an hour on a CPU core), or use '{TINY_RANDOM}' for random weights.")
+    sd = load_sd15(TINY_ASSETS, dtype=dtype, device=device)
+    sd.name = TINY
+    return sd
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -177,7 +193,8 @@ def check_sd15_folder(path: str | os.PathLike) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(
             f"{root}: not a folder. Expected a local diffusers-format Stable Diffusion v1.5 folder "
-            f"(with {', '.join(s + '/' for s in SD15_SUBFOLDERS)}), or 'tiny' for the built-in tiny model."
+            f"(with {', '.join(s + '/' for s in SD15_SUBFOLDERS)}), or '{TINY}' for the built-in pretrained tiny model "
+            f"('{TINY_RANDOM}': random weights)."
         )
     missing = [s + "/" for s in SD15_SUBFOLDERS if not (root / s).is_dir()]
     missing += [f"{s}/config.json" for s in ("unet", "vae", "text_encoder") if (root / s).is_dir()
@@ -212,8 +229,11 @@ def load_sd15(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                seed: int = 0) -> SDComponents:
-    """`--pretrained_model_name_or_path`: "tiny" for the built-in model, else a local SD v1.5 folder."""
+    """`--pretrained_model_name_or_path`: "tiny" (the pretrained tiny base), "tiny-random" (seeded random tiny
+    components, `seed`), else a local SD v1.5 folder."""
     if name_or_path == TINY:
+        return load_tiny(dtype=dtype, device=device)
+    if name_or_path == TINY_RANDOM:
         sd = build_tiny_sd(seed)
         for module in (sd.unet, sd.vae, sd.text_encoder):
             module.to(device)

@@ -72,7 +72,7 @@ def test_missing_clip_and_inception_folders_are_named_errors(tmp_path, monkeypat
         resolve_clip_folder(tmp_path / "nope")
     coco_dir = _coco(tmp_path / "coco", n=2)
     with pytest.raises(FileNotFoundError, match=r"missing.pth: no such file.*pt_inception-2015-12-05"):
-        evaluate("tiny", coco_dir, tmp_path / "out", num_samples=2, inception_weights=tmp_path / "missing.pth", **RUN)
+        evaluate("tiny-random", coco_dir, tmp_path / "out", num_samples=2, inception_weights=tmp_path / "missing.pth", **RUN)
 
 
 def test_n_beyond_the_split_draws_captions_with_replacement_as_documented(tmp_path):
@@ -120,7 +120,7 @@ def test_two_tuners_and_base_in_one_sweep_equal_single_runs_and_plot_one_curve_p
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **k: curves.append(k["label"]) or plot(
         self, *a, **k))
     with pytest.warns(UserWarning, match="NOT comparable"):
-        joint = evaluate("tiny", root, tmp_path / "joint", tuners=[str(f) for f in files], base=True,
+        joint = evaluate("tiny-random", root, tmp_path / "joint", tuners=[str(f) for f in files], base=True,
                          guidance_scales=[1.0, 3.0, 7.5], **common)
     assert sorted(curves) == ["a", "b", "base"]
     out = tmp_path / "joint"
@@ -134,7 +134,7 @@ def test_two_tuners_and_base_in_one_sweep_equal_single_runs_and_plot_one_curve_p
     assert rows[("a", 7.5)]["fid"] != rows[("base", 7.5)]["fid"]
     assert rows[("base", 1.0)]["fid"] != rows[("base", 7.5)]["fid"]
     for name, tuners in (("base", None), ("a", [str(files[0])]), ("b", [str(files[1])])):
-        single = evaluate("tiny", root, tmp_path / f"single_{name}", tuners=tuners, guidance_scales=[7.5], **common)
+        single = evaluate("tiny-random", root, tmp_path / f"single_{name}", tuners=tuners, guidance_scales=[7.5], **common)
         assert single["real_features_reused"]  # real features extracted once, then cached
         (row,) = single["rows"]
         for field in ("fid", "kid_mean", "kid_std", "clip_score", "n"):
@@ -145,7 +145,7 @@ def test_per_checkpoint_mode_gives_one_row_per_checkpoint_in_step_order(tmp_path
     root = _coco(tmp_path / "coco", n=2)
     for step, seed in ((20, 1), (5, 2), (100, 3)):
         _tuner_file(tmp_path / "run" / f"checkpoint-{step}" / "tuners.safetensors", seed)
-    result = evaluate("tiny", root, tmp_path / "eval", tuners=[str(tmp_path / "run" / "checkpoint-*")],
+    result = evaluate("tiny-random", root, tmp_path / "eval", tuners=[str(tmp_path / "run" / "checkpoint-*")],
                       num_samples=2, inception_weights=weights, stats_cache_dir=tmp_path / "cache", kid_subsets=2,
                       **RUN)
     assert [(r["model"], r["step"]) for r in result["rows"]] == [
@@ -154,7 +154,7 @@ def test_per_checkpoint_mode_gives_one_row_per_checkpoint_in_step_order(tmp_path
 
 
 def _cli(out: Path, root: Path, weights: Path, clip_dir: Path, launcher: list[str]):  # noqa: F811
-    cmd = launcher + [str(REPO / "eval_fid.py"), "--pretrained_model_name_or_path", "tiny", "--coco_dir", str(root),
+    cmd = launcher + [str(REPO / "eval_fid.py"), "--pretrained_model_name_or_path", "tiny-random", "--coco_dir", str(root),
                       "--num_samples", "6", "--steps", "2", "--batch_size", "2", "--inception_weights", str(weights),
                       "--clip_model", str(clip_dir), "--kid_subsets", "5", "--guidance_scale", "3", "7.5",
                       "--stats_cache_dir", str(out / "cache"), "--output_dir", str(out), "--device", "cpu"]

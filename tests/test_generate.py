@@ -32,7 +32,7 @@ def pixels(image):
 
 
 def test_load_pipeline_attaches_the_file_and_changes_images(tuner_file):
-    pipe = rd.load_pipeline("tiny", tuners=tuner_file, device="cpu")
+    pipe = rd.load_pipeline("tiny-random", tuners=tuner_file, device="cpu")
     handle = pipe.tuner_handles["default"]
     tuned = rd.generate_images(pipe, ["a red circle"], steps=2, height=32, width=32, progress=False)[0]
     with handle.disabled():
@@ -42,7 +42,7 @@ def test_load_pipeline_attaches_the_file_and_changes_images(tuner_file):
 
 
 def test_images_depend_on_their_index_not_on_the_batch_size(tuner_file):
-    pipe = rd.load_pipeline("tiny", tuners=tuner_file, device="cpu")
+    pipe = rd.load_pipeline("tiny-random", tuners=tuner_file, device="cpu")
     kw = dict(steps=2, height=32, width=32, progress=False)
     batched = rd.generate_images(pipe, ["a red circle", "a blue square", "a red circle"], batch_size=3, **kw)
     single = rd.generate_images(pipe, ["a red circle", "a blue square", "a red circle"], batch_size=1, **kw)
@@ -53,7 +53,7 @@ def test_images_depend_on_their_index_not_on_the_batch_size(tuner_file):
 
 def test_generate_cli_writes_images_and_grid(tuner_file, tmp_path):
     out = tmp_path / "samples"
-    cmd = [sys.executable, str(ROOT / "generate.py"), "--pretrained_model_name_or_path", "tiny", "--tuners",
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--pretrained_model_name_or_path", "tiny-random", "--tuners",
            str(tuner_file), "--prompt", "a red circle", "--prompt", "a blue star", "--num_images", "2",
            "--steps", "2", "--height", "32", "--width", "32", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -137,7 +137,7 @@ def _close(a, b, levels=2):
 
 def test_readme_multitask_command_with_two_tuners_safetensors_names_tasks_by_run_folder(two_runs, tmp_path):
     out = tmp_path / "samples"
-    cmd = [sys.executable, str(ROOT / "generate.py"), "--pretrained_model_name_or_path", "tiny",
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--pretrained_model_name_or_path", "tiny-random",
            "--tuners", str(two_runs[0]), "--tuners", str(two_runs[1]), "--prompt", "a photo of a dog",
            "--num_images", "1", "--steps", "2", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -211,7 +211,7 @@ def test_multitask_scale_zero_gives_the_base_model_for_every_task(multitask_runs
 def test_default_size_is_the_models_native_resolution():
     from restune_diffusion.generate import image_size, native_resolution
 
-    pipe = rd.load_pipeline("tiny", device="cpu")
+    pipe = rd.load_pipeline("tiny-random", device="cpu")
     assert native_resolution(pipe) == 32 == pipe.vae.config.sample_size  # what the demo trains at, not 16
     assert image_size(pipe, None, None) == (32, 32)
     assert image_size(pipe, 48, None) == (48, 32)
@@ -220,7 +220,7 @@ def test_default_size_is_the_models_native_resolution():
 def test_non_finite_latents_raise_a_named_error_instead_of_black_images(tuner_file):
     from restune_diffusion.generate import NonFiniteImagesError
 
-    pipe = rd.load_pipeline("tiny", tuners=tuner_file, device="cpu")
+    pipe = rd.load_pipeline("tiny-random", tuners=tuner_file, device="cpu")
     with torch.no_grad():
         next(iter(pipe.tuner_handles["default"].trainable_parameters())).fill_(float("nan"))
     with pytest.raises(NonFiniteImagesError, match=r"2 of 2 images .*NaN/Inf.*\[0, 1\]"):

@@ -43,7 +43,7 @@ def test_bf16_pipeline_generates_with_a_tuner_file(name, tmp_path):
         for p in handle.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.1)
     path = rd.save_tuners(tmp_path / "t.safetensors", handle)
-    pipe = rd.load_pipeline("tiny", tuners=path, device="cpu", dtype="bf16")
+    pipe = rd.load_pipeline("tiny-random", tuners=path, device="cpu", dtype="bf16")
     assert pipe.unet.dtype == torch.bfloat16
     kw = dict(steps=2, height=32, width=32, progress=False)
     tuned = rd.generate_images(pipe, ["a red circle"], **kw)[0]

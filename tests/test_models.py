@@ -51,3 +51,22 @@ def test_pipeline_from_components_generates(tiny_sd):
     image = pipe("a red circle", num_inference_steps=2, height=32, width=32,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
+
+
+def test_tiny_is_the_shipped_pretrained_base_and_tiny_random_the_seeded_one():
+    from restune_diffusion.models import TINY_ASSETS
+
+    pretrained, random = load_model("tiny"), load_model("tiny-random")
+    assert pretrained.name == "tiny" and random.name == "tiny-random"
+    assert pretrained.unet.config.sample_size == 8 and pretrained.vae.config.sample_size == 32
+    assert pretrained.tokenizer.model_max_length == 16  # captions are 9 tokens: 77 would only cost time
+    assert all(torch.equal(a, b) for a, b in zip(random.unet.parameters(), build_tiny_sd(0).unet.parameters()))
+    assert all((TINY_ASSETS / s).is_dir() for s in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+
+
+def test_tiny_without_its_files_says_how_to_make_them(tmp_path, monkeypatch):
+    import restune_diffusion.models as models
+
+    monkeypatch.setattr(models, "TINY_ASSETS", tmp_path / "tiny_sd")
+    with pytest.raises(FileNotFoundError, match=r"tiny_sd: the pretrained tiny base is missing .*tools/pretrain_tiny"):
+        load_model("tiny")

@@ -44,7 +44,7 @@ def test_readme_has_the_python_snippets_this_file_runs():
 
 def test_load_pipeline_snippet_generates_with_the_tuners(tmp_path):
     path = tuner_file(tmp_path / "t.safetensors", {"type": "res_adapter", "dim": 4}, seed=0)
-    ns = run(snippet("rd.load_pipeline"), {"/models/stable-diffusion-v1-5": "tiny",
+    ns = run(snippet("rd.load_pipeline"), {"/models/stable-diffusion-v1-5": "tiny-random",
                                            "out/res_tuning/tuners.safetensors": str(path),
                                            "num_inference_steps=50": "num_inference_steps=2"}, {})
     assert isinstance(ns["image"], Image.Image)
@@ -67,7 +67,7 @@ def test_multitask_snippet_gives_one_image_list_per_task(tmp_path):
     bypass = {"type": "bypass"}
     dogs = tuner_file(tmp_path / "dogs.safetensors", bypass, seed=1)
     cars = tuner_file(tmp_path / "cars.safetensors", bypass, seed=2)
-    pipe = rd.load_pipeline("tiny", device="cpu")
+    pipe = rd.load_pipeline("tiny-random", device="cpu")
     ns = run(snippet("generate_multitask"), {"out/dogs/tuners.safetensors": str(dogs),
                                              "out/cars/tuners.safetensors": str(cars),
                                              "num_inference_steps=50": "num_inference_steps=2"}, {"pipe": pipe})

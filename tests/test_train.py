@@ -64,7 +64,7 @@ def write_config(path: Path, tuners: list, **sections) -> Path:
 def cli_args(tmp_path: Path, data_dir: Path, *extra: str, tuners=None) -> list[str]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     config = write_config(tmp_path / "config.yaml", tuners or [SMALL["res_adapter"], SMALL["res_prompt"]])
-    return ["--config", str(config), "--pretrained_model_name_or_path", "tiny", "--dataset", "imagefolder",
+    return ["--config", str(config), "--pretrained_model_name_or_path", "tiny-random", "--dataset", "imagefolder",
             "--data_dir", str(data_dir), "--resolution", "32", "--center_crop", "--random_flip",
             "--train_batch_size", "2", "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
             "--num_validation_images", "0", "--output_dir", str(tmp_path / "out"), *extra]

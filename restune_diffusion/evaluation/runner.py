@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..generate import native_resolution, task_names
-from ..models import TINY, build_pipeline, load_model
+from ..models import TINY_NAMES, build_pipeline, load_model
 from ..samplers import make_scheduler, sampler_key
 from ..weights import atomic_write, atomic_write_text, load_tuners
 from . import coco
@@ -195,7 +195,7 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
     weights = resolve_inception_weights(inception_weights)
     clip_folder = resolve_clip_folder(clip_model)
     state, device = _state(device)
-    tiny = pretrained_model_name_or_path == TINY
+    tiny = pretrained_model_name_or_path in TINY_NAMES
     n = num_samples if num_samples is not None else (TINY_NUM_SAMPLES if tiny else COCO_FULL_N)
     draw = coco.draw(coco_dir, n, seed, coco_year, split)
     sd = load_model(pretrained_model_name_or_path, dtype=DTYPES[mixed_precision], device=device)
