@@ -205,13 +205,13 @@ def test_bad_image_is_named_and_skip_counts_it(tmp_path, damage):
     assert ds.report.num_unreadable == 1 and "1 unreadable" in ds.report.summary()
 
 
-@pytest.mark.parametrize("decode", [False, True])
-def test_truncated_jpeg_caught_at_scan(tmp_path, decode):
+@pytest.mark.parametrize("mode", ["header", "decode"])
+def test_truncated_jpeg_caught_at_scan(tmp_path, mode):
     write_image(tmp_path / "cls" / "a.jpg", size=(64, 64), fmt="JPEG")
     path = tmp_path / "cls" / "a.jpg"
     path.write_bytes(path.read_bytes()[:-300])
     with pytest.raises(ValueError, match="a.jpg: cannot read image"):
-        data.scan_dataset("finegrained", tmp_path, template="{class}", decode_images=decode)
+        data.scan_dataset("finegrained", tmp_path, template="{class}", scan_mode=mode)
     with pytest.raises(ValueError, match="a.jpg: cannot read image"):
         data.load_rgb(path)
 

@@ -1,0 +1,58 @@
+"""Training data: COCO 2017 captions, fine-grained class folders, image folders with metadata.jsonl, a synthetic demo.
+
+Every format becomes a list of `Sample(path, captions)` and one `CaptionDataset`. Before any model is loaded,
+`load_dataset` scans the data (PITFALLS "silent caption loss", diffusers #3674/#6445): it says which metadata file and
+columns it used and stops with an error naming the file when a caption or an image is bad; by default it decodes
+every image once and caches the result (scan.py). Images are read for real (images.py: EXIF orientation, 16-bit,
+transparency, aspect bound). All randomness of a sample (caption choice, crop, flip, latent noise) is a function of
+(seed, epoch, index), so a resumed run sees the same data.
+
+One file per concept: images.py (reading), formats.py (layouts -> samples), scan.py (the start-up scan and its
+cache), dataset.py (transform, dataset, loader, in-memory latents), demo.py (the synthetic set).
+"""
+
+from .dataset import (
+                      CachedLatentsDataset,
+                      CaptionDataset,
+                      EpochSampler,
+                      ImageTransform,
+                      build_dataloader,
+                      cache_latents,
+                      coco_caption_pairs,
+                      collate_fn,
+                      load_dataset,
+                      sample_rng,
+                      tokenize_captions,
+                      torch_seed,
+)
+from .demo import make_demo_dataset
+from .formats import (
+                      DEFAULT_TEMPLATE,
+                      METADATA_FILES,
+                      Sample,
+                      ScanReport,
+                      clean_class_name,
+                      detect_kind,
+                      fix_articles,
+                      image_files,
+)
+from .images import (
+                      IMAGE_EXTENSIONS,
+                      MAX_ASPECT_RATIO,
+                      PIL_ERRORS,
+                      SKIP_HINT,
+                      BadImageError,
+                      image_problem,
+                      load_rgb,
+                      to_rgb,
+)
+from .scan import CAPTION_MODES, KINDS, SCAN_MODES, check_images, scan_dataset, scan_samples, write_caption_set
+
+__all__ = [
+    "CAPTION_MODES", "DEFAULT_TEMPLATE", "IMAGE_EXTENSIONS", "KINDS", "MAX_ASPECT_RATIO", "METADATA_FILES",
+    "PIL_ERRORS", "SCAN_MODES", "SKIP_HINT", "BadImageError", "CachedLatentsDataset", "CaptionDataset", "EpochSampler",
+    "ImageTransform", "Sample", "ScanReport", "build_dataloader", "cache_latents", "check_images", "clean_class_name",
+    "coco_caption_pairs", "collate_fn", "detect_kind", "fix_articles", "image_files", "image_problem", "load_dataset",
+    "load_rgb", "make_demo_dataset", "sample_rng", "scan_dataset", "scan_samples", "tokenize_captions", "to_rgb",
+    "torch_seed", "write_caption_set",
+]

@@ -1,0 +1,236 @@
+"""Images with captions as a torch Dataset: diffusers' transform, per-sample randomness fixed by (seed, epoch, index),
+the epoch-ordered loader, and the in-memory VAE latent cache (see latent_cache.py for the on-disk one)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .formats import Sample, ScanReport, coco_samples
+from .images import BadImageError, load_rgb, size_problem
+from .scan import scan_samples
+
+# independent random streams of one sample, so e.g. the flip does not depend on how many captions an image has
+_CAPTION, _CROP, _FLIP, _NOISE, _ORDER = range(5)
+MAX_SKIPS = 100  # consecutive bad images one item may step over under skip_bad_images
+log = logging.getLogger(__name__)
+
+
+def sample_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index, stream])
+
+
+def torch_seed(seed: int, epoch: int, index: int, stream: int) -> int:
+    return int(sample_rng(seed, epoch, index, stream).integers(2**62))
+
+
+@dataclass
+class ImageTransform:
+    """diffusers train_text_to_image: resize short side (bicubic), center/random crop, optional flip, to [-1, 1]."""
+
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.resolution, int) or self.resolution <= 0:
+            raise ValueError(f"resolution must be a positive int, got {self.resolution!r}")
+
+    def __call__(self, image: Image.Image, crop_rng: np.random.Generator | None = None,
+                 flip: bool = False) -> torch.Tensor:
+        """(3, R, R) float in [-1, 1]; `crop_rng` places a random crop, `flip` mirrors left-right."""
+        r, (w, h) = self.resolution, image.size
+        problem = size_problem((w, h))
+        if problem:
+            raise BadImageError(f"{problem} (ImageTransform)")
+        # torchvision Resize(int): the short side becomes r, the long side int(r * long / short)
+        size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+        image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        if self.center_crop or crop_rng is None:
+            left, top = round((size[0] - r) / 2.0), round((size[1] - r) / 2.0)
+        else:
+            left, top = int(crop_rng.integers(size[0] - r + 1)), int(crop_rng.integers(size[1] - r + 1))
+        x = torch.from_numpy(np.asarray(image.crop((left, top, left + r, top + r)), dtype=np.float32))
+        x = x.permute(2, 0, 1) / 127.5 - 1.0  # (3, R, R), ToTensor + Normalize([0.5], [0.5])
+        return x.flip(-1) if flip else x
+
+
+class CaptionDataset(Dataset):
+    """Images with captions; caption, crop and flip of item i depend only on (seed, epoch, i). With skip_bad_images an
+    image that fails to decode here (scan_mode="header") is counted in `skipped` and the next good item is used."""
+
+    def __init__(self, samples: list[Sample], transform: ImageTransform, seed: int = 0,
+                 report: ScanReport | None = None, skip_bad_images: bool = False):
+        self.samples, self.transform, self.seed, self.report = samples, transform, seed, report
+        self.skip_bad_images = skip_bad_images
+        self.skipped: dict[str, str] = {}  # path -> problem, images skipped at load time (in this process)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def caption(self, index: int) -> str:
+        captions = self.samples[index].captions
+        if len(captions) == 1:
+            return captions[0]
+        return captions[int(sample_rng(self.seed, self.epoch, index, _CAPTION).integers(len(captions)))]
+
+    def flip(self, index: int) -> bool:
+        return self.transform.random_flip and bool(sample_rng(self.seed, self.epoch, index, _FLIP).random() < 0.5)
+
+    def item(self, index: int) -> dict:
+        """Item `index` exactly, or its image's named error."""
+        path = self.samples[index].path
+        crop_rng = sample_rng(self.seed, self.epoch, index, _CROP)
+        try:
+            pixels = self.transform(load_rgb(path), crop_rng, self.flip(index))
+        except BadImageError as err:
+            raise BadImageError(f"{path}: {err}" if not str(err).startswith(str(path)) else str(err)) from None
+        return {"pixel_values": pixels, "caption": self.caption(index), "path": str(path)}
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")  # ends `for item in dataset`
+        index %= len(self)
+        if not self.skip_bad_images:
+            return self.item(index)
+        for step in range(min(MAX_SKIPS, len(self))):
+            try:
+                return self.item((index + step) % len(self))
+            except BadImageError as err:
+                path = str(self.samples[(index + step) % len(self)].path)
+                if path not in self.skipped:
+                    self.skipped[path] = str(err)
+                    log.warning("skipped at load time (--skip_bad_images, %d so far): %s", len(self.skipped), err)
+        raise BadImageError(f"{MAX_SKIPS} images in a row from item {index} cannot be read; the data set looks broken "
+                            f"(e.g. {next(reversed(self.skipped.values()), '')})")
+
+
+def load_dataset(kind: str, data_dir: str | os.PathLike, *, resolution: int = 512, center_crop: bool = True,
+                 random_flip: bool = False, seed: int = 0, **options) -> CaptionDataset:
+    """Scan then build a dataset; kind in KINDS. Options: split, caption_mode ("random"|"all"|"first"),
+    caption_column, image_column, template, category, skip_bad_images, scan_mode ("decode"|"header", see scan.py),
+    scan_cache (True: <data_dir>/.restune_cache, a folder, or False), progress, demo_num_images/resolution/seed.
+    The scan result is `dataset.report` (print `dataset.report.summary()`; `write_caption_set(dataset.report, out)`
+    writes the derived captions with their counts)."""
+    samples, report = scan_samples(kind, data_dir, **options)
+    return CaptionDataset(samples, ImageTransform(resolution, center_crop, random_flip), seed, report,
+                          skip_bad_images=report.skip_bad_images)
+
+
+def coco_caption_pairs(data_dir: str | os.PathLike, split: str = "val", num_samples: int | None = None,
+                       seed: int = 0) -> list[tuple[Path, str]]:
+    """One caption per COCO image, fixed by `seed`, sorted by image id (FID protocol: val2017, 5000 images)."""
+    samples = coco_samples(Path(data_dir), split, ScanReport("coco2017", str(data_dir)))
+    indices = range(len(samples))
+    if num_samples is not None:
+        if not 0 < num_samples <= len(samples):
+            raise ValueError(f"num_samples must be in 1..{len(samples)} ({data_dir} {split}2017), got {num_samples}")
+        indices = sorted(np.random.default_rng(seed).choice(len(samples), num_samples, replace=False).tolist())
+    # the caption of an image depends on its position only, not on which subset was drawn
+    picks = [int(sample_rng(seed, 0, i, _CAPTION).integers(len(samples[i].captions))) for i in indices]
+    return [(samples[i].path, samples[i].captions[k]) for i, k in zip(indices, picks)]
+
+
+# latent caching
+class CachedLatentsDataset(Dataset):
+    """VAE posteriors cached per image (and its mirror); each item samples latents anew and multiplies them by
+    `vae.config.scaling_factor`, so items are ready to be noised. Captions and flips follow the source dataset."""
+
+    def __init__(self, parameters: torch.Tensor, rows: list[int], source: CaptionDataset, scaling_factor: float):
+        self.parameters = parameters  # (num_images, 1 or 2 flips, 2 * C, h, w): posterior mean and logvar
+        self.rows, self.source, self.scaling_factor = rows, source, scaling_factor
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.source.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        src = self.source
+        params = self.parameters[self.rows[index], int(src.flip(index))].float()
+        mean, logvar = params.chunk(2, dim=0)  # (C, h, w) each
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers DiagonalGaussianDistribution's clamp
+        gen = torch.Generator().manual_seed(torch_seed(src.seed, src.epoch, index, _NOISE))
+        latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scaling_factor
+        return {"latents": latents, "caption": src.caption(index), "path": str(src.samples[index].path)}
+
+
+@torch.no_grad()
+def cache_latents(dataset: CaptionDataset, vae, batch_size: int = 8, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> CachedLatentsDataset:
+    """Encode each distinct image once (twice with random_flip: both mirrors, sd-scripts #214); stored on the CPU."""
+    if not isinstance(dataset, CaptionDataset):
+        raise TypeError(f"cache_latents: expected a CaptionDataset, got {type(dataset).__name__}")
+    if not dataset.transform.center_crop:
+        raise ValueError("cache_latents: random crop cannot be cached (each epoch needs a new crop of the full image);"
+                         " use --center_crop or drop --cache_latents")
+    paths = list(dict.fromkeys(s.path for s in dataset.samples))
+    flips = 2 if dataset.transform.random_flip else 1
+    chunks = []
+    for start in range(0, len(paths), batch_size):
+        x = torch.stack([dataset.transform(load_rgb(p)) for p in paths[start:start + batch_size]])  # (B, 3, R, R)
+        if flips == 2:
+            x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): originals, then mirrors
+        params = vae.encode(x.to(device, dtype)).latent_dist.parameters.cpu()  # (F*B, 2C, h, w)
+        chunks.append(params.unflatten(0, (flips, -1)).transpose(0, 1))  # (B, F, 2C, h, w)
+    row_of = {p: i for i, p in enumerate(paths)}
+    rows = [row_of[s.path] for s in dataset.samples]
+    return CachedLatentsDataset(torch.cat(chunks), rows, dataset, float(vae.config.scaling_factor))
+
+
+# loading batches
+class EpochSampler(Sampler[int]):
+    """Order of epoch e fixed by (seed, e), as DistributedSampler; set_epoch also reaches the dataset, because
+    accelerate calls the sampler's set_epoch instead of the dataset's when the sampler has one."""
+
+    def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0):
+        self.dataset, self.shuffle, self.seed, self.epoch = dataset, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(len(self.dataset)))
+        gen = torch.Generator().manual_seed(torch_seed(self.seed, self.epoch, 0, _ORDER))
+        return iter(torch.randperm(len(self.dataset), generator=gen).tolist())
+
+
+def collate_fn(examples: list[dict]) -> dict:
+    """Stack `pixel_values` (B, 3, R, R) or `latents` (B, 4, h, w); captions and paths as lists."""
+    key = "latents" if "latents" in examples[0] else "pixel_values"
+    batch = torch.stack([e[key] for e in examples]).to(memory_format=torch.contiguous_format).float()
+    return {key: batch, "captions": [e["caption"] for e in examples], "paths": [e["path"] for e in examples]}
+
+
+def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
+                     drop_last: bool = False) -> DataLoader:
+    """A DataLoader whose order depends only on (seed, epoch); call `loader.sampler.set_epoch(e)` each epoch."""
+    # workers are not persistent: each epoch's workers get a fresh copy of the dataset with the new epoch
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, shuffle, seed),
+                      num_workers=num_workers, collate_fn=collate_fn, drop_last=drop_last)
+
+
+def tokenize_captions(tokenizer, captions: list[str]) -> torch.Tensor:
+    """input_ids (B, model_max_length), padded and truncated as in diffusers' train_text_to_image."""
+    return tokenizer(list(captions), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
