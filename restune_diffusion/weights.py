@@ -38,7 +38,7 @@ TEMP_RE = re.compile(r"\.(.+)\.tmp(\d+)")  # atomic_write's temporary name: .NAM
 log = logging.getLogger(__name__)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask, read from /proc where it can be (os.umask alone must change it to read it)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -58,7 +58,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # the mode open() gives; safetensors (like mkstemp) leaves 0600
+        os.chmod(tmp, 0o666 & ~current_umask())  # the mode open() gives; safetensors (like mkstemp) leaves 0600
         os.replace(tmp, path)
     finally:
         if tmp.exists():
