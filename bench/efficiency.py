@@ -40,6 +40,7 @@ GB = 1e9
 METHODS = ("floor", "full", "lora", "peft_lora", "adapter", "prefix", "prompt", "res_tuning", "res_tuning_bypass",
            "sc_tuner")
 MULTITASK = "multitask"
+JOINT = "joint_training"  # K bypasses trained in one backbone pass (restune_diffusion.joint) vs K separate runs
 CONFIGS = {m: ROOT / "configs" / f"{m}.yaml" for m in METHODS if m not in ("floor", "peft_lora")}
 # the peer users run today (diffusers' train_text_to_image_lora.py): 9,964,800 params on SD v1.5
 PEFT_LORA = dict(r=50, lora_alpha=50, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -282,6 +283,71 @@ def measure_multitask(opts: dict) -> dict:
     return {"batch_size": opts["multitask_batch_size"], "rows": rows}
 
 
+def make_joint_steps(unet, handles: list, inputs, target, amp_dtype, device):
+    """(joint, separate) training steps of K bypasses on one batch. Joint, as restune_diffusion.joint: one backbone
+    pass feeds every bypass (route_bypasses broadcast), K losses summed, one AdamW with a param group each. Separate:
+    K runs' steps one after another, each a full forward + backward + AdamW of one bypass."""
+    import torch
+    import torch.nn.functional as F
+
+    from restune_diffusion.multitask import route_bypasses
+
+    joint_opt = torch.optim.AdamW([{"params": h.trainable_parameters()} for h in handles], lr=1e-5)
+    alone_opts = [torch.optim.AdamW(h.trainable_parameters(), lr=1e-5) for h in handles]
+
+    def joint():
+        with route_bypasses(unet, handles, broadcast=True), autocast(device, amp_dtype):
+            pred = unet(*inputs).sample  # (K·B, 4, S, S)
+        losses = [F.mse_loss(rows.float(), target.float()) for rows in pred.chunk(len(handles))]
+        sum(losses).backward()
+        joint_opt.step()
+        joint_opt.zero_grad(set_to_none=True)
+        return losses[0].detach()
+
+    def separate():
+        for handle, opt in zip(handles, alone_opts):
+            with route_bypasses(unet, [handle]), autocast(device, amp_dtype):
+                pred = unet(*inputs).sample  # (B, 4, S, S)
+            loss = F.mse_loss(pred.float(), target.float())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return joint, separate
+
+
+def measure_joint(opts: dict) -> dict:
+    """Training K bypasses (K in MULTITASK_KS): step time and peak memory of one joint step vs K separate runs'
+    steps (the same batch each). Peak memory is reset before each measurement (CUDA allocator / VmHWM)."""
+    import torch
+
+    from restune_diffusion.attach import attach
+    from restune_diffusion.models import build_unet
+
+    device, dtype = torch.device(opts["device"]), torch_dtype(opts["dtype"])
+    torch.manual_seed(0)
+    unet = build_unet(opts["model"], device=device, dtype=dtype)
+    unet.requires_grad_(False)
+    unet.train()
+    handles = [attach(unet, CONFIGS[BYPASS], name=f"task{i}") for i in range(max(MULTITASK_KS))]
+    inputs, target = make_inputs(unet, opts["batch_size"], opts["latent_size"], device, dtype)
+    rows = []
+    for k in MULTITASK_KS:
+        joint, separate = make_joint_steps(unet, handles[:k], inputs, target, dtype, device)
+        row = {"k": k}
+        for name, fn in (("joint", joint), ("separate", separate)):
+            reset_peak(device)
+            row[f"{name}_s"] = _median_time(fn, device, opts)
+            row[f"{name}_peak_bytes"] = peak_memory(device)
+        row["speedup"] = row["separate_s"] / row["joint_s"]
+        rows.append(row)
+    one = rows[0]["joint_peak_bytes"]
+    for row in rows:
+        row["peak_vs_k1"] = row["joint_peak_bytes"] / one
+    return {"batch_size": opts["batch_size"], "rows": rows}
+
+
 def _median_time(fn, device, opts) -> float:
     times = [timed(fn, device)[0] for _ in range(opts["warmup"] + opts["steps"])]
     return statistics.median(times[opts["warmup"]:])
@@ -330,19 +396,19 @@ def worker(methods: list[str], opts: dict, result_path: Path) -> int:
     for method in methods:
         load_before, cpu_before = os.getloadavg()[0], _cpu_jiffies()
         try:
-            if method == MULTITASK:
-                results["multitask"] = {"status": "ok", **measure_multitask(opts)}
+            if method in SPECIAL:
+                results[method] = {"status": "ok", **SPECIAL[method](opts)}
             else:
                 row = {"status": "ok", **count_parameters(method), **measure_method(method, opts)}
                 results["methods"][method] = row
         except Exception as err:  # one broken method must not take the others down; the report names it
             entry = {"status": "error", "note": f"{type(err).__name__}: {err}"}
-            if method == MULTITASK:
-                results["multitask"] = entry
+            if method in SPECIAL:
+                results[method] = entry
             else:
                 results["methods"][method] = entry
             print(f"[bench] {method}: {entry['note']}", file=sys.stderr)
-        entry = results["multitask"] if method == MULTITASK else results["methods"][method]
+        entry = results[method] if method in SPECIAL else results["methods"][method]
         # other processes, or the hypervisor (steal time), skew the times: say how busy the machine was
         entry["load_avg"] = [load_before, os.getloadavg()[0]]
         entry["cpu_steal_pct"] = _steal_pct(cpu_before, _cpu_jiffies())
@@ -368,9 +434,10 @@ def available(method: str) -> str | None:
         return f"{CONFIGS[method].relative_to(ROOT)} not found"
     if method == "peft_lora" and importlib.util.find_spec("peft") is None:
         return "peft not installed (pip install peft)"
-    if method == MULTITASK:
-        if importlib.util.find_spec("restune_diffusion.multitask") is None:
-            return "restune_diffusion/multitask.py not found"
+    if method in SPECIAL:
+        module = "restune_diffusion.multitask" if method == MULTITASK else "restune_diffusion.joint"
+        if importlib.util.find_spec(module) is None:
+            return f"{module.replace('.', '/')}.py not found"
         if not CONFIGS[BYPASS].is_file():
             return f"{CONFIGS[BYPASS].relative_to(ROOT)} not found"
     return None
@@ -386,10 +453,10 @@ def run_worker(methods: list[str], opts: dict) -> dict:
     why = (f"worker exited with {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode < 0 else "")
            + ": " + " | ".join(proc.stderr.strip().splitlines()[-3:]))
     for method in methods:
-        done = data.get("multitask") if method == MULTITASK else data["methods"].get(method)
+        done = data.get(method) if method in SPECIAL else data["methods"].get(method)
         if done is None:
             entry = {"status": "error", "note": why}
-            data.__setitem__("multitask", entry) if method == MULTITASK else data["methods"].__setitem__(method, entry)
+            data.__setitem__(method, entry) if method in SPECIAL else data["methods"].__setitem__(method, entry)
     return data
 
 
@@ -426,7 +493,7 @@ def derive(rows: dict) -> None:
             row["paper"]["hours_vs_full"] = _ratio(paper[4], PAPER["full"][4])
 
 
-def targets(rows: dict, multitask: dict | None) -> list[dict]:
+def targets(rows: dict, multitask: dict | None, joint: dict | None = None) -> list[dict]:
     """The benchmark's targets (figures to reach, not tests): name, measured, bound, passed (None = not measured)."""
     ok = {m: r for m, r in rows.items() if r.get("status") == "ok"}
     found = []
@@ -451,6 +518,11 @@ def targets(rows: dict, multitask: dict | None) -> list[dict]:
           float.__le__, "x")
     k4 = next((r for r in (multitask or {}).get("rows", []) if r["k"] == 4), None)
     check("K=4 bypasses in one pass >= 3.2 x faster than 4 passes", k4 and k4["speedup"], 3.2, float.__ge__, "x")
+    by_k = {r["k"]: r for r in (joint or {}).get("rows", [])}
+    get_k = lambda k, key: by_k.get(k, {}).get(key)  # noqa: E731
+    check("K=4 bypasses trained jointly >= 3 x faster than 4 runs", get_k(4, "speedup"), 3.0, float.__ge__, "x")
+    check("K=8 bypasses trained jointly >= 5 x faster than 8 runs", get_k(8, "speedup"), 5.0, float.__ge__, "x")
+    check("K=8 joint training peak memory <= 1.2 x K=1's", get_k(8, "peak_vs_k1"), 1.2, float.__le__, "x")
     return found
 
 
@@ -509,6 +581,21 @@ def multitask_table(multitask: dict | None) -> list[str]:
                     "`generate_multitask` then stacks them into one call (last columns: the same FLOPs as K passes)."]
 
 
+def joint_table(joint: dict | None) -> list[str]:
+    if not joint:
+        return ["(not run)"]
+    if joint.get("status") != "ok":
+        return [f"{joint.get('status')}: {joint.get('note', '')}"]
+    lines = ["| K bypasses | K separate runs: step (s) | joint: step (s) | speedup | separate peak (GB) | "
+             "joint peak (GB) | joint peak vs K=1 |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['k']} | {_s(r['separate_s'])} | {_s(r['joint_s'])} | {_f(r['speedup'])}x | "
+              f"{_gb(r['separate_peak_bytes'])} | {_gb(r['joint_peak_bytes'])} | {_f(r['peak_vs_k1'])}x |"
+              for r in joint["rows"]]
+    return lines + ["", "Joint: one frozen backbone pass feeds K bypasses (their features are detached), the K losses "
+                    "are summed for one backward, one AdamW with a param group per bypass (`train_t2i.py --config "
+                    "a.yaml --config b.yaml ...`). Separate: K runs' steps, each with its own backbone pass."]
+
+
 def target_lines(found: list[dict], quick: bool) -> list[str]:
     lines = []
     for t in found:
@@ -550,6 +637,10 @@ def markdown(report: dict) -> str:
         "",
         *multitask_table(report.get("multitask")),
         "",
+        f"## Joint bypass training (batch {s['batch_size']})",
+        "",
+        *joint_table(report.get(JOINT)),
+        "",
         "## Targets",
         "",
         "```",
@@ -585,8 +676,8 @@ def device_tag(settings: dict, env: dict) -> str:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=[*METHODS, MULTITASK], choices=[*METHODS, MULTITASK],
-                   help="what to measure (default: every method, then multi-task inference)")
+    p.add_argument("--methods", nargs="+", default=[*METHODS, MULTITASK, JOINT], choices=[*METHODS, *SPECIAL],
+                   help="what to measure (default: every method, multi-task inference, joint bypass training)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="dtype of the frozen UNet (trainables stay fp32)")
     p.add_argument("--batch_size", type=int, default=2)
@@ -628,15 +719,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and importlib.util.find_spec("torch") and not _cuda_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch; run with --device cpu")
     opts = settings_from(args)
-    methods, rows, multitask, env = list(dict.fromkeys(args.methods)), {}, None, {}
+    methods, rows, specials, env = list(dict.fromkeys(args.methods)), {}, {}, {}
     runnable = []
     for method in methods:
         why = available(method)
         if why:
             print(f"[bench] skipping {method}: {why}", flush=True)
             entry = {"status": "skipped", "note": why}
-            multitask = entry if method == MULTITASK else multitask
-            rows.update({} if method == MULTITASK else {method: entry})
+            specials.update({method: entry} if method in SPECIAL else {})
+            rows.update({} if method in SPECIAL else {method: entry})
         else:
             runnable.append(method)
     groups = [runnable] if args.quick else [[m] for m in runnable]
@@ -644,10 +735,10 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         data = run_worker(group, opts)
         env = data.get("environment", env)
-        multitask = data.get("multitask", multitask)
+        specials.update({m: data[m] for m in SPECIAL if m in data})
         rows.update(data["methods"])
         for method in group:
-            print(f"[bench] {method}: {summary(rows.get(method) or multitask)} "
+            print(f"[bench] {method}: {summary(rows.get(method) or specials.get(method))} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     rows = {m: rows[m] for m in methods if m in rows}
     derive(rows)
@@ -655,9 +746,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "bench/efficiency.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": opts, "machine": machine(), "environment": env,
         "unet_params": next((r["unet_params"] for r in rows.values() if "unet_params" in r), 859_520_964),
-        "methods": rows, "multitask": multitask,
+        "methods": rows, **{m: specials.get(m) for m in SPECIAL},
     }
-    report["targets"] = targets(rows, multitask if (multitask or {}).get("status") == "ok" else None)
+    ok = {m: e if (e or {}).get("status") == "ok" else None for m, e in specials.items()}
+    report["targets"] = targets(rows, ok.get(MULTITASK), ok.get(JOINT))
     text = markdown(report)
     out = args.out or ROOT / "bench" / "results"
     tag = device_tag(opts, env)
@@ -684,6 +776,8 @@ def _cuda_available() -> bool:
     code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     return subprocess.run([sys.executable, "-c", code]).returncode == 0
 
+
+SPECIAL = {MULTITASK: measure_multitask, JOINT: measure_joint}  # rows of their own in the report
 
 if __name__ == "__main__":
     raise SystemExit(main())

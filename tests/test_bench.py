@@ -61,3 +61,29 @@ def test_targets_compare_ratios_of_one_run():
     assert found["Res-Tuning step time"] is False  # 4.8 / 4 = 1.2
     assert found["bypass step time"] is True  # 2.5 / 13
     assert found["K=4 bypasses in one pass"] is False  # 3.0 < 3.2
+
+
+def test_quick_joint_training_row_measures_k_joint_vs_separate(tmp_path):
+    bench = load_bench()
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--methods", bench.JOINT, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "cpu-quick.json").read_text())
+    joint = report[bench.JOINT]
+    assert joint["status"] == "ok", joint.get("note")
+    assert [r["k"] for r in joint["rows"]] == list(bench.MULTITASK_KS)
+    for row in joint["rows"]:
+        assert row["joint_s"] > 0 and row["separate_s"] > 0 and row["joint_peak_bytes"] > 0
+    assert joint["rows"][0]["peak_vs_k1"] == 1.0
+    table = (tmp_path / "cpu-quick.md").read_text()
+    assert "## Joint bypass training" in table and "K=8 bypasses trained jointly" in table
+
+
+def test_joint_training_targets():
+    bench = load_bench()
+    joint = {"rows": [{"k": 1, "speedup": 1.0, "peak_vs_k1": 1.0}, {"k": 4, "speedup": 3.5, "peak_vs_k1": 1.05},
+                      {"k": 8, "speedup": 4.0, "peak_vs_k1": 1.1}]}
+    found = {t["target"]: t["passed"] for t in bench.targets({}, None, joint)}
+    assert found["K=4 bypasses trained jointly >= 3 x faster than 4 runs"] is True
+    assert found["K=8 bypasses trained jointly >= 5 x faster than 8 runs"] is False
+    assert found["K=8 joint training peak memory <= 1.2 x K=1's"] is True
