@@ -346,3 +346,178 @@ def test_tokenize_captions_pads_to_model_max_length(tiny_sd):
     tokenizer = tiny_sd.tokenizer
     ids = data.tokenize_captions(tokenizer, ["a red circle", "a photo " * 100])
     assert ids.shape == (2, 77) and ids[0, :5].tolist() == tokenizer("a red circle").input_ids
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# images read for real (issue 13, items 10-12; issue 12 item 11)
+def corrupt_png_body(path):
+    """Valid chunks and CRCs, but the zlib data inside IDAT is garbage: verify() passes, decoding fails."""
+    import struct
+    import zlib
+
+    raw = bytearray(path.read_bytes())
+    i = raw.find(b"IDAT")
+    n = struct.unpack(">I", raw[i - 4:i])[0]
+    body = bytearray(raw[i + 4:i + 4 + n])
+    body[n // 2:n // 2 + 16] = b"\x00" * 16
+    raw[i + 4:i + 4 + n] = body
+    raw[i + 4 + n:i + 8 + n] = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(body)) & 0xFFFFFFFF)
+    path.write_bytes(bytes(raw))
+
+
+def test_corrupt_png_body_fails_the_decode_scan_and_is_skipped_at_load_in_header_mode(tmp_path):
+    write_imagefolder(tmp_path, ["a", "b", "c"])
+    corrupt_png_body(tmp_path / "1.png")
+    with pytest.raises(ValueError, match="1.png: cannot read image"):
+        data.scan_dataset("imagefolder", tmp_path, scan_cache=False)
+    header = data.load_dataset("imagefolder", tmp_path, resolution=8, scan_mode="header", scan_cache=False)
+    assert len(header) == 3  # headers and CRCs are fine
+    with pytest.raises(data.BadImageError, match="1.png: cannot read image") as err:
+        header[1]
+    assert "--skip_bad_images" in str(err.value)
+    lazy = data.load_dataset("imagefolder", tmp_path, resolution=8, scan_mode="header", skip_bad_images=True,
+                             scan_cache=False)
+    assert [x["caption"] for x in lazy] == ["a", "c", "c"] and list(lazy.skipped) == [str(tmp_path / "1.png")]
+
+
+def test_truncated_jpeg_with_end_marker_appended_fails_the_decode_scan(tmp_path):
+    good = write_image(tmp_path / "cls" / "good.jpg", size=(64, 48), fmt="JPEG")
+    grey = write_image(tmp_path / "cls" / "grey.jpg", size=(64, 48), color=(128, 128, 128), fmt="JPEG")
+    bad = tmp_path / "cls" / "bad.jpg"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2] + b"\xff\xd9")
+    problems, decoded = data.check_images([good, grey, bad], tmp_path, "decode", scan_cache=False)
+    assert decoded == 3 and list(problems) == [bad] and "data ends early" in problems[bad]
+    assert data.check_images([bad], tmp_path, "header", scan_cache=False)[0] == {}  # what header mode cannot see
+
+
+def test_scan_cache_makes_a_second_scan_read_nothing_and_notices_changes(tmp_path):
+    write_imagefolder(tmp_path, ["a", "b", "c"])
+    first = data.scan_dataset("imagefolder", tmp_path, progress=False)
+    assert first.num_decoded == 3 and (tmp_path / ".restune_cache" / "scan.json").is_file()
+    assert data.scan_dataset("imagefolder", tmp_path).num_decoded == 0
+    corrupt_png_body(tmp_path / "2.png")
+    with pytest.raises(ValueError, match="2.png: cannot read image"):
+        data.scan_dataset("imagefolder", tmp_path)
+    report = data.scan_dataset("imagefolder", tmp_path, skip_bad_images=True)
+    assert report.num_decoded == 0 and report.num_unreadable == 1  # the bad verdict is cached too
+    assert "0 read now" in report.summary()
+
+
+def test_exif_orientation_is_applied():
+    from PIL import Image as PILImage
+
+    image = PILImage.new("RGB", (20, 10), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path_bytes = __import__("io").BytesIO()
+    image.save(path_bytes, "JPEG", exif=exif.tobytes())
+    assert data.to_rgb(PILImage.open(path_bytes)).size == (10, 20)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image as PILImage
+
+    path = tmp_path / "deep.png"
+    PILImage.fromarray(np.full((8, 8), 128 * 257, np.uint16)).save(path)
+    assert PILImage.open(path).mode.startswith("I")
+    assert np.asarray(data.load_rgb(path))[0, 0].tolist() == [128, 128, 128]  # convert("RGB") gives 255
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    from PIL import Image as PILImage
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)
+    rgba[0, 1] = (255, 0, 0, 0)  # fully transparent red: dropping alpha would show red
+    rgba[0, 2] = (0, 0, 0, 128)  # half black
+    PILImage.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = np.asarray(data.load_rgb(tmp_path / "a.png"))
+    assert out[0, 0].tolist() == [255, 0, 0] and out[0, 1].tolist() == [255, 255, 255]
+    assert abs(int(out[0, 2, 0]) - 127) <= 1
+
+
+def test_extreme_aspect_ratio_is_a_named_error(tmp_path):
+    write_imagefolder(tmp_path, ["a", "b"])
+    write_image(tmp_path / "1.png", size=(2000, 1))
+    with pytest.raises(ValueError, match=r"1.png: cannot read image \(image is 2000x1 \(aspect ratio 2000:1\)"):
+        data.scan_dataset("imagefolder", tmp_path, scan_mode="header", scan_cache=False)
+    with pytest.raises(data.BadImageError, match="1.png: image is 2000x1"):
+        data.load_rgb(tmp_path / "1.png")
+
+
+def test_coco_duplicate_ids_and_names_outside_the_folder_are_named(tmp_path):
+    path = write_coco(tmp_path)
+    content = json.loads(path.read_text())
+    content["images"].append(dict(content["images"][0]))
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=r"captions_train2017.json: 1 image id\(s\) appear more than once.*id 3 x2"):
+        data.load_dataset("coco2017", tmp_path)
+    content["images"].pop()
+    content["images"][0]["file_name"] = "../../etc/passwd"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=r"captions_train2017.json: image id 3 has file_name '../../etc/passwd', "
+                                         "outside"):
+        data.load_dataset("coco2017", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "/etc/hosts", "sub/../../x.png"])
+def test_imagefolder_file_name_outside_the_folder_is_named(tmp_path, name):
+    write_imagefolder(tmp_path / "d", ["a"])
+    (tmp_path / "d" / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "a"}) + "\n")
+    with pytest.raises(ValueError, match=f"metadata.jsonl: line 1 has file_name '{name}', outside"):
+        data.load_dataset("imagefolder", tmp_path / "d")
+
+
+def test_symlink_loop_in_class_folders_is_named(tmp_path):
+    write_image(tmp_path / "dogs" / "a.png")
+    (tmp_path / "dogs" / "again").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(ValueError, match="symlink loop"):
+        data.load_dataset("finegrained", tmp_path, template="{class}")
+
+
+def test_metadata_not_utf8_is_named(tmp_path):
+    write_imagefolder(tmp_path, ["a"])
+    (tmp_path / "metadata.jsonl").write_bytes('{"file_name": "0.png", "text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match="metadata.jsonl: not UTF-8 text.*save it as UTF-8"):
+        data.load_dataset("imagefolder", tmp_path)
+
+
+@pytest.mark.parametrize("folder, clean", [("n02085620-Chihuahua", "chihuahua"),
+                                           ("n02085782-Japanese_spaniel", "japanese spaniel")])
+def test_wordnet_prefixes_are_stripped(folder, clean):
+    assert data.clean_class_name(folder) == clean
+
+
+@pytest.mark.parametrize("text, fixed", [("a photo of a acura rl sedan", "a photo of an acura rl sedan"),
+                                         ("a photo of an bird", "a photo of a bird"),
+                                         ("A owl, a type of a university", "An owl, a type of a university"),
+                                         ("a hour", "an hour")])
+def test_articles_follow_the_word(text, fixed):
+    assert data.fix_articles(text) == fixed
+
+
+def test_derived_captions_are_counted_summarised_and_written(tmp_path):
+    root = tmp_path / "dogs"
+    for i in range(3):
+        write_image(root / "n02085620-Chihuahua" / f"{i}.png", seed=i)
+    write_image(root / "n02100735-English_setter" / "x.png")
+    write_image(root / "Acura_RL_Sedan_2012" / "y.png")
+    ds = data.load_dataset("finegrained", root, resolution=8, template="a photo of a {class}")
+    assert ds.report.derived_captions == {"a photo of a chihuahua": 3, "a photo of an english setter": 1,
+                                          "a photo of an acura rl sedan 2012": 1}
+    assert "3 captions derived from folder names" in ds.report.summary()
+    assert "'a photo of a chihuahua' x3" in ds.report.summary()
+    path = data.write_caption_set(ds.report, tmp_path / "out")
+    body = json.loads(path.read_text())
+    assert list(body["captions"].items())[0] == ("a photo of a chihuahua", 3) and len(body["captions"]) == 3
+    write_imagefolder(tmp_path / "given", ["a"])
+    assert data.write_caption_set(data.scan_dataset("imagefolder", tmp_path / "given"), tmp_path / "o2") is None
+
+
+def test_demo_folder_gets_a_normal_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = data.make_demo_dataset(tmp_path / "demo", num_images=2, resolution=16)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755 and (out / "00000.png").stat().st_mode & 0o777 == 0o644
