@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from restune_diffusion import world
 from restune_diffusion.checkpoints import (
     STATE_FILE,
     DiskWriteError,
@@ -54,10 +55,12 @@ from restune_diffusion.weights import atomic_write, atomic_write_text
 # keeps them equal); it is embedded so the demo runs from any working directory and from an installed package.
 TINY_DEMO_YAML = """\
 description: >
-  The built-in demo (`python train_t2i.py` with no arguments): the tiny SD look-alike learns captioned coloured shapes
-  on CPU in about a minute. Res-Tuning as in configs/res_tuning.yaml at toy size: in every transformer block a
-  Res-Adapter (bottleneck 16) in parallel with the FFN and a Res-Prompt branch (2 tokens, learnable lambda from 0)
-  beside self-attention.
+  The built-in demo (`python train_t2i.py` with no arguments): Res-Tuning teaches the pretrained tiny base a concept
+  it has never seen (the tiny world's star, restune_diffusion/world.py) on CPU in about a minute, then writes
+  before_after.png (base vs tuned, same prompts and seeds) and world_report.json (prompt accuracy and domain FID,
+  before and after). Res-Tuning as in configs/res_tuning.yaml at toy size: in every transformer block a Res-Adapter
+  (bottleneck 16) in parallel with the FFN and a Res-Prompt branch (2 tokens, learnable lambda from 0) beside
+  self-attention.
 tuners:
   - type: res_adapter
     dim: 16
@@ -76,12 +79,13 @@ train:
   checkpointing_steps: 0
   validation_steps: 0
   validation_prompt:
-    - a big red circle on a blue background
-    - a small yellow star on a black background
+    - a red star on a white background
+    - a blue star on a black background
   num_validation_images: 4
   seed: 0
+  world_report: true
 data:
-  dataset: demo
+  dataset: imagefolder
   resolution: 32
   center_crop: true
   random_flip: true
@@ -134,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pretrained_model_name_or_path", help="local SD v1.5 folder (diffusers layout) or 'tiny'")
     t.add_argument("--output_dir", help="default: outputs/<config name>")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--world_report", action=bool_flag, default=False,
+                   help="tiny world: train on its held-out concept, then report base vs tuned (world.py)")
     t.add_argument("--train_batch_size", type=int, default=16, help="per device")
     t.add_argument("--num_train_epochs", type=int, default=100)
     t.add_argument("--max_train_steps", type=int, help="overrides --num_train_epochs")
@@ -205,8 +211,9 @@ def _section_values(parser: argparse.ArgumentParser, config: dict, section: str,
     return {k: _coerce(actions[k], v, f"{where} {section}") for k, v in body.items()}
 
 
-def config_values(parser, defaults: dict, given: dict, path: str | None) -> dict:
-    """Defaults < the YAML's train:/data: < flags given on the command line; `tuners` from the YAML."""
+def config_values(parser, defaults: dict, given: dict, path: str | None) -> list[dict]:
+    """Defaults < the YAML's train:/data: < a task's train: < flags given on the command line; `tuners` from the
+    YAML. One dict, or one per entry of a `tasks:` list (a joint run: name, tuners, train: with PER_TASK keys)."""
     from restune_diffusion.config import load_yaml, parse_tuner_configs
 
     config = load_yaml(path) if path else yaml.safe_load(TINY_DEMO_YAML)
@@ -214,12 +221,30 @@ def config_values(parser, defaults: dict, given: dict, path: str | None) -> dict
     values = dict(defaults)
     for section in ("train", "data"):
         values.update({k: v for k, v in _section_values(parser, config, section, where).items() if v is not None})
-    values.update(given)
-    if "tuners" not in config:
-        raise ValueError(f"{where}: no tuners: section; expected a list like [{{type: res_adapter, dim: 100}}]")
-    parse_tuner_configs(config["tuners"])  # named errors now, not after the models are loaded
-    values.update(tuners=config["tuners"], config=path, config_name=Path(path).stem if path else "tiny_demo")
-    return values
+    stem = Path(path).stem if path else "tiny_demo"
+    entries = config.get("tasks") if "tasks" in config else [{"name": stem, **config}]
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"{where}: tasks: expected a non-empty list of {{name, tuners, train}} mappings, got "
+                         f"{str(entries)[:80]!r}")
+    runs = []
+    for i, entry in enumerate(entries):
+        field = f"{where}: tasks[{i}]" if "tasks" in config else where
+        unknown = sorted(set(entry) - {"name", "tuners", "train", "data", "description"}) if "tasks" in config else []
+        if unknown:
+            raise ValueError(f"{field}: unknown key(s) {unknown}; expected name, tuners and train (per-task keys)")
+        if "tuners" not in entry:
+            raise ValueError(f"{field}: no tuners: section; expected a list like [{{type: res_adapter, dim: 100}}]")
+        parse_tuner_configs(entry["tuners"])  # named errors now, not after the models are loaded
+        own = _section_values(parser, {"train": entry.get("train")}, "train", field) if "tasks" in config else {}
+        if set(own) - set(PER_TASK):
+            raise ValueError(f"{field}: train: keys {sorted(set(own) - set(PER_TASK))} are shared by every task of "
+                             f"a joint run; set them in the top-level train: section. Per task: {', '.join(PER_TASK)}")
+        name = entry.get("name", f"task{i}")
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.+-]+", name):
+            raise ValueError(f"{field}: name must be a folder name (letters, digits, . _ + -), got {name!r}")
+        runs.append({**values, **{k: v for k, v in own.items() if v is not None}, **given, "tuners": entry["tuners"],
+                     "config": path, "config_name": name, "joint": "tasks" in config})
+    return runs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -232,8 +257,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action.default = argparse.SUPPRESS  # parse only what was typed
     given = vars(explicit.parse_args(argv))
     paths = given.pop("config", None) or [None]
-    runs = [config_values(parser, defaults, given, path) for path in paths]
-    if len(runs) == 1 and runs[0]["sweep_learning_rate"] is None and runs[0]["sweep_seed"] is None:
+    runs = [run for path in paths for run in config_values(parser, defaults, given, path)]
+    single = [run.pop("joint") for run in runs] == [False]
+    if single and runs[0]["sweep_learning_rate"] is None and runs[0]["sweep_seed"] is None:
         return check_args(argparse.Namespace(**runs[0], tasks=None))
     return check_args(argparse.Namespace(**joint_tasks(runs)))
 
@@ -294,6 +320,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.resolution is None:
         args.resolution = model_resolution(args.pretrained_model_name_or_path)
     args.output_dir = args.output_dir or os.path.join("outputs", args.config_name)
+    if args.world_report:
+        world.use_concept_data(args)
     if args.data_dir is None:
         if args.dataset != "demo":
             raise ValueError(f"--dataset {args.dataset} needs --data_dir (the dataset folder)")
@@ -1070,6 +1098,8 @@ def train(args: argparse.Namespace) -> dict:
     start_step, start = run.global_step, time.time()
     train_loop(run)
     summary = export(run, time.time() - start, run.global_step - start_step)
+    if args.world_report and accelerator.is_main_process:
+        summary["world"] = world.before_after_report(out, out / TUNERS_FILE, args.pretrained_model_name_or_path)
     accelerator.end_training()
     return summary
 

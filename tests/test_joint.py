@@ -164,3 +164,19 @@ def test_the_joint_results_load_as_tasks_of_generate_multitask(tmp_path, data_di
     tasks = {name: tmp_path / "out" / name / T.TUNERS_FILE for name in ("wide", "narrow")}
     images = generate_multitask(pipe, tasks, "a red circle", num_inference_steps=2, seed=0, output_type="pt")
     assert set(images) == set(tasks) and not torch.equal(images["wide"], images["narrow"])
+
+
+def test_a_yaml_list_of_tasks_is_a_joint_run(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "train": {"train_batch_size": 3, "learning_rate": 1e-3},
+        "tasks": [{"name": "g4", "tuners": [{"type": "bypass"}]},
+                  {"name": "g2", "tuners": [{"type": "bypass", "groups": 2}], "train": {"learning_rate": 5e-4}}]}))
+    args = T.parse_args(["--config", str(path), "--dataset", "demo", "--pretrained_model_name_or_path", "tiny"])
+    assert [(t["name"], t["learning_rate"]) for t in args.tasks] == [("g4", 1e-3), ("g2", 5e-4)]
+    assert args.train_batch_size == 3 and args.config_name == "g4+g2"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"tasks": [{"name": "a", "tuners": [{"type": "bypass"}],
+                                              "train": {"train_batch_size": 2}}]}))
+    with pytest.raises(ValueError, match=r"bad.yaml: tasks\[0\]: train: keys \['train_batch_size'\] are shared"):
+        T.parse_args(["--config", str(bad), "--dataset", "demo", "--pretrained_model_name_or_path", "tiny"])
