@@ -1,0 +1,149 @@
+"""VAE latents cached on disk (issue 16 part 3): reused across runs, each process encodes its share, and resident
+memory stays flat however large the data set (the in-memory `data.cache_latents` holds ~15.5 GB per process for COCO
+train at 512 px with flips in fp16).
+
+Layout of `<cache_dir>/<key>/`: `latents.bin` (raw array (num_images, flips, 2C, h, w) in `meta.json`'s dtype, the
+layout `np.memmap` reads), `done.bin` (one byte per image, set once its row is written) and `meta.json`. The key is
+a hash of the VAE's encoder weights and config, the resolution, crop, flips, dtype and the list of images, so any
+change makes a new cache. Both mirrors are cached with random_flip (sd-scripts #214); random crop is refused.
+
+What train.py calls (every process; then a barrier; then every process):
+    folder = build_latent_cache(dataset, vae, cache_dir, rank=accelerator.process_index,
+                                num_processes=accelerator.num_processes, device=accelerator.device)
+    accelerator.wait_for_everyone()
+    dataset = open_latent_cache(folder, dataset, vae.config.scaling_factor)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from restune_diffusion.data import CachedLatentsDataset, CaptionDataset, load_rgb
+from restune_diffusion.weights import atomic_write_text
+
+CACHE_VERSION = 1
+DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+def vae_fingerprint(vae) -> str:
+    """SHA-256 over the VAE config and its encoder-side weights (what the cached posteriors depend on)."""
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(dataset: CaptionDataset, vae, dtype: torch.dtype) -> dict:
+    t = dataset.transform
+    images = list(dict.fromkeys(str(s.path) for s in dataset.samples))
+    return {"version": CACHE_VERSION, "vae": vae_fingerprint(vae), "resolution": t.resolution,
+            "center_crop": t.center_crop, "flips": 2 if t.random_flip else 1, "dtype": DTYPES[dtype],
+            "images": hashlib.sha256("\n".join(images).encode()).hexdigest()[:16], "num_images": len(images)}
+
+
+def _create_once(path: Path, size: int) -> None:
+    """Make `path` a zero-filled (sparse) file of `size` bytes, once, even with several processes racing."""
+    if path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.truncate(size)
+    try:
+        os.link(tmp, path)  # atomic, and fails if another process made it first
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+def _row_shape(vae, resolution: int, flips: int) -> tuple[int, ...]:
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return (flips, 2 * vae.config.latent_channels, resolution // factor, resolution // factor)
+
+
+@torch.no_grad()
+def build_latent_cache(dataset: CaptionDataset, vae, cache_dir: str | os.PathLike, *, rank: int = 0,
+                       num_processes: int = 1, batch_size: int = 8, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float16) -> Path:
+    """Encode this process's share (images i with i % num_processes == rank) of the rows not yet done; returns the
+    cache folder. Rows already written (an earlier or interrupted run) are not encoded again."""
+    if not isinstance(dataset, CaptionDataset):
+        raise TypeError(f"build_latent_cache: expected a CaptionDataset, got {type(dataset).__name__}")
+    if not dataset.transform.center_crop:
+        raise ValueError("build_latent_cache: random crop cannot be cached (each epoch needs a new crop of the full "
+                         "image); use --center_crop or drop --cache_latents")
+    if dtype not in DTYPES:
+        raise ValueError(f"build_latent_cache: dtype must be one of {list(DTYPES)}, got {dtype}")
+    key = cache_key(dataset, vae, dtype)
+    folder = Path(cache_dir) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = (key["num_images"], *_row_shape(vae, dataset.transform.resolution, key["flips"]))
+    atomic_write_text(folder / "meta.json", json.dumps({**key, "shape": list(shape)}, indent=1))
+    store_dtype = np.float32 if dtype == torch.float32 else np.float16  # bfloat16 is stored as float16
+    _create_once(folder / "latents.bin", int(np.prod(shape)) * np.dtype(store_dtype).itemsize)
+    _create_once(folder / "done.bin", shape[0])
+    done = np.memmap(folder / "done.bin", np.uint8, "r+", shape=(shape[0],))
+    latents = np.memmap(folder / "latents.bin", store_dtype, "r+", shape=shape)
+    paths = list(dict.fromkeys(s.path for s in dataset.samples))
+    todo = [i for i in range(rank, len(paths), num_processes) if not done[i]]
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start:start + batch_size]
+        x = torch.stack([dataset.transform(load_rgb(paths[i])) for i in rows])  # (B, 3, R, R)
+        if key["flips"] == 2:
+            x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): originals, then mirrors
+        params = vae.encode(x.to(device, vae.dtype)).latent_dist.parameters.float().cpu()  # (F*B, 2C, h, w)
+        params = params.unflatten(0, (key["flips"], -1)).transpose(0, 1)  # (B, F, 2C, h, w)
+        latents[rows] = params.numpy().astype(store_dtype)
+        latents.flush()
+        done[rows] = 1  # after the row is on disk: an interrupted run re-encodes only unfinished rows
+        done.flush()
+    del latents, done
+    return folder
+
+
+class LatentFile:
+    """Rows of `latents.bin` read with pread (no mapping kept): resident memory does not grow with the file."""
+
+    def __init__(self, folder: Path, meta: dict):
+        self.path, self.shape = folder / "latents.bin", tuple(meta["shape"])
+        self.dtype = np.dtype(np.float32 if meta["dtype"] == "float32" else np.float16)
+        self.row_items = int(np.prod(self.shape[2:]))
+        self._fd: int | None = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own descriptor
+        return {**self.__dict__, "_fd": None, "_pid": -1}
+
+    def __getitem__(self, where: tuple[int, int]) -> torch.Tensor:
+        row, flip = where
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        count = self.row_items * self.dtype.itemsize
+        offset = (row * self.shape[1] + flip) * count
+        buffer = os.pread(self._fd, count, offset)
+        return torch.from_numpy(np.frombuffer(buffer, self.dtype).reshape(self.shape[2:]).copy())  # (2C, h, w)
+
+
+def open_latent_cache(folder: str | os.PathLike, dataset: CaptionDataset,
+                      scaling_factor: float) -> CachedLatentsDataset:
+    """The dataset's items as cached latents (after every process ran build_latent_cache); an error names missing
+    rows (a process that did not finish)."""
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    done = np.fromfile(folder / "done.bin", np.uint8)
+    if len(done) != meta["num_images"] or not done.all():
+        raise ValueError(f"{folder}: latent cache incomplete ({int(done.sum())} of {meta['num_images']} images "
+                         "encoded); run build_latent_cache on every process before opening it")
+    row_of = {p: i for i, p in enumerate(dict.fromkeys(s.path for s in dataset.samples))}
+    if len(row_of) != meta["num_images"]:
+        raise ValueError(f"{folder}: cache made for {meta['num_images']} images, the dataset has {len(row_of)}")
+    rows = [row_of[s.path] for s in dataset.samples]
+    return CachedLatentsDataset(LatentFile(folder, meta), rows, dataset, scaling_factor)
