@@ -180,3 +180,36 @@ def test_a_yaml_list_of_tasks_is_a_joint_run(tmp_path):
                                               "train": {"train_batch_size": 2}}]}))
     with pytest.raises(ValueError, match=r"bad.yaml: tasks\[0\]: train: keys \['train_batch_size'\] are shared"):
         T.parse_args(["--config", str(bad), "--dataset", "demo", "--pretrained_model_name_or_path", "tiny"])
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_each_task_gets_its_own_outputs_and_fp32_tuners(tmp_path, data_dir, precision):  # noqa: F811
+    reset_accelerate()
+    validation = ["--validation_steps", "2", "--validation_prompt", "a red circle", "--num_validation_images", "1"]
+    argv = joint_argv(tmp_path, data_dir, "--max_train_steps", "2", "--checkpointing_steps", "0", "--mixed_precision",
+                      precision, *(validation if precision == "no" else []), names=("wide", "narrow"))
+    summaries = J.train_joint(T.parse_args(argv))
+    for name in ("wide", "narrow"):
+        folder = tmp_path / "out" / name
+        files = ["loss.png", T.TUNERS_FILE, T.CONFIG_FILE, "summary.json", T.LOG_FILE]
+        for file in files + (["validation/step-2.png", "samples.png"] if precision == "no" else []):
+            assert (folder / file).is_file(), (name, file)
+        tensors = load_file(folder / T.TUNERS_FILE)
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in tensors.values())
+        assert summaries[name]["global_step"] == 2 and summaries[name]["trainable_params"] > 0
+
+
+def test_a_joint_resume_refuses_changed_tasks(tmp_path, data_dir, capsys):  # noqa: F811
+    reset_accelerate()
+    argv = joint_argv(tmp_path, data_dir, "--max_train_steps", "2", "--checkpointing_steps", "2",
+                      names=("wide", "narrow"))
+    J.train_joint(T.parse_args(argv))
+    reset_accelerate()
+    TASKS["narrow"][1]["learning_rate"] *= 2
+    try:
+        changed = joint_argv(tmp_path, data_dir, "--max_train_steps", "3", "--resume_from_checkpoint", "latest",
+                             names=("wide", "narrow"))
+    finally:
+        TASKS["narrow"][1]["learning_rate"] /= 2
+    assert J.main(changed) == 2
+    assert "cannot resume with changed settings: tasks" in capsys.readouterr().err
