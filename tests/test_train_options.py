@@ -60,3 +60,14 @@ def test_named_errors_exit_2_with_one_line(tmp_path, capsys):
     assert T.main(["--config", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train_t2i.py: error: ")
+
+
+def test_stale_temp_files_of_a_killed_writer_are_removed_at_start(tmp_path, data_dir, monkeypatch):  # noqa: F811
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".loss.png.tmp999999999"  # no such process
+    stale.write_bytes(b"half a png")
+    monkeypatch.setattr(T, "build_models", lambda *a: pytest.fail("stop here"))
+    with pytest.raises(pytest.fail.Exception):
+        T.train(T.parse_args(cli_args(tmp_path, data_dir)))
+    assert not stale.exists()
