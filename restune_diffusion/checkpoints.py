@@ -46,6 +46,7 @@ APPLIED = {
     "dataset": "checked by the data set's fingerprint instead",
     "skip_bad_images": "checked by the data set's fingerprint instead",
     "pretrained_model_name_or_path": "checked by the base model's fingerprint instead (a moved folder is fine)",
+    "world_report": "checked by the data set's fingerprint (it picks the tiny world's concept data)",
 }
 _DATA = "each sample would change: the tuners would continue on other data"
 _POSITION = ("the data position of the checkpoint is counted in steps of the old batch: samples would be skipped or "
