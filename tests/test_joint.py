@@ -213,3 +213,15 @@ def test_a_joint_resume_refuses_changed_tasks(tmp_path, data_dir, capsys):  # no
         TASKS["narrow"][1]["learning_rate"] /= 2
     assert J.main(changed) == 2
     assert "cannot resume with changed settings: tasks" in capsys.readouterr().err
+
+
+def test_fp16_joint_equals_alone(tmp_path, data_dir):  # noqa: F811
+    """fp16 frozen weights under one optimizer for all tasks. On CPU accelerate has no grad scaler: the scaler path
+    (unscale once per step for the one optimizer, then per-task clipping) runs only on CUDA."""
+    steps = ["--max_train_steps", "3", "--checkpointing_steps", "0", "--mixed_precision", "fp16"]
+    reset_accelerate()
+    J.train_joint(T.parse_args(joint_argv(tmp_path / "joint", data_dir, *steps, names=("wide", "narrow"))))
+    reset_accelerate()
+    T.train(T.parse_args(joint_argv(tmp_path / "alone", data_dir, *steps, names=("narrow",))))
+    joint, alone = tmp_path / "joint" / "out" / "narrow", tmp_path / "alone" / "out"
+    assert_same_tensors(joint / T.TUNERS_FILE, alone / T.TUNERS_FILE)
