@@ -85,7 +85,7 @@ def test_non_bypass_tuners_are_refused_by_name(tmp_path):
     (tmp_path / "adapter.yaml").write_text(yaml.safe_dump({"tuners": [{"type": "res_adapter", "dim": 4}]}))
     with pytest.raises(ValueError, match=r"adapter.yaml: a joint run shares one backbone pass .* \['res_adapter'\]"):
         T.parse_args(["--config", paths[0], "--config", str(tmp_path / "adapter.yaml"), "--dataset", "demo",
-                      "--pretrained_model_name_or_path", "tiny"])
+                      "--pretrained_model_name_or_path", "tiny-random"])
 
 
 def test_shared_settings_must_agree(tmp_path):
@@ -93,13 +93,13 @@ def test_shared_settings_must_agree(tmp_path):
     Path(paths[1]).write_text(yaml.safe_dump({"tuners": [{"type": "bypass"}], "train": {"train_batch_size": 3}}))
     with pytest.raises(ValueError, match="train_batch_size is 3 where .* a joint run shares it"):
         T.parse_args(["--config", paths[0], "--config", paths[1], "--dataset", "demo",
-                      "--pretrained_model_name_or_path", "tiny"])
+                      "--pretrained_model_name_or_path", "tiny-random"])
 
 
 def test_a_sweep_names_one_task_per_value(tmp_path):
     paths = write_configs(tmp_path, ("wide",))
     args = T.parse_args(["--config", paths[0], "--sweep_learning_rate", "1e-3", "3e-3", "--sweep_seed", "0", "1",
-                         "--dataset", "demo", "--pretrained_model_name_or_path", "tiny"])
+                         "--dataset", "demo", "--pretrained_model_name_or_path", "tiny-random"])
     assert [t["name"] for t in args.tasks] == ["wide-lr0.001-seed0", "wide-lr0.001-seed1", "wide-lr0.003-seed0",
                                                "wide-lr0.003-seed1"]
     assert [(t["learning_rate"], t["seed"]) for t in args.tasks] == [(1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1)]
@@ -172,14 +172,14 @@ def test_a_yaml_list_of_tasks_is_a_joint_run(tmp_path):
         "train": {"train_batch_size": 3, "learning_rate": 1e-3},
         "tasks": [{"name": "g4", "tuners": [{"type": "bypass"}]},
                   {"name": "g2", "tuners": [{"type": "bypass", "groups": 2}], "train": {"learning_rate": 5e-4}}]}))
-    args = T.parse_args(["--config", str(path), "--dataset", "demo", "--pretrained_model_name_or_path", "tiny"])
+    args = T.parse_args(["--config", str(path), "--dataset", "demo", "--pretrained_model_name_or_path", "tiny-random"])
     assert [(t["name"], t["learning_rate"]) for t in args.tasks] == [("g4", 1e-3), ("g2", 5e-4)]
     assert args.train_batch_size == 3 and args.config_name == "g4+g2"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"tasks": [{"name": "a", "tuners": [{"type": "bypass"}],
                                               "train": {"train_batch_size": 2}}]}))
     with pytest.raises(ValueError, match=r"bad.yaml: tasks\[0\]: train: keys \['train_batch_size'\] are shared"):
-        T.parse_args(["--config", str(bad), "--dataset", "demo", "--pretrained_model_name_or_path", "tiny"])
+        T.parse_args(["--config", str(bad), "--dataset", "demo", "--pretrained_model_name_or_path", "tiny-random"])
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])

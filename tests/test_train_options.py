@@ -11,9 +11,9 @@ from restune_diffusion import train as T
 
 def test_a_paper_config_with_tiny_trains_at_tinys_native_resolution():
     paper = str(REPO / "configs" / "res_tuning_bypass.yaml")
-    args = T.parse_args(["--config", paper, "--pretrained_model_name_or_path", "tiny", "--dataset", "demo"])
+    args = T.parse_args(["--config", paper, "--pretrained_model_name_or_path", "tiny-random", "--dataset", "demo"])
     assert args.resolution == 32  # not SD v1.5's 512
-    args = T.parse_args(["--config", paper, "--pretrained_model_name_or_path", "tiny", "--dataset", "demo",
+    args = T.parse_args(["--config", paper, "--pretrained_model_name_or_path", "tiny-random", "--dataset", "demo",
                          "--resolution", "64"])
     assert args.resolution == 64
 
