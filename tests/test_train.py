@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from restune_diffusion import train as T
 from restune_diffusion.attach import attach
 from restune_diffusion.data import make_demo_dataset
-from restune_diffusion.models import build_tiny_sd
+from restune_diffusion.models import build_tiny_sd, load_model
 from restune_diffusion.weights import load_tuners, read_tuner_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,9 +171,9 @@ def test_the_config_file_of_the_demo_equals_the_embedded_one():
 
 def test_no_arguments_means_the_tiny_demo():
     args = T.parse_args([])
-    assert (args.pretrained_model_name_or_path, args.dataset, args.config_name) == ("tiny", "demo", "tiny_demo")
-    assert args.output_dir == os.path.join("outputs", "tiny_demo")
-    assert args.data_dir == os.path.join("outputs", "tiny_demo", "demo_data")
+    assert (args.pretrained_model_name_or_path, args.dataset, args.config_name) == ("tiny", "imagefolder", "tiny_demo")
+    assert args.output_dir == os.path.join("outputs", "tiny_demo") and args.world_report  # the tiny world's concept
+    assert args.data_dir == os.path.join("outputs", "tiny_demo", "concept_data")
     assert [t["type"] for t in args.tuners] == ["res_adapter", "res_prompt"]
 
 
@@ -457,9 +457,9 @@ def test_no_arguments_runs_the_tiny_demo(tmp_path):
     out = tmp_path / "outputs" / "tiny_demo"
     for name in (T.TUNERS_FILE, "samples.png", "loss.png", "losses.json", "summary.json"):
         assert (out / name).is_file(), name
-    handle = load_tuners(build_tiny_sd().unet, out / T.TUNERS_FILE)
+    handle = load_tuners(load_model("tiny").unet, out / T.TUNERS_FILE)  # the pretrained tiny base
     assert [c.type for c in handle.configs] == ["res_adapter", "res_prompt"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["global_step"] == 150 and "trainable parameters: 12,439" in done.stdout
+    assert summary["global_step"] == 150 and "trainable parameters: 24,759" in done.stdout  # pretrained base
     losses = json.loads((out / "losses.json").read_text())["loss"]
     assert sum(losses[-20:]) < 0.9 * sum(losses[:20])
