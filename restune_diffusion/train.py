@@ -5,7 +5,9 @@ data scan -> models -> optimizer -> loop (checkpoints, validation) -> export.
 Resume is exact (PITFALLS "resume that silently drops the adapters"): tuner tensors, optimizer, LR schedule, RNG and
 accelerate's step counter travel in `checkpoint-<step>/`; the data order is a function of (seed, epoch) and every
 random draw of a batch (VAE sample, noise, timesteps) comes from a generator seeded by (seed, process, epoch, batch),
-so a resumed run replays the numbers of an uninterrupted one.
+so a resumed run replays the numbers of an uninterrupted one. What a resume may change (applied and logged, or
+refused with the reason), what makes a checkpoint complete and which one `latest` is: checkpoints.py. Several
+bypasses in one backbone pass (several --config, a sweep): joint.py.
 """
 
 from __future__ import annotations

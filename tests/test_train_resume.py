@@ -295,3 +295,19 @@ def test_a_full_disk_while_checkpointing_names_enospc_and_the_file(tmp_path, dat
 def test_the_resolved_config_of_a_resumed_run_still_parses(tmp_path, base_run):
     config = yaml.safe_load((base_run / "out" / T.CONFIG_FILE).read_text())
     assert config["data"]["resolution"] == 32
+
+
+@pytest.mark.parametrize("key", sorted(C.REFUSED) + sorted(C.FINGERPRINTS))
+def test_every_refused_setting_is_named_with_its_reason(tmp_path, key):
+    with pytest.raises(ValueError) as err:
+        C.compare_settings(tmp_path, {key: 1, "learning_rate": 1.0}, {key: 2, "learning_rate": 1.0})
+    reason = C.REFUSED.get(key) or C.FINGERPRINTS[key]
+    message = str(err.value)
+    assert "cannot resume with changed settings" in message and key in message and reason in message
+
+
+@pytest.mark.parametrize("key", sorted(C.APPLIED))
+def test_every_applied_setting_resumes_and_the_log_names_the_real_changes(tmp_path, key):
+    notes = C.compare_settings(tmp_path, {key: 1}, {key: 2})
+    quiet = C.APPLIED[key] == "bookkeeping" or C.APPLIED[key].startswith("checked")
+    assert notes == ([] if quiet else [f"{key}: 1 -> 2 (applied from the resumed step: {C.APPLIED[key]})"])
