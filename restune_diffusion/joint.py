@@ -39,6 +39,7 @@ from restune_diffusion.train import (
     Run,
     TunedUNet,
     adam_settings,
+    adamw_class,
     apply_optimizer_settings,
     batch_inputs,
     build_dataset,
@@ -131,12 +132,7 @@ def build_optimizer(run_args, tasks: list, accelerator, max_train_steps: int):
     n = accelerator.num_processes
     groups = [{"params": t.handle.trainable_parameters(), "lr": effective_lr(t.args, n), **adam_settings(t.args)}
               for t in tasks]
-    optimizer_class = torch.optim.AdamW
-    if run_args.use_8bit_adam:
-        import bitsandbytes  # train.build_optimizer names the install command; the flag was checked there
-
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    optimizer = optimizer_class(groups)
+    optimizer = adamw_class(run_args)(groups)
     lambdas = []
     for t in tasks:  # the prepared scheduler steps once per process per optimizer step (accelerate)
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)

@@ -556,19 +556,23 @@ def effective_lr(args, num_processes: int) -> float:
     return args.learning_rate
 
 
+def adamw_class(args):
+    """torch's AdamW, or bitsandbytes' 8-bit one with --use_8bit_adam."""
+    if not args.use_8bit_adam:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    return bitsandbytes.optim.AdamW8bit
+
+
 def build_optimizer(args, params: list, accelerator, max_train_steps: int):
     """AdamW (8-bit with --use_8bit_adam) over the tuner parameters only, and diffusers' LR schedule."""
     from diffusers.optimization import get_scheduler
 
     lr = effective_lr(args, accelerator.num_processes)
-    optimizer_class = torch.optim.AdamW
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    optimizer = optimizer_class(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+    optimizer = adamw_class(args)(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     # the prepared scheduler steps once per process per optimizer step (accelerate), hence the factor
     n = accelerator.num_processes
