@@ -61,9 +61,9 @@ description: >
   it has never seen (the tiny world's star, restune_diffusion/world.py) on CPU in about a minute, then writes
   before_after.png (base vs tuned, same prompts and seeds) and world_report.json (prompt accuracy and domain FID,
   before and after). Res-Tuning as in configs/res_tuning.yaml at toy size, with the Res-Adapter (bottleneck 32) also
-  beside cross-attention, where the new word meets the image (measured here: 0.15 -> 0.23 prompt accuracy at lr 5e-3, 400
-  steps): a Res-Adapter in parallel with every FFN and cross-attention and a Res-Prompt branch (2 tokens, learnable
-  lambda from 0) beside self-attention.
+  beside cross-attention, where the new word meets the image (measured here: 0.15 -> 0.23 prompt accuracy at lr
+  5e-3, 400 steps): a Res-Adapter in parallel with every FFN and cross-attention and a Res-Prompt branch (2 tokens,
+  learnable lambda from 0) beside self-attention.
 tuners:
   - type: res_adapter
     dim: 32
