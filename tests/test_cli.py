@@ -40,7 +40,8 @@ CASES = {  # case -> (file maker, what the line must name)
 def test_generate_named_errors_are_one_line_and_exit_2(case, tmp_path):
     make, named = CASES[case]
     path = make(tmp_path)
-    cmd = [sys.executable, str(ROOT / "generate.py"), "--tuners", str(path), "--prompt", "x", "--steps", "1",
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--pretrained_model_name_or_path", "tiny-random", "--tuners",
+           str(path), "--prompt", "x", "--steps", "1",
            "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**_env(), DEBUG_ENV: ""})
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -87,7 +87,8 @@ def test_generate_cli_with_several_bypass_files_writes_one_folder_per_task(tmp_p
                 p.add_(torch.randn_like(p) * 0.2)
         paths.append(rd.save_tuners(tmp_path / f"{task}.safetensors", handle))
     out = tmp_path / "samples"
-    cmd = [sys.executable, str(ROOT / "generate.py"), "--tuners", str(paths[0]), "--tuners", str(paths[1]),
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--pretrained_model_name_or_path", "tiny-random",
+           "--tuners", str(paths[0]), "--tuners", str(paths[1]),
            "--prompt", "a red circle", "--num_images", "2", "--steps", "2", "--height", "32", "--width", "32",
            "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -156,7 +157,8 @@ def test_task_names_flag_names_the_folders_and_is_checked(two_runs, tmp_path):
         task_names(two_runs, ["a", "a"])
     with pytest.raises(ValueError, match="--task_names"):
         task_names(["r/tuners.safetensors", "r/../r/tuners.safetensors"])
-    _generate_main()(["--tuners", str(two_runs[0]), "--tuners", str(two_runs[1]), "--task_names", "one",
+    _generate_main()(["--pretrained_model_name_or_path", "tiny-random", "--tuners", str(two_runs[0]), "--tuners",
+                      str(two_runs[1]), "--task_names", "one",
                       "--task_names", "two", "--prompt", "x", "--num_images", "1", "--steps", "2",
                       "--out", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
@@ -168,7 +170,7 @@ def multitask_runs(two_runs, tmp_path_factory):
     root = tmp_path_factory.mktemp("flags")
     main = _generate_main()
     common = ["--prompt", "a red circle", "--prompt", "a blue square", "--num_images", "2", "--steps", "2",
-              "--seed", "5"]
+              "--seed", "5", "--pretrained_model_name_or_path", "tiny-random"]
     both = ["--tuners", str(two_runs[0]), "--tuners", str(two_runs[1])]
     runs = {
         "multi_b4": both + ["--batch_size", "4"],
@@ -256,7 +258,8 @@ def test_samplers_by_the_names_users_know():
 
 def test_png_metadata_index_json_and_a_rerun_continues_numbering(tuner_file, tmp_path):
     out = tmp_path / "samples"
-    args = ["--tuners", str(tuner_file), "--prompt", "a red circle", "--num_images", "2", "--steps", "2",
+    args = ["--pretrained_model_name_or_path", "tiny-random", "--tuners", str(tuner_file), "--prompt", "a red circle",
+            "--num_images", "2", "--steps", "2",
             "--scheduler", "Euler a", "--seed", "7", "--negative_prompt", "blur", "--out", str(out)]
     _generate_main()(args)
     _generate_main()(args)
