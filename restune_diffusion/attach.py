@@ -12,76 +12,58 @@ keys stay untouched and `detach()` is exact.
 from __future__ import annotations
 
 import contextlib
-import re
-from collections.abc import Callable, Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from restune_diffusion.kernel import additive_mask, attention, backend_of, split_heads
+from restune_diffusion.placement import (
+    attached_sets,
+    call_input,
+    cast_call,
+    select_blocks,
+    transformer_blocks,
+    tuner_sets,
+)
+from restune_diffusion.tuners import REGISTRY, parse_tuner_configs
+
+# attached_sets, select_blocks and transformer_blocks live in placement.py; importable from here as before
+__all__ = ["TunedAttnProcessor", "TunerHandle", "attach", "attached_sets", "select_blocks", "transformer_blocks",
+           "tuned_processor"]
+
 # ---------------------------------------------------------------------------------------------------------------------
-# attention kernel
-
-
-def attention(q, k, v, mask=None, backend: str = "sdpa", scale: float | None = None):
-    """Softmax attention on (B, H, N, d) tensors with the backbone's kernel: "sdpa", "xformers" or "math"."""
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    if backend == "xformers":
-        import xformers.ops
-
-        bias = None if mask is None else mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        out = xformers.ops.memory_efficient_attention(
-            q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
-            attn_bias=bias, scale=scale,
-        )
-        return out.transpose(1, 2)
-    scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)  # (B, H, N, M)
-    if mask is not None:
-        scores = scores + mask
-    return scores.softmax(-1) @ v
-
-
-def log_partition(q, k, mask=None, scale: float | None = None):
-    """log Σ_j exp(q·k_j·scale) per query: (B, H, N). Materialises the (B, H, N, M) scores."""
-    scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if mask is not None:
-        scores = scores + mask
-    return scores.logsumexp(-1)
-
-
-def split_heads(x, heads: int):
-    """(B, N, H·d) -> (B, H, N, d)"""
-    b, n, _ = x.shape
-    return x.view(b, n, heads, -1).transpose(1, 2)
-
-
-def _backend_of(processor) -> str:
-    from diffusers.models import attention_processor as ap
-
-    if isinstance(processor, ap.AttnProcessor2_0):
-        return "sdpa"
-    if isinstance(processor, ap.XFormersAttnProcessor):
-        return "xformers"
-    if isinstance(processor, ap.AttnProcessor):
-        return "math"
-    raise ValueError(
-        f"attention processor {type(processor).__name__} is not supported under tuners; expected diffusers' "
-        "AttnProcessor2_0 (SDPA), XFormersAttnProcessor or AttnProcessor. Attach tuners to a UNet with one of those."
-    )
+# the attention processor
 
 
 class TunedAttnProcessor:
     """The model's attention, with K/V extensions and parallel branches from every enabled tuner set.
 
-    Not an nn.Module on purpose: the tuners' parameters belong to their handle, not to the UNet's state dict.
+    One per attention module, shared by every tuner set on it (`tuned_processor`), and owner of the module's one
+    guard: a pre-hook that re-wraps whatever kernel replaced it (`set_attn_processor`, `enable_xformers_...`), so
+    no set is dropped silently whichever sets come and go (PITFALLS: diffusers #2459); a kernel we cannot wrap
+    raises. Not an nn.Module on purpose: the tuners' parameters belong to their handles, not to the UNet's state dict.
     """
 
-    def __init__(self, base):
-        self.base = base
-        self.backend = _backend_of(base)
+    def __init__(self, attn: nn.Module):
+        self.base = attn.processor
+        self.backend = backend_of(self.base)
         self.entries: list[tuple[Any, nn.Module]] = []  # (handle, tuner)
+        self.guard = attn.register_forward_pre_hook(self._keep)
+        attn.set_processor(self)
+
+    def _keep(self, attn, _args) -> None:
+        if attn.processor is not self:
+            self.adopt(attn)
+
+    def adopt(self, attn: nn.Module) -> None:
+        """Wrap the kernel that now sits on `attn` in place of this processor, and put this processor back."""
+        self.backend = backend_of(attn.processor)  # raises for a kernel we cannot wrap: tuners are never dropped
+        self.base = attn.processor
+        attn.set_processor(self)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
@@ -96,22 +78,24 @@ class TunedAttnProcessor:
             b, c, h, w = hidden_states.shape
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
         batch, n, _ = hidden_states.shape  # (B, N, C)
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, n, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states  # (B, M, D)
+        if attention_mask is not None:  # padded to the KEY length, as diffusers' processors do
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])  # (B, H, N|1, M)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if attn.norm_cross and encoder_hidden_states is not None:
             context = attn.norm_encoder_hidden_states(context)
 
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)  # (B, N|M, C)
+        if attention_mask is not None:  # bool (True = attend) as additive, so padding and exact λ treat both alike
+            attention_mask = additive_mask(attention_mask, q.dtype)
         for _, tuner in active:
             if hasattr(tuner, "extend_kv"):  # bound prefix / prompt: tokens joined to the keys and values
                 k_extra, v_extra = tuner.extend_kv(attn, batch)  # (B, L, C)
                 k, v = torch.cat([k, k_extra.to(k.dtype)], 1), torch.cat([v, v_extra.to(v.dtype)], 1)
                 if attention_mask is not None:
-                    attention_mask = F.pad(attention_mask, (0, k_extra.shape[1]))
+                    attention_mask = F.pad(attention_mask, (0, k_extra.shape[1]))  # 0: the new keys are seen
         q, k, v = (split_heads(x, attn.heads) for x in (q, k, v))  # (B, H, N, d)
         out = attention(q, k, v, attention_mask, self.backend, attn.scale)
         deltas = [h.scale * t.branch(attn, q, k, out, attention_mask, self.backend)
@@ -125,45 +109,6 @@ class TunedAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# where tuners go
-
-
-def transformer_blocks(unet) -> list[tuple[str, nn.Module]]:
-    """The UNet's BasicTransformerBlocks in forward order (down, mid, up), as (name, module)."""
-    from diffusers.models.attention import BasicTransformerBlock
-
-    blocks = [(n, m) for n, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)]
-    stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-    return sorted(blocks, key=lambda nm: stage.get(nm[0].split(".")[0], 3))  # sort is stable: keeps in-stage order
-
-
-def select_blocks(unet, blocks, field: str = "blocks") -> list[tuple[str, nn.Module]]:
-    """`blocks`: "all" | "down" | "mid" | "up" | a regex on the block name | a list of positions (forward order)."""
-    every = transformer_blocks(unet)
-    if blocks == "all":
-        chosen = every
-    elif blocks in ("down", "mid", "up"):
-        prefix = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}[blocks]
-        chosen = [nm for nm in every if nm[0].startswith(prefix)]
-    elif isinstance(blocks, str):
-        chosen = [nm for nm in every if re.search(blocks, nm[0])]
-    else:
-        bad = [i for i in blocks if not isinstance(i, int) or not -len(every) <= i < len(every)]
-        if bad:
-            raise ValueError(f"{field}: positions must be ints in [0, {len(every)}), got {bad}")
-        chosen = [every[i] for i in blocks]
-    if not chosen:
-        names = ", ".join(n for n, _ in every[:4])
-        raise ValueError(f"{field}={blocks!r} matches no transformer block; blocks are named like {names}, ...")
-    return chosen
-
-
-def op_of(block: nn.Module, target: str) -> nn.Module:
-    """The op of a transformer block a tuner sits on: attn1, attn2, ff, or the whole block."""
-    return block if target == "block" else getattr(block, target)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -181,16 +126,6 @@ def _place(root: nn.Module, path: str, module: nn.Module) -> None:
     if leaf in node._modules:
         raise ValueError(f"two tuners at {path}: each tuner type may sit once on an op")
     node.add_module(leaf, module)
-
-
-def _call_input(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def cast_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run a tuner in its own dtype and hand the result back in the backbone's (fp32 tuners on an fp16 UNet)."""
-    dtype = next(module.parameters()).dtype
-    return module(x.to(dtype)).to(x.dtype)
 
 
 class TunerHandle:
@@ -225,19 +160,20 @@ class TunerHandle:
         """x' = OP(x) + s·tuner(x) (unbound), or OP(x) + tuner(OP(x)) (sequential, on_output=True)."""
 
         def fn(args, kwargs, output):
-            x = output if on_output else _call_input(args, kwargs)
+            x = output if on_output else call_input(args, kwargs)
             return output + self.scale * cast_call(tuner, x)
 
         self.add_hook(op, fn)
 
     def add_attention_tuner(self, attn: nn.Module, tuner: nn.Module) -> None:
-        processor = attn.processor
-        if not isinstance(processor, TunedAttnProcessor):
-            processor = TunedAttnProcessor(processor)
-            attn.set_processor(processor)
-            self._hooks.append(attn.register_forward_pre_hook(_keep_tuned(processor)))
+        """Put `tuner` (extend_kv and/or branch) into the attention module's shared TunedAttnProcessor."""
+        processor = tuned_processor(attn)
         processor.entries.append((self, tuner))
         self._attn.append((attn, processor, tuner))
+
+    def keep(self, removable) -> None:
+        """Remember a hook handle (anything with `remove()`) that `detach()` must remove."""
+        self._hooks.append(removable)
 
     # -- using ---------------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -293,34 +229,41 @@ class TunerHandle:
             handle.remove()
         for attn, processor, tuner in self._attn:
             processor.entries = [(h, t) for h, t in processor.entries if t is not tuner]
-            if not processor.entries and attn.processor is processor:
-                attn.set_processor(processor.base)
+            if not processor.entries:
+                _release(attn, processor)
         self._hooks, self._attn = [], []
         for name, p in self.unet.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
-        sets = getattr(self.unet, "_restune_sets", {})
-        sets.pop(self.name, None)
+        if tuner_sets(self.unet).get(self.name) is self:
+            tuner_sets(self.unet).pop(self.name)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
 
-    def report(self) -> str:
-        from restune_diffusion.report import format_report
 
-        return format_report(self)
+# one TunedAttnProcessor per attention module, whichever sets use it (weak: a UNet that goes away takes its entries)
+_TUNED: weakref.WeakKeyDictionary[nn.Module, TunedAttnProcessor] = weakref.WeakKeyDictionary()
 
 
-def _keep_tuned(processor: TunedAttnProcessor):
-    """Pre-hook: if someone replaced our processor (enable_xformers..., set_attn_processor), re-wrap the new kernel so
-    the tuners stay (PITFALLS: diffusers #2459); a kernel we cannot wrap raises instead of dropping tuners silently."""
+def tuned_processor(attn: nn.Module) -> TunedAttnProcessor:
+    """The attention module's TunedAttnProcessor, made on first use; a kernel swapped in since is wrapped now, so a
+    second set never wraps the first set's processor."""
+    processor = _TUNED.get(attn)
+    if processor is None:
+        processor = _TUNED[attn] = TunedAttnProcessor(attn)
+    elif attn.processor is not processor:
+        processor.adopt(attn)
+    return processor
 
-    def pre_hook(attn, _args):
-        if attn.processor is not processor and processor.entries:
-            processor.backend = _backend_of(attn.processor)
-            processor.base = attn.processor
-            attn.set_processor(processor)
 
-    return pre_hook
+def _release(attn: nn.Module, processor: TunedAttnProcessor) -> None:
+    """The last tuner left `attn`: remove the guard and give back the kernel (unless one was swapped in since)."""
+    if _TUNED.get(attn) is not processor:
+        return
+    del _TUNED[attn]
+    processor.guard.remove()
+    if attn.processor is processor:
+        attn.set_processor(processor.base)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -329,11 +272,8 @@ def _keep_tuned(processor: TunedAttnProcessor):
 def attach(unet, config, name: str = "default") -> TunerHandle:
     """Freeze the backbone and install the tuners of `config` (a tuner config, a list of them, a dict or a YAML path)
     as the named set `name`. Returns the handle."""
-    from restune_diffusion.config import parse_tuner_configs
-    from restune_diffusion.tuners import REGISTRY
-
     configs = parse_tuner_configs(config)
-    sets = unet.__dict__.setdefault("_restune_sets", {})
+    sets = tuner_sets(unet)
     if name in sets:
         raise ValueError(f"a tuner set named {name!r} is already attached; detach it or pick another name")
     handle = TunerHandle(unet, name, configs)
@@ -346,17 +286,3 @@ def attach(unet, config, name: str = "default") -> TunerHandle:
         raise
     sets[name] = handle
     return handle
-
-
-def attached_sets(unet) -> dict[str, TunerHandle]:
-    return dict(getattr(unet, "_restune_sets", {}))
-
-
-def iter_ops(unet, blocks, targets: Iterable[str], field: str) -> Iterator[tuple[str, nn.Module]]:
-    """(path, op) for each selected block × target, e.g. ("up_blocks.1.attentions.0.transformer_blocks.0.ff", ff)."""
-    for block_name, block in select_blocks(unet, blocks, field=f"{field}.blocks"):
-        for target in targets:
-            op = op_of(block, target)
-            if op is None:
-                raise ValueError(f"{field}.targets: block {block_name} has no {target}")
-            yield (block_name if target == "block" else f"{block_name}.{target}"), op

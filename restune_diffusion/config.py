@@ -1,7 +1,9 @@
-"""Tuner configs: YAML/dicts in, validated dataclasses out, errors that name the field.
+"""Config validation helpers and YAML loading: errors that name the field.
 
 A config file has a `tuners:` list (each entry has a `type` from the registry and that tuner's fields) and may have
-`train:` / `data:` sections that `train_t2i.py` reads (its flags override them).
+`train:` / `data:` sections that `train_t2i.py` reads (its flags override them). The tuner files build their config
+dataclasses with the helpers here; turning `tuners:` entries into those dataclasses needs the registry, so it lives
+with it (`restune_diffusion.tuners.parse_tuner_configs`).
 """
 
 from __future__ import annotations
@@ -49,23 +51,6 @@ def from_dict(cls, data: dict, field: str):
     return cls(**data)
 
 
-def parse_tuner_config(entry: Any, field: str = "tuners[0]"):
-    from restune_diffusion.tuners import REGISTRY
-
-    if dataclasses.is_dataclass(entry) and hasattr(entry, "type"):
-        return entry
-    if not isinstance(entry, dict) or "type" not in entry:
-        raise ValueError(f"{field}: expected a mapping with a 'type' key (one of {sorted(REGISTRY)}), got {entry!r}")
-    kind = entry["type"]
-    if kind not in REGISTRY:
-        raise ValueError(f"{field}.type: unknown tuner {kind!r}; known tuners are {sorted(REGISTRY)}")
-    body = {k: v for k, v in entry.items() if k != "type"}
-    try:
-        return from_dict(REGISTRY[kind].config, body, field)
-    except ValueError as err:
-        raise ValueError(f"{field} ({kind}): {err}") from None
-
-
 def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -80,23 +65,3 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections are {list(SECTIONS)}")
     return data
-
-
-def parse_tuner_configs(config: Any) -> list:
-    """A YAML path, a dict with `tuners:`, a list of entries, or one entry/dataclass -> list of tuner configs."""
-    where = "tuners"
-    if isinstance(config, (str, os.PathLike)):
-        where = f"{config}: tuners"
-        config = load_yaml(config)
-    if isinstance(config, dict) and "tuners" in config:
-        config = config["tuners"]
-    if not isinstance(config, (list, tuple)):
-        config = [config]
-    if not config:
-        raise ValueError(f"{where}: expected at least one tuner")
-    return [parse_tuner_config(entry, f"{where}[{i}]") for i, entry in enumerate(config)]
-
-
-def to_dicts(configs: list) -> list[dict]:
-    """Tuner configs as plain dicts with their `type` (what goes into a weights file's metadata)."""
-    return [{"type": c.type, **dataclasses.asdict(c)} for c in configs]

@@ -240,7 +240,7 @@ def train_loop(run: JointRun) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # the job
 def joint_settings(args, tasks: list, num_processes: int) -> dict:
-    from restune_diffusion.config import parse_tuner_configs, to_dicts
+    from restune_diffusion.tuners import parse_tuner_configs, to_dicts
 
     resolved = resolved_config(args)
     shared = {k: v for k, v in {**resolved["train"], **resolved["data"]}.items() if k not in PER_TASK}

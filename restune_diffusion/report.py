@@ -1,8 +1,9 @@
 """Parameter report of a tuner config on a UNet: per tuner type and per block, with % of the UNet.
 
-    python -m restune_diffusion.report configs/res_tuning.yaml [--model sd15|tiny|PATH]
+    python -m restune_diffusion.report configs/res_tuning.yaml [--model sd15|tiny|tiny-random|PATH]
 
-The default model is the SD v1.5 UNet built on the meta device (no memory, no weights). The last line is exactly
+The model is the one the config names (`train.pretrained_model_name_or_path`), else SD v1.5; `--model` overrides.
+Only the UNet's architecture is built, on the meta device (no memory, no weights read). The last line is exactly
 `trainable_params=<integer>`.
 """
 
@@ -11,6 +12,15 @@ from __future__ import annotations
 import argparse
 import re
 from collections import defaultdict
+
+import torch
+
+from restune_diffusion.attach import attach
+from restune_diffusion.config import load_yaml
+from restune_diffusion.models import TINY, TINY_ASSETS, TINY_RANDOM, build_unet, check_sd15_folder
+from restune_diffusion.tuners import REGISTRY
+
+DEFAULT_MODEL = "sd15"
 
 
 def _split_key(key: str, kinds) -> tuple[str, str]:
@@ -24,8 +34,6 @@ def _split_key(key: str, kinds) -> tuple[str, str]:
 
 
 def count_by(handle) -> tuple[dict[str, int], dict[str, int]]:
-    from restune_diffusion.tuners import REGISTRY
-
     by_kind: dict[str, int] = defaultdict(int)
     by_block: dict[str, int] = defaultdict(int)
     for key, p in handle.module.named_parameters():
@@ -59,21 +67,38 @@ def format_report(handle) -> str:
 
 
 def build_report_unet(model: str):
-    from restune_diffusion.models import TINY, build_unet, load_sd15
+    """The UNet architecture `model` names, on the meta device: "sd15", "tiny" (the shipped pretrained tiny base),
+    "tiny-random" (the test model's), or a local diffusers SD folder (its unet/config.json; no weights read)."""
+    if model in (DEFAULT_MODEL, TINY_RANDOM):
+        return build_unet(model, device="meta")
+    from diffusers import UNet2DConditionModel  # diffusers is slow to import: on first use
 
-    if model in ("sd15", TINY):
-        return build_unet(model, device="meta" if model == "sd15" else "cpu")
-    return load_sd15(model).unet
+    folder = check_sd15_folder(TINY_ASSETS if model == TINY else model)
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+
+
+def model_of(config: str, override: str | None) -> tuple[str, str]:
+    """(model, where that choice came from): --model, else the config's train.pretrained_model_name_or_path, else
+    SD v1.5."""
+    if override:
+        return override, "--model"
+    named = (load_yaml(config).get("train") or {}).get("pretrained_model_name_or_path")
+    if named:
+        return str(named), f"{config}: train.pretrained_model_name_or_path"
+    return DEFAULT_MODEL, "default"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Trainable parameters of a tuner config, per tuner type and block.")
     parser.add_argument("config", help="a YAML config with a tuners: list (e.g. configs/res_tuning.yaml)")
-    parser.add_argument("--model", default="sd15", help="sd15 (meta device, default), tiny, or a local SD folder")
+    parser.add_argument("--model", default=None,
+                        help="sd15, tiny, tiny-random or a local SD folder; default: the model the config names "
+                             "(train.pretrained_model_name_or_path), else sd15")
     args = parser.parse_args(argv)
-    from restune_diffusion.attach import attach
-
-    handle = attach(build_report_unet(args.model), args.config)
+    model, source = model_of(args.config, args.model)
+    handle = attach(build_report_unet(model), args.config)
+    print(f"model: {model} ({source})")
     print(format_report(handle))
     print(f"trainable_params={handle.num_parameters()}")
     return 0

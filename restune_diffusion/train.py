@@ -51,6 +51,7 @@ from restune_diffusion.checkpoints import (
     write_state,
 )
 from restune_diffusion.cli import run_cli
+from restune_diffusion.report import format_report
 from restune_diffusion.weights import atomic_write, atomic_write_text
 
 # The built-in demo (`python train_t2i.py` with no arguments). configs/tiny_demo.yaml holds the same text (a test
@@ -217,7 +218,8 @@ def _section_values(parser: argparse.ArgumentParser, config: dict, section: str,
 def config_values(parser, defaults: dict, given: dict, path: str | None) -> list[dict]:
     """Defaults < the YAML's train:/data: < a task's train: < flags given on the command line; `tuners` from the
     YAML. One dict, or one per entry of a `tasks:` list (a joint run: name, tuners, train: with PER_TASK keys)."""
-    from restune_diffusion.config import load_yaml, parse_tuner_configs
+    from restune_diffusion.config import load_yaml
+    from restune_diffusion.tuners import parse_tuner_configs
 
     config = load_yaml(path) if path else yaml.safe_load(TINY_DEMO_YAML)
     where = str(path) if path else "built-in tiny demo config"
@@ -274,7 +276,7 @@ PER_TASK = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "seed", "adam_be
 def joint_tasks(runs: list[dict]) -> dict:
     """The values of a joint run: the settings every config shares (one data stream, one backbone pass), and
     `tasks`, one per bypass: name, tuners and the PER_TASK settings, crossed with the sweeps."""
-    from restune_diffusion.config import parse_tuner_configs
+    from restune_diffusion.tuners import parse_tuner_configs
 
     first = runs[0]
     for run in runs[1:]:
@@ -1039,7 +1041,7 @@ def prepare_run(args, accelerator, sd, handle, loader, weight_dtype) -> Run:
 def run_settings(args, num_processes: int) -> dict:
     """The settings a checkpoint records and a resume compares: the resolved config (flat), the tuner configs with
     their defaults filled in, and the process count."""
-    from restune_diffusion.config import parse_tuner_configs, to_dicts
+    from restune_diffusion.tuners import parse_tuner_configs, to_dicts
 
     resolved = resolved_config(args)
     return {**resolved["train"], **resolved["data"], "tuners": to_dicts(parse_tuner_configs(args.tuners)),
@@ -1088,7 +1090,7 @@ def train(args: argparse.Namespace) -> dict:
     sd, handle, settings["base_model"] = build_models(args, accelerator, weight_dtype)
     if resume_from:
         check_resume_settings(resume_from, {"base_model": settings["base_model"]})
-    accelerator.print(handle.report())
+    accelerator.print(format_report(handle))
     loader = build_loader(args, dataset, sd, accelerator, weight_dtype)
     run = prepare_run(args, accelerator, sd, handle, loader, weight_dtype)
     run.settings, run.resume_notes = settings, notes

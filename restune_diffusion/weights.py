@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from restune_diffusion.attach import attach, select_blocks, transformer_blocks
-from restune_diffusion.config import parse_tuner_configs, to_dicts
+from restune_diffusion.tuners import parse_tuner_configs, to_dicts
 from restune_diffusion.models import unet_fingerprint
 
 FORMAT = "restune-diffusion/1"

@@ -149,3 +149,107 @@ def test_yaml_config_file_attaches(unet, tmp_path):
     path.write_text("tuners: []\nextra: 1\n")
     with pytest.raises(ValueError, match="unknown section"):
         attach(unet, path, name="other")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# masks (issue 12 items 1 and 4)
+
+ATTN_TUNERS = ["prefix", "prompt", "res_prefix", "res_prompt"]
+
+
+@pytest.mark.parametrize("kind", ATTN_TUNERS)
+def test_encoder_attention_mask_with_tuners_on_attn2(unet, unet_inputs, kind):
+    # diffusers pads the mask to the KEY length (77 text tokens), not the query length (64 latent pixels)
+    sample, t, text = unet_inputs
+    keep = torch.zeros(2, 77)
+    keep[:, :10] = 1.0
+    handle = attach(unet, {"type": kind, "num_tokens": 3, "targets": ["attn2"]})
+    randomize(handle, 0.3)
+    with torch.no_grad():
+        masked = unet(sample, t, text, encoder_attention_mask=keep).sample
+        cut = unet(sample, t, text[:, :10]).sample  # masking the padding = leaving it out
+    torch.testing.assert_close(masked, cut, rtol=1e-4, atol=1e-5)
+
+
+def attn2_call(unet, mask, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    attn = transformer_blocks(unet)[0][1].attn2
+    x = torch.randn(2, 16, attn.to_q.in_features, generator=g)  # (B, N, C)
+    text = torch.randn(2, 12, attn.to_k.in_features, generator=g)  # (B, M, D)
+    with torch.no_grad():
+        return attn(x, encoder_hidden_states=text, attention_mask=mask)
+
+
+@pytest.mark.parametrize("processor", [AttnProcessor2_0, AttnProcessor])
+@pytest.mark.parametrize("config", [
+    {"type": "prefix", "num_tokens": 3, "targets": ["attn2"]},
+    {"type": "prompt", "num_tokens": 3, "targets": ["attn2"]},
+    {"type": "res_prefix", "num_tokens": 3, "targets": ["attn2"], "lam_value": 0.5},
+    {"type": "res_prompt", "num_tokens": 3, "targets": ["attn2"], "lam_value": 0.5},
+    {"type": "res_prefix", "num_tokens": 3, "targets": ["attn2"], "lam": "exact"},
+    {"type": "res_prompt", "num_tokens": 3, "targets": ["attn2"], "lam": "exact"},
+], ids=lambda c: f"{c['type']}-{c.get('lam', 'learnable')}" if isinstance(c, dict) else c.__name__)
+def test_boolean_masks_act_like_additive_masks(unet, config, processor):
+    unet.set_attn_processor(processor())
+    keep = torch.ones(2, 1, 12, dtype=torch.bool)  # (B, 1, M), True = attend
+    keep[0, :, 7:] = False
+    keep[1, :, 4:] = False
+    additive = torch.zeros(2, 1, 12).masked_fill(~keep, -10000.0)
+    handle = attach(unet, config)
+    randomize(handle, 0.3)
+    got, expected = attn2_call(unet, keep), attn2_call(unet, additive)
+    with handle.disabled():
+        base = attn2_call(unet, additive)
+    assert (expected - base).abs().max() > 1e-3  # the tuner really acts
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# processor swaps with several sets (issue 12 items 2 and 3)
+
+
+def tuner_count(unet) -> int:
+    return sum(len(p.entries) for p in unet.attn_processors.values() if isinstance(p, TunedAttnProcessor))
+
+
+@pytest.mark.parametrize("kernel", [AttnProcessor, AttnProcessor2_0])
+def test_swap_after_detaching_one_set_keeps_the_other(unet, unet_inputs, kernel):
+    base = run_unet(unet, unet_inputs)
+    a = attach(unet, {"type": "res_prefix", "num_tokens": 2, "targets": ["attn1", "attn2"]}, name="a")
+    b = attach(unet, {"type": "res_prompt", "num_tokens": 2, "targets": ["attn1"]}, name="b")
+    randomize(a, 0.3)
+    randomize(b, 0.3)
+    with a.disabled():
+        only_b = run_unet(unet, unet_inputs)
+    a.detach()
+    before = tuner_count(unet)
+    unet.set_attn_processor(kernel())
+    got = run_unet(unet, unet_inputs)
+    assert tuner_count(unet) == before == 7  # b's res_prompt on every self-attention
+    assert (got - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, only_b, rtol=1e-4, atol=1e-5)
+    b.detach()
+    assert not any(isinstance(p, TunedAttnProcessor) for p in unet.attn_processors.values())
+    torch.testing.assert_close(run_unet(unet, unet_inputs), base, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [AttnProcessor, AttnProcessor2_0])
+def test_attach_after_a_swap_wraps_the_new_kernel_once(unet, unet_inputs, kernel):
+    a = attach(unet, {"type": "res_prefix", "num_tokens": 2, "targets": ["attn1", "attn2"]}, name="a")
+    randomize(a, 0.3)
+    unet.set_attn_processor(kernel())
+    b = attach(unet, {"type": "prefix", "num_tokens": 2, "targets": ["attn1"]}, name="b")
+    randomize(b, 0.3)
+    both = run_unet(unet, unet_inputs)
+    processors = list(unet.attn_processors.values())
+    assert all(isinstance(p, TunedAttnProcessor) and not isinstance(p.base, TunedAttnProcessor) for p in processors)
+    assert tuner_count(unet) == 14 + 7
+    a.detach()
+    b.detach()
+    base = run_unet(unet, unet_inputs)
+    a2 = attach(unet, {"type": "res_prefix", "num_tokens": 2, "targets": ["attn1", "attn2"]}, name="a")
+    b2 = attach(unet, {"type": "prefix", "num_tokens": 2, "targets": ["attn1"]}, name="b")
+    a2.load_state_dict(a.state_dict())
+    b2.load_state_dict(b.state_dict())
+    assert (both - base).abs().max() > 1e-3
+    torch.testing.assert_close(run_unet(unet, unet_inputs), both, rtol=1e-4, atol=1e-5)

@@ -5,8 +5,8 @@ import torch
 
 from conftest import run_unet
 from restune_diffusion.attach import attach
+from restune_diffusion.exports import save_diffusers_lora
 from restune_diffusion.models import build_pipeline, build_unet
-from restune_diffusion.tuners.lora import save_diffusers_lora
 
 
 def test_our_lora_counts_as_peft_lora_on_sd15():

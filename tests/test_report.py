@@ -25,3 +25,19 @@ def test_report_on_tiny_lists_types_and_blocks(capsys):
     main([str(ROOT / "configs" / "res_tuning.yaml"), "--model", "tiny"])
     out = capsys.readouterr().out
     assert "res_adapter" in out and "res_prompt" in out and "mid_block.attentions.0.transformer_blocks.0" in out
+
+
+def trainable(capsys) -> int:
+    return int(capsys.readouterr().out.strip().splitlines()[-1].split("=")[1])
+
+
+def test_a_config_that_names_its_model_is_reported_on_that_model(capsys):
+    # configs/tiny_demo.yaml names `tiny`, the shipped pretrained tiny base (64/128/128 wide): 93,383 parameters, the
+    # count train_t2i.py prints for the demo; SD v1.5 would give 1,648,400
+    main([str(ROOT / "configs" / "tiny_demo.yaml")])
+    out = capsys.readouterr().out
+    assert out.startswith("model: tiny (") and out.strip().endswith("trainable_params=93383")
+    main([str(ROOT / "configs" / "tiny_demo.yaml"), "--model", "sd15"])  # --model overrides
+    assert trainable(capsys) == 1_648_400
+    main([str(ROOT / "configs" / "tiny_demo.yaml"), "--model", "tiny-random"])  # the test model: half as wide
+    assert trainable(capsys) == 46_919

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from restune_diffusion.placement import iter_ops
 from restune_diffusion.tuners.res_adapter import ResAdapter, ResAdapterConfig, op_width
 
 
@@ -18,8 +19,6 @@ class AdapterConfig(ResAdapterConfig):
 
 
 def install(unet, cfg: AdapterConfig, handle) -> None:
-    from restune_diffusion.attach import iter_ops
-
     for path, op in iter_ops(unet, cfg.blocks, cfg.targets, cfg.type):
         tuner = handle.add_module(f"{path}.{cfg.type}", ResAdapter(op_width(op), cfg.dim, cfg.act, cfg.scale))
         handle.add_residual(op, tuner, on_output=True)

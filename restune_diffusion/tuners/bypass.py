@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from restune_diffusion.attach import _call_input
 from restune_diffusion.config import check, check_choice, check_positive_int
+from restune_diffusion.placement import call_input, replace_input
 from restune_diffusion.tuners.res_adapter import ACTIVATIONS
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class NoGradPrefix:
 
 
 class _Removable:
-    """Goes into `handle._hooks`: `detach()` calls remove()."""
+    """Kept by the handle (`handle.keep`): `detach()` calls remove()."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -190,10 +190,6 @@ class _Removable:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # one bypass per tuner set; one hub per UNet that replaces the target's input
-
-
-def _replace_input(args, kwargs, new):
-    return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
 
 class BypassRun:
@@ -269,16 +265,16 @@ class BypassHub:
             active = self.active()
             if not any(r is not None for r in active):
                 return None
-            x = _call_input(args, kwargs)  # (N, C, H, W), computed without a graph
+            x = call_input(args, kwargs)  # (N, C, H, W), computed without a graph
             if self.route is None:
-                return _replace_input(args, kwargs, active[0].output(x, slice(None)))
+                return replace_input(args, kwargs, active[0].output(x, slice(None)))
             k, n = len(active), x.shape[0]
             if not self.broadcast and n % k:
                 raise ValueError(f"multi-task batch of {n} rows does not split into {k} equal task slices")
             size = n if self.broadcast else n // k
             rows = [slice(None) if self.broadcast else slice(i * size, (i + 1) * size) for i in range(k)]
             parts = [x[r] if run is None else run.output(x[r], r) for run, r in zip(active, rows)]
-            return _replace_input(args, kwargs, torch.cat(parts))  # (K·size, C, H, W)
+            return replace_input(args, kwargs, torch.cat(parts))  # (K·size, C, H, W)
         finally:
             self._clear()
 
@@ -354,11 +350,11 @@ def install(unet, cfg: BypassConfig, handle) -> None:
 
     hub = hub or unet.__dict__.setdefault("_restune_bypass", BypassHub(unet, cfg.target, target))
     run = BypassRun(handle, blocks, root_width, [cfg.root, *names])
-    handle._hooks.append(hub.add(run))
-    handle._hooks.append(root.register_forward_pre_hook(
-        lambda _m, args, kwargs: hub.capture(run, "root", _call_input(args, kwargs)), with_kwargs=True))
+    handle.keep(hub.add(run))
+    handle.keep(root.register_forward_pre_hook(
+        lambda _m, args, kwargs: hub.capture(run, "root", call_input(args, kwargs)), with_kwargs=True))
     for i, stem in enumerate(stems):
-        handle._hooks.append(stem.register_forward_hook(
+        handle.keep(stem.register_forward_hook(
             lambda _m, _args, out, i=i: hub.capture(run, i, out[0] if isinstance(out, tuple) else out)))
     if len(handle.configs) > 1:
         log.warning("tuner set '%s': tuners before %s get no gradient beside a bypass (it reads detached features)",

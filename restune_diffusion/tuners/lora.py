@@ -3,8 +3,8 @@
 Installed as forward hooks on the frozen nn.Linear layers (output + (α/r)·B(A(x))): the UNet's modules and keys stay
 as they are. Paper row "LoRA": rank 50 on to_q/to_k/to_v/to_out.0 of attn1 and attn2 in the 16 blocks (9.96 M),
 the same count as diffusers + peft `LoraConfig(r=50, target_modules=[...])`. We keep our own because peft replaces
-modules (new state-dict keys, a second mechanism); `export_diffusers_lora` writes peft/diffusers key names so
-`pipe.load_lora_weights` reads our files unchanged.
+modules (new state-dict keys, a second mechanism); `export_diffusers_lora` gives peft/diffusers key names so
+`pipe.load_lora_weights` reads our files unchanged (`restune_diffusion.exports` writes them).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from restune_diffusion.config import check, check_blocks, check_positive_int, check_targets
+from restune_diffusion.placement import iter_ops
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -55,8 +56,6 @@ class Lora(nn.Module):
 
 
 def install(unet, cfg: LoraConfig, handle) -> None:
-    from restune_diffusion.attach import iter_ops
-
     for path, attn in iter_ops(unet, cfg.blocks, cfg.targets, cfg.type):
         for name in cfg.modules:
             linear = attn.get_submodule(name)
@@ -73,18 +72,3 @@ def export_diffusers_lora(handle) -> dict[str, torch.Tensor]:
             state[f"unet.{base}.lora_A.weight"] = module.down.weight.detach().clone()
             state[f"unet.{base}.lora_B.weight"] = (module.up.weight * module.scaling).detach().clone()
     return state
-
-
-def save_diffusers_lora(directory, handle):
-    """`<directory>/pytorch_lora_weights.safetensors` in diffusers' naming, for `pipe.load_lora_weights(directory)`."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from restune_diffusion.weights import atomic_write
-
-    state = export_diffusers_lora(handle)
-    if not state:
-        raise ValueError(f"tuner set '{handle.name}' has no LoRA tuner to export")
-    path = Path(directory) / "pytorch_lora_weights.safetensors"
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from restune_diffusion.config import check_blocks, check_positive_int, check_targets
+from restune_diffusion.placement import iter_ops
 
 
 @dataclass
@@ -41,8 +42,6 @@ class Prefix(nn.Module):
 
 
 def install(unet, cfg: PrefixConfig, handle) -> None:
-    from restune_diffusion.attach import iter_ops
-
     for path, attn in iter_ops(unet, cfg.blocks, cfg.targets, cfg.type):
         tuner = handle.add_module(f"{path}.{cfg.type}", Prefix(attn.to_k.out_features, cfg.num_tokens))
         handle.add_attention_tuner(attn, tuner)

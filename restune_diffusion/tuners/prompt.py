@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from restune_diffusion.placement import iter_ops
 from restune_diffusion.tuners.prefix import PrefixConfig
 
 
@@ -35,8 +36,6 @@ class Prompt(nn.Module):
 
 
 def install(unet, cfg: PromptConfig, handle) -> None:
-    from restune_diffusion.attach import iter_ops
-
     for path, attn in iter_ops(unet, cfg.blocks, cfg.targets, cfg.type):
         tuner = handle.add_module(f"{path}.{cfg.type}", Prompt(attn.to_k.in_features, cfg.num_tokens))
         handle.add_attention_tuner(attn, tuner)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from restune_diffusion.config import check_blocks, check_choice, check_positive_int, check_targets
+from restune_diffusion.placement import iter_ops
 
 ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "identity": nn.Identity}
 SCALES = ("none", "scalar", "channel")
@@ -68,8 +69,6 @@ def op_width(op: nn.Module) -> int:
 
 
 def install(unet, cfg: ResAdapterConfig, handle) -> None:
-    from restune_diffusion.attach import iter_ops
-
     for path, op in iter_ops(unet, cfg.blocks, cfg.targets, cfg.type):
         width = op_width(op)
         tuner = handle.add_module(f"{path}.{cfg.type}", ResAdapter(width, cfg.dim, cfg.act, cfg.scale))

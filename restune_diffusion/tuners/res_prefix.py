@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from restune_diffusion.config import check, check_blocks, check_choice, check_positive_int, check_targets
+from restune_diffusion.kernel import attention, log_partition, split_heads
+from restune_diffusion.placement import iter_ops
 
 LAMBDA_MODES = ("learnable", "fixed", "exact")
 
@@ -56,8 +58,6 @@ class ParallelBranch(nn.Module):
 
     def branch(self, attn, q, k, out, mask, backend):
         """Δ added to the per-head attention output before W_out. q, out: (B, H, N, d); k: keys (B, H, M, d)"""
-        from restune_diffusion.attach import attention, log_partition, split_heads
-
         kp, vp = self.keys_values(attn)
         dtype = kp.dtype
         batch, heads = q.shape[:2]
@@ -86,8 +86,6 @@ class ResPrefix(ParallelBranch):
 
 
 def install(unet, cfg: ResPrefixConfig, handle) -> None:
-    from restune_diffusion.attach import iter_ops
-
     for path, attn in iter_ops(unet, cfg.blocks, cfg.targets, cfg.type):
         tuner = ResPrefix(attn.to_k.out_features, cfg.num_tokens, cfg.lam, cfg.lam_value)
         handle.add_attention_tuner(attn, handle.add_module(f"{path}.{cfg.type}", tuner))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from restune_diffusion.config import check
+from restune_diffusion.placement import iter_ops
 from restune_diffusion.tuners.res_prefix import ParallelBranch, ResPrefixConfig
 
 
@@ -39,8 +40,6 @@ class ResPrompt(ParallelBranch):
 
 
 def install(unet, cfg: ResPromptConfig, handle) -> None:
-    from restune_diffusion.attach import iter_ops
-
     for path, attn in iter_ops(unet, cfg.blocks, cfg.targets, cfg.type):
         tuner = ResPrompt(attn.to_k.in_features, cfg.num_tokens, cfg.lam, cfg.lam_value)
         handle.add_attention_tuner(attn, handle.add_module(f"{path}.{cfg.type}", tuner))

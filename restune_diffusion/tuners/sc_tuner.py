@@ -14,8 +14,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from restune_diffusion.attach import attached_sets, cast_call
 from restune_diffusion.config import check, check_choice
+from restune_diffusion.placement import attached_sets, call_input, cast_call, replace_input
 from restune_diffusion.tuners.bypass import NoGradPrefix
 from restune_diffusion.tuners.res_adapter import ACTIVATIONS, ResAdapter
 
@@ -50,11 +50,11 @@ def _edit_skip(handle, tuner: nn.Module, hidden_width: int):
     def pre_hook(_resnet, args, kwargs):
         if not handle.enabled:
             return None
-        x = args[0] if args else kwargs["input_tensor"]  # (B, C_hidden + C_skip, H, W)
+        x = call_input(args, kwargs, "input_tensor")  # (B, C_hidden + C_skip, H, W)
         hidden, skip = x[:, :hidden_width], x[:, hidden_width:]
         delta = cast_call(tuner, skip.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # the tuner's Linears want (..., C)
         x = torch.cat([hidden, skip + handle.scale * delta], dim=1)
-        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "input_tensor": x})
+        return replace_input(args, kwargs, x, "input_tensor")
 
     return pre_hook
 
@@ -81,8 +81,8 @@ def install(unet, cfg: SCTunerConfig, handle) -> None:
                              f"{hidden_width}-channel hidden state")
         tuner = ResAdapter(skip_width, max(1, round(cfg.ratio * skip_width)), cfg.act)
         handle.add_module(f"{path}.{cfg.type}", tuner)
-        handle._hooks.append(resnet.register_forward_pre_hook(_edit_skip(handle, tuner, hidden_width),
+        handle.keep(resnet.register_forward_pre_hook(_edit_skip(handle, tuner, hidden_width),
                                                               with_kwargs=True))
     encoder_params = [p for n, p in unet.named_parameters() if n.split(".")[0] not in DECODER]
     wants = lambda args, kwargs: handle.enabled and not _needs_encoder_grad(unet, encoder_params, args, kwargs)
-    handle._hooks.append(NoGradPrefix.of(unet).register(unet.up_blocks[0], wants))
+    handle.keep(NoGradPrefix.of(unet).register(unet.up_blocks[0], wants))
