@@ -1,7 +1,5 @@
 """restune-diffusion: Res-Tuning and Res-Tuning-Bypass (arXiv 2310.19859) for Stable Diffusion v1.5."""
 
-__version__ = "0.1.0"
-
 import logging as _logging
 
 # transformers suggests installing torchvision when a pipeline imports CLIPImageProcessor; we never use it (and it
@@ -12,6 +10,7 @@ _logging.getLogger("transformers.utils.import_utils").addFilter(
 
 # eager: `attach` is also the name of its module, which would shadow a lazily imported function
 from restune_diffusion.attach import attach, attached_sets
+from restune_diffusion.version import __version__
 from restune_diffusion.weights import load_tuners, save_tuners
 
 # the rest on first use (diffusers/transformers imports are slow)

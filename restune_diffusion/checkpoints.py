@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from restune_diffusion.weights import atomic_write_text
+
 STATE_FILE = "train_state.json"  # written last into a checkpoint: its presence means the checkpoint is complete
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 ABANDONED_DIR = "abandoned"  # newer checkpoints of a run resumed from an older one go here
@@ -113,8 +115,6 @@ def file_sizes(folder: Path) -> dict[str, int]:
 
 def write_state(folder: Path, state: dict) -> Path:
     """The state file, last, with the sizes of everything already in the folder."""
-    from restune_diffusion.weights import atomic_write_text
-
     state = {**state, "files": file_sizes(folder)}
     return atomic_write_text(folder / STATE_FILE, json.dumps(state, indent=1))
 

@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from restune_diffusion.models import build_pipeline, load_model
+from restune_diffusion.multitask import generate_multitask
 from restune_diffusion.samplers import make_scheduler, sampler_key, sampler_label
-from restune_diffusion.weights import atomic_write, atomic_write_text
+from restune_diffusion.weights import atomic_write, atomic_write_text, load_tuners
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -43,9 +45,6 @@ def load_pipeline(base: str, tuners=None, device: str | None = None, dtype: torc
     The handles are on `pipe.tuner_handles` (name -> handle); `scale` sets the tuners' strength. `scheduler`: a
     sampler name users know ("Euler a", "DPM++ 2M Karras", ...; restune_diffusion.samplers).
     """
-    from restune_diffusion.models import build_pipeline, load_model
-    from restune_diffusion.weights import load_tuners
-
     sampler = sampler_key(scheduler)  # a bad name fails before any model loads
     device = device or default_device()
     dtype = parse_dtype(dtype, device) if not isinstance(dtype, torch.dtype) else dtype
@@ -285,9 +284,6 @@ def _run_multitask(args, prompts: list[str], out: Path, names: list[str]) -> lis
     """Several tuner files (bypasses): one backbone pass per step serves every task. Every flag means what it means
     for one file: image i has seed + i, --batch_size prompts per denoising loop, --scale and --negative_prompt."""
     from tqdm.auto import tqdm
-
-    from restune_diffusion.multitask import generate_multitask
-    from restune_diffusion.weights import load_tuners
 
     pipe = load_pipeline(args.pretrained_model_name_or_path, None, device=args.device, dtype=args.dtype,
                          scheduler=args.scheduler, karras_sigmas=getattr(args, "karras_sigmas", False))

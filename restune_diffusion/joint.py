@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from restune_diffusion.attach import attach
 from restune_diffusion.checkpoints import find_checkpoint
 from restune_diffusion.cli import run_cli
 from restune_diffusion.multitask import route_bypasses
@@ -73,6 +74,7 @@ from restune_diffusion.train import (
     write_resolved_config,
 )
 from restune_diffusion.train import resume as resume_state
+from restune_diffusion.tuners import parse_tuner_configs, to_dicts
 from restune_diffusion.weights import atomic_write_text
 
 
@@ -240,8 +242,6 @@ def train_loop(run: JointRun) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # the job
 def joint_settings(args, tasks: list, num_processes: int) -> dict:
-    from restune_diffusion.tuners import parse_tuner_configs, to_dicts
-
     resolved = resolved_config(args)
     shared = {k: v for k, v in {**resolved["train"], **resolved["data"]}.items() if k not in PER_TASK}
     return {**shared, "num_processes": num_processes,
@@ -253,8 +253,6 @@ def build_tasks(args, accelerator, weight_dtype):
     """The base model once, then each task's bypass attached right after seeding with its seed (what an alone run
     draws for its initialisation)."""
     from accelerate.utils import set_seed
-
-    from restune_diffusion.attach import attach
 
     sd, fingerprint = load_base(args, accelerator)
     tasks = [Task(spec["name"], task_args(args, spec)) for spec in args.tasks]

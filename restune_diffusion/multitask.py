@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from restune_diffusion.tuners.bypass import BypassHub
+from restune_diffusion.weights import load_tuners
 
 
 def _hub(unet, handles: Sequence) -> BypassHub:
@@ -85,8 +86,6 @@ def multitask_unet_forward(unet, handles: Sequence, sample: torch.Tensor, timest
 
 def _task_handles(unet, tasks: Mapping) -> tuple[list, list]:
     """(handles, the ones loaded here to detach afterwards). A task is a tuner file, an attached handle, or None."""
-    from restune_diffusion.weights import load_tuners
-
     if not isinstance(tasks, Mapping) or not tasks:
         raise ValueError(f"tasks: expected a non-empty mapping name -> tuner file | handle | None, got {tasks!r}")
     handles, loaded = [], []

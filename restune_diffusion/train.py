@@ -34,6 +34,7 @@ import yaml
 from torch import nn
 
 from restune_diffusion import world
+from restune_diffusion.attach import attach
 from restune_diffusion.checkpoints import (
     STATE_FILE,
     DiskWriteError,
@@ -51,8 +52,14 @@ from restune_diffusion.checkpoints import (
     write_state,
 )
 from restune_diffusion.cli import run_cli
+from restune_diffusion.config import load_yaml
+from restune_diffusion.data import build_dataloader, cache_latents, load_dataset, tokenize_captions
+from restune_diffusion.generate import make_grid, native_resolution
+from restune_diffusion.models import TINY_NAMES, build_pipeline, check_sd15_folder, load_model
 from restune_diffusion.report import format_report
-from restune_diffusion.weights import atomic_write, atomic_write_text
+from restune_diffusion.tuners import parse_tuner_configs, to_dicts
+from restune_diffusion.tuners.lora import export_diffusers_lora
+from restune_diffusion.weights import atomic_write, atomic_write_text, clean_stale_temps, load_tuners_into, save_tuners
 
 # The built-in demo (`python train_t2i.py` with no arguments). configs/tiny_demo.yaml holds the same text (a test
 # keeps them equal); it is embedded so the demo runs from any working directory and from an installed package.
@@ -218,9 +225,6 @@ def _section_values(parser: argparse.ArgumentParser, config: dict, section: str,
 def config_values(parser, defaults: dict, given: dict, path: str | None) -> list[dict]:
     """Defaults < the YAML's train:/data: < a task's train: < flags given on the command line; `tuners` from the
     YAML. One dict, or one per entry of a `tasks:` list (a joint run: name, tuners, train: with PER_TASK keys)."""
-    from restune_diffusion.config import load_yaml
-    from restune_diffusion.tuners import parse_tuner_configs
-
     config = load_yaml(path) if path else yaml.safe_load(TINY_DEMO_YAML)
     where = str(path) if path else "built-in tiny demo config"
     values = dict(defaults)
@@ -276,8 +280,6 @@ PER_TASK = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "seed", "adam_be
 def joint_tasks(runs: list[dict]) -> dict:
     """The values of a joint run: the settings every config shares (one data stream, one backbone pass), and
     `tasks`, one per bypass: name, tuners and the PER_TASK settings, crossed with the sweeps."""
-    from restune_diffusion.tuners import parse_tuner_configs
-
     first = runs[0]
     for run in runs[1:]:
         differ = [k for k in first if k not in (*PER_TASK, "tuners", "config", "config_name") and run[k] != first[k]]
@@ -338,9 +340,6 @@ def model_resolution(name_or_path: str) -> int:
     """The model's native image size (generate.native_resolution), read from its config files before any weights
     load: a config made for SD v1.5 used with `tiny` trains at tiny's 32 px, not at 512."""
     from types import SimpleNamespace
-
-    from restune_diffusion.generate import native_resolution
-    from restune_diffusion.models import TINY_NAMES, check_sd15_folder, load_model
 
     if name_or_path in TINY_NAMES:
         sd = load_model(name_or_path)
@@ -442,8 +441,6 @@ def seed_for(*keys: int) -> int:
 @torch.no_grad()
 def batch_inputs(batch: dict, sd, generator: torch.Generator, noise_offset: float, dtype: torch.dtype, device):
     """(latents, text states, noise, timesteps) of a batch; the frozen VAE and text encoder run in `dtype`."""
-    from restune_diffusion.data import tokenize_captions
-
     if "latents" in batch:  # --cache_latents: already sampled and scaled
         latents = batch["latents"].to(device, dtype)
     else:
@@ -482,8 +479,6 @@ def weight_dtype_of(accelerator) -> torch.dtype:
 
 def load_base(args, accelerator):
     """The SD components on the device in fp32, before any tuner. Returns (sd, the base UNet's fingerprint)."""
-    from restune_diffusion.models import load_model
-
     sd = load_model(args.pretrained_model_name_or_path, dtype=torch.float32, device=accelerator.device)
     base_fingerprint = weights_fingerprint(sd.unet)  # before any cast
     if args.prediction_type:
@@ -515,8 +510,6 @@ def freeze_and_cast(args, sd, handles: list, weight_dtype: torch.dtype) -> None:
 def build_models(args, accelerator, weight_dtype: torch.dtype):
     """SD components on the device, tuners attached (fp32), frozen parts in `weight_dtype`. Returns (sd, handle,
     the base UNet's fingerprint taken before any cast)."""
-    from restune_diffusion.attach import attach
-
     sd, base_fingerprint = load_base(args, accelerator)
     handle = attach(sd.unet, args.tuners, name="default")
     freeze_and_cast(args, sd, [handle], weight_dtype)
@@ -527,8 +520,6 @@ def build_models(args, accelerator, weight_dtype: torch.dtype):
 # data
 def build_dataset(args, accelerator):
     """Scan and build the dataset before any model is loaded; print what the scan found (PITFALLS: caption loss)."""
-    from restune_diffusion.data import load_dataset
-
     options = {"resolution": args.resolution, "center_crop": args.center_crop, "random_flip": args.random_flip,
                "seed": args.seed, "caption_mode": args.caption_mode, "caption_column": args.caption_column,
                "image_column": args.image_column, "skip_bad_images": args.skip_bad_images}
@@ -540,8 +531,6 @@ def build_dataset(args, accelerator):
 
 
 def build_loader(args, dataset, sd, accelerator, weight_dtype: torch.dtype):
-    from restune_diffusion.data import build_dataloader, cache_latents
-
     if args.cache_latents:
         dataset = cache_latents(dataset, sd.vae, batch_size=args.train_batch_size, device=accelerator.device,
                                 dtype=weight_dtype)
@@ -594,8 +583,6 @@ def register_state_hooks(accelerator, handles: dict) -> None:
     """save_state/load_state carry the tuner tensors only (`tuners.safetensors`, self-describing, loadable by
     weights.load_tuners), never the frozen UNet, and load them strictly. Full fine-tuning: the UNet is in them.
     `handles`: file name inside the checkpoint -> handle (joint runs: one file per task)."""
-    from restune_diffusion.weights import load_tuners_into, save_tuners
-
     def ours(model) -> bool:
         return isinstance(accelerator.unwrap_model(model), TunedUNet)
 
@@ -723,9 +710,6 @@ def decode_fp32(vae, latents: torch.Tensor) -> list:
 def generate_grid(sd, prompts: list[str], num_images: int, resolution: int, seed: int, weight_dtype, device):
     """Sample the live tuned UNet through a pipeline over the components in memory, without casting any of them
     (PITFALLS: validation downcasts the live model; validation OOM)."""
-    from restune_diffusion.generate import make_grid
-    from restune_diffusion.models import build_pipeline
-
     pipe = build_pipeline(sd)
     generator = torch.Generator(device=device).manual_seed(seed)
     autocast = (torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32
@@ -949,8 +933,6 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
 
 def export(run: Run, seconds: float, steps_run: int) -> dict:
     """Final tuners (+ diffusers LoRA file), sample grid, loss curve and summary; main process after a barrier."""
-    from restune_diffusion.weights import save_tuners
-
     a, out = run.accelerator, run.output_dir
     a.wait_for_everyone()
     if run.validated_at != run.global_step:
@@ -961,8 +943,6 @@ def export(run: Run, seconds: float, steps_run: int) -> dict:
     files = {"tuners": str(save_tuners(out / TUNERS_FILE, handle))}
     if any(c.type == "lora" for c in handle.configs):
         from safetensors.torch import save_file
-
-        from restune_diffusion.tuners.lora import export_diffusers_lora
 
         state = {k: v.contiguous().cpu() for k, v in export_diffusers_lora(handle).items()}
         files["lora"] = str(atomic_write(out / LORA_FILE, lambda tmp: save_file(state, str(tmp))))
@@ -1041,8 +1021,6 @@ def prepare_run(args, accelerator, sd, handle, loader, weight_dtype) -> Run:
 def run_settings(args, num_processes: int) -> dict:
     """The settings a checkpoint records and a resume compares: the resolved config (flat), the tuner configs with
     their defaults filled in, and the process count."""
-    from restune_diffusion.tuners import parse_tuner_configs, to_dicts
-
     resolved = resolved_config(args)
     return {**resolved["train"], **resolved["data"], "tuners": to_dicts(parse_tuner_configs(args.tuners)),
             "num_processes": num_processes}
@@ -1051,8 +1029,6 @@ def run_settings(args, num_processes: int) -> dict:
 def check_output_dir(out: Path) -> None:
     """Fail before any model loads when the output folder cannot be written: one line naming it. Then remove the
     temp files of writers killed mid-write (weights.clean_stale_temps)."""
-    from restune_diffusion.weights import clean_stale_temps
-
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"

@@ -28,8 +28,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from restune_diffusion.attach import attach, select_blocks, transformer_blocks
-from restune_diffusion.tuners import parse_tuner_configs, to_dicts
 from restune_diffusion.models import unet_fingerprint
+from restune_diffusion.tuners import parse_tuner_configs, to_dicts
+from restune_diffusion.version import __version__
 
 FORMAT = "restune-diffusion/1"
 BLOCK_KEYWORDS = ("all", "down", "mid", "up")
@@ -107,8 +108,6 @@ def clean_stale_temps(folder: str | os.PathLike, max_age_minutes: float = 60.0) 
 
 
 def base_metadata(unet) -> dict[str, str]:
-    from restune_diffusion import __version__  # the package's __init__ imports this module
-
     return {
         "format": FORMAT,
         "base_fingerprint": unet_fingerprint(unet),
