@@ -66,9 +66,33 @@ def install(unet, cfg: LoraConfig, handle) -> None:
 def export_diffusers_lora(handle) -> dict[str, torch.Tensor]:
     """LoRA tensors under peft/diffusers names (`unet.<module>.lora_A.weight`), scaling folded into B."""
     state = {}
-    for name, module in handle.module.named_modules():
-        if isinstance(module, Lora):
-            base = name[: -len(".lora")]
-            state[f"unet.{base}.lora_A.weight"] = module.down.weight.detach().clone()
-            state[f"unet.{base}.lora_B.weight"] = (module.up.weight * module.scaling).detach().clone()
+    for path, module in _loras(handle):
+        state[f"unet.{path}.lora_A.weight"] = module.down.weight.detach().clone()
+        state[f"unet.{path}.lora_B.weight"] = (module.up.weight * module.scaling).detach().clone()
     return state
+
+
+def _loras(handle) -> list[tuple[str, Lora]]:
+    """(UNet module path, its Lora) for every LoRA of the set, e.g. ("down_blocks.0....attn1.to_q", lora)."""
+    return [(name[: -len(".lora")], module) for name, module in handle.module.named_modules()
+            if isinstance(module, Lora)]
+
+
+def export_kohya_lora(handle) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """LoRA tensors under kohya/A1111 names, and kohya's metadata: `lora_unet_<path, dots as _>.lora_down.weight`
+    (A), `.lora_up.weight` (B, unscaled) and `.alpha`, read back as W + (alpha/rank)·B·A by A1111, ComfyUI and
+    diffusers' `load_lora_weights`."""
+    state, ranks, alphas = {}, set(), set()
+    for path, module in _loras(handle):
+        key = "lora_unet_" + path.replace(".", "_")
+        rank = module.down.out_features
+        alpha = module.scaling * rank
+        state[f"{key}.lora_down.weight"] = module.down.weight.detach().clone()
+        state[f"{key}.lora_up.weight"] = module.up.weight.detach().clone()
+        state[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        ranks.add(rank)
+        alphas.add(alpha)
+    metadata = {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1", "ss_v2": "False",
+                "ss_network_dim": ",".join(str(r) for r in sorted(ranks)),
+                "ss_network_alpha": ",".join(f"{a:g}" for a in sorted(alphas))}
+    return state, metadata
