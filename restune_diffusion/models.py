@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from restune_diffusion.hub import check_variant, is_repo_id, resolve_repo
+
 TINY = "tiny"  # the shipped pretrained tiny base of the tiny world (restune_diffusion/world.py)
 TINY_RANDOM = "tiny-random"  # the same family's seeded random components (build_tiny_sd): tests that need no training
 TINY_NAMES = (TINY, TINY_RANDOM)
@@ -207,17 +209,33 @@ def check_sd15_folder(path: str | os.PathLike) -> Path:
     return root
 
 
-def load_sd15(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load UNet, VAE, text encoder, tokenizer and scheduler from a local folder; never touches the network."""
+def resolve_model(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """The local folder of `--pretrained_model_name_or_path`: the folder itself, or a hub id's snapshot in the local
+    Hugging Face cache at `revision` (hub.py; offline, nothing downloaded), checked for SD v1.5's sub-folders."""
+    path = Path(name_or_path)
+    if path.exists() or not is_repo_id(str(name_or_path)):
+        if revision is not None:
+            raise ValueError(f"--revision {revision}: picks a revision of a hub id in the Hugging Face cache; "
+                             f"{name_or_path} is a local path, used as it is. Drop --revision")
+        return check_sd15_folder(path)
+    return check_sd15_folder(resolve_repo(str(name_or_path), revision))
+
+
+def load_sd15(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              variant: str | None = None):
+    """Load UNet, VAE, text encoder, tokenizer and scheduler from a local folder; never touches the network.
+    `variant`: the weight files' variant (diffusers' `--variant fp16`: `diffusion_pytorch_model.fp16.safetensors`)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = check_sd15_folder(path)
+    check_variant(root, ("unet", "vae", "text_encoder"), variant)
     kw = dict(local_files_only=True)
+    weights = dict(torch_dtype=dtype, variant=variant, **kw)
     try:
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **weights)
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **weights)
+        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **weights)
         tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **kw)
         scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **kw)
     except (OSError, ValueError) as err:
@@ -228,9 +246,13 @@ def load_sd15(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devic
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               seed: int = 0) -> SDComponents:
+               seed: int = 0, revision: str | None = None, variant: str | None = None) -> SDComponents:
     """`--pretrained_model_name_or_path`: "tiny" (the pretrained tiny base), "tiny-random" (seeded random tiny
-    components, `seed`), else a local SD v1.5 folder."""
+    components, `seed`), a local SD v1.5 folder, or a hub id in the local Hugging Face cache (`revision`: a branch,
+    tag or commit; `variant`: e.g. "fp16" weight files)."""
+    if name_or_path in TINY_NAMES and (revision or variant):
+        raise ValueError(f"--revision/--variant: apply to a hub id or a model folder, not to the built-in "
+                         f"'{name_or_path}'; drop them")
     if name_or_path == TINY:
         return load_tiny(dtype=dtype, device=device)
     if name_or_path == TINY_RANDOM:
@@ -240,7 +262,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
             if dtype != torch.float32:  # diffusers warns on any .to(dtype), even a no-op one
                 module.to(dtype)
         return sd
-    return load_sd15(name_or_path, dtype=dtype, device=device)
+    sd = load_sd15(resolve_model(name_or_path, revision), dtype=dtype, device=device, variant=variant)
+    if not Path(name_or_path).exists():
+        sd.name = str(name_or_path)  # the hub id, not its snapshot folder
+    return sd
 
 
 def save_components(sd: SDComponents, path: str | os.PathLike) -> None:
