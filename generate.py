@@ -19,7 +19,10 @@ from restune_diffusion.generate import run
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained_model_name_or_path", default="tiny", help="local SD v1.5 folder, or 'tiny'")
+    p.add_argument("--pretrained_model_name_or_path", default="tiny",
+                   help="local SD v1.5 folder, a hub id in the local Hugging Face cache (offline), or 'tiny'")
+    p.add_argument("--revision", help="hub id: a branch, tag or commit of the cached model (default: main)")
+    p.add_argument("--variant", help="weight files of this variant, e.g. fp16")
     p.add_argument("--tuners", action="append", help="tuner .safetensors (repeat for several bypass tasks)")
     p.add_argument("--task_names", action="append", help="a folder name per --tuners file, in order (repeat)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")

@@ -49,6 +49,10 @@ APPLIED = {
     "skip_bad_images": "checked by the data set's fingerprint instead",
     "pretrained_model_name_or_path": "checked by the base model's fingerprint instead (a moved folder is fine)",
     "world_report": "checked by the data set's fingerprint (it picks the tiny world's concept data)",
+    "revision": "checked by the base model's fingerprint instead",
+    "variant": "checked by the base model's fingerprint instead",
+    "allow_tf32": "matmuls and convolutions use it", "ema_decay": "the average continues with it",
+    "validation_epochs": "bookkeeping",
 }
 _DATA = "each sample would change: the tuners would continue on other data"
 _POSITION = ("the data position of the checkpoint is counted in steps of the old batch: samples would be skipped or "
@@ -62,6 +66,10 @@ REFUSED = {
     "caption_column": _DATA, "image_column": _DATA, "category": _DATA,
     "tuners": "the checkpoint's tuners are other modules (same shapes or not)",
     "tasks": "a joint run's bypasses (names, tuners, per-task settings) are fixed by its checkpoints",
+    "use_ema": "the EMA of the tuner weights runs from step 0: turned on at a resume it would average from there, "
+               "turned off it would be dropped",
+    "validation_split": "the held-out images, and so the training images, would change",
+    "validation_seed": "the held-out images, and so the training images, would change",
 }
 FINGERPRINTS = {"base_model": "another base model", "data": "another data set (other images or captions)"}
 

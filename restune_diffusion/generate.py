@@ -39,8 +39,10 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
 
 
 def load_pipeline(base: str, tuners=None, device: str | None = None, dtype: torch.dtype | str | None = None,
-                  scheduler: str = "ddim", scale: float = 1.0, karras_sigmas: bool = False):
-    """A StableDiffusionPipeline over `base` ("tiny" or a local SD v1.5 folder) with tuner file(s) attached.
+                  scheduler: str = "ddim", scale: float = 1.0, karras_sigmas: bool = False,
+                  revision: str | None = None, variant: str | None = None):
+    """A StableDiffusionPipeline over `base` ("tiny", a local SD v1.5 folder, or a hub id in the local Hugging Face
+    cache at `revision`, `variant` weight files; models.load_model) with tuner file(s) attached.
 
     The handles are on `pipe.tuner_handles` (name -> handle); `scale` sets the tuners' strength. `scheduler`: a
     sampler name users know ("Euler a", "DPM++ 2M Karras", ...; restune_diffusion.samplers).
@@ -48,7 +50,7 @@ def load_pipeline(base: str, tuners=None, device: str | None = None, dtype: torc
     sampler = sampler_key(scheduler)  # a bad name fails before any model loads
     device = device or default_device()
     dtype = parse_dtype(dtype, device) if not isinstance(dtype, torch.dtype) else dtype
-    sd = load_model(base, dtype=dtype, device=device)
+    sd = load_model(base, dtype=dtype, device=device, revision=revision, variant=variant)
     pipe = build_pipeline(sd)
     pipe.scheduler = make_scheduler(scheduler, sd.noise_scheduler.config, karras_sigmas)
     pipe.sampler_name = sampler_label(scheduler, karras_sigmas or sampler[1])
@@ -208,7 +210,8 @@ def run(args) -> list[Path]:
                          f"--tuners")
     tuners = args.tuners[0] if args.tuners else None
     pipe = load_pipeline(args.pretrained_model_name_or_path, tuners, device=args.device, dtype=args.dtype,
-                         scheduler=args.scheduler, scale=args.scale, karras_sigmas=getattr(args, "karras_sigmas", 0))
+                         scheduler=args.scheduler, scale=args.scale, karras_sigmas=getattr(args, "karras_sigmas", 0),
+                         revision=getattr(args, "revision", None), variant=getattr(args, "variant", None))
     images = generate_images(pipe, prompts, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
                              batch_size=args.batch_size, height=args.height, width=args.width,
                              negative_prompt=args.negative_prompt)
@@ -286,7 +289,8 @@ def _run_multitask(args, prompts: list[str], out: Path, names: list[str]) -> lis
     from tqdm.auto import tqdm
 
     pipe = load_pipeline(args.pretrained_model_name_or_path, None, device=args.device, dtype=args.dtype,
-                         scheduler=args.scheduler, karras_sigmas=getattr(args, "karras_sigmas", False))
+                         scheduler=args.scheduler, karras_sigmas=getattr(args, "karras_sigmas", False),
+                         revision=getattr(args, "revision", None), variant=getattr(args, "variant", None))
     handles = {}
     for name, path in zip(names, args.tuners):
         handles[name] = load_tuners(pipe.unet, path, name=f"task:{name}")

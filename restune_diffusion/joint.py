@@ -29,6 +29,7 @@ import torch
 from restune_diffusion.attach import attach
 from restune_diffusion.checkpoints import find_checkpoint
 from restune_diffusion.cli import run_cli
+from restune_diffusion.ema import EMA_FILE, TunerEMA
 from restune_diffusion.multitask import route_bypasses
 from restune_diffusion.train import (
     CONFIG_FILE,
@@ -56,6 +57,7 @@ from restune_diffusion.train import (
     freeze_and_cast,
     load_base,
     make_accelerator,
+    measure_heldout,
     parse_args,
     prediction_loss,
     prediction_target,
@@ -64,9 +66,16 @@ from restune_diffusion.train import (
     register_state_hooks,
     resolved_config,
     save_checkpoint,
+    say_heldout,
     seed_for,
+    set_tf32,
+    split_heldout,
+    tracker_kwargs,
     train,
+    update_ema,
     validate,
+    validation_due,
+    validation_seed,
     warn_long_warmup,
     warn_single_process,
     weight_dtype_of,
@@ -86,6 +95,7 @@ class Task:
     args: argparse.Namespace
     handle: Any = None
     view: Run | None = None  # the joint Run seen as this task's run (validate/export write to its folder)
+    ema: Any = None  # its ema.TunerEMA under --use_ema
 
 
 @dataclass
@@ -179,21 +189,29 @@ def micro_step(run: JointRun, batch: dict, epoch: int, index: int) -> list[float
 def after_step(run: JointRun, losses: list[float], epoch: int, bar) -> None:
     a, args, step = run.accelerator, run.args, run.global_step
     lrs = run.lr_scheduler.get_last_lr()
+    due = validation_due(run, step)
     for t, loss, lr in zip(run.tasks, losses, lrs):
         t.view.global_step = step
+        with only(run, t):  # the held-out loss of this task's bypass alone
+            val = measure_heldout(t.view) if due else None
         if a.is_main_process:
             path = t.view.output_dir / LOG_FILE
+            record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr}
+            if val is not None:
+                record["val_loss"] = val
             try:
                 with open(path, "a") as f:
-                    f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr}) + "\n")
+                    f.write(json.dumps(record) + "\n")
             except OSError as err:
                 raise write_error(path, f"the log line of step {step}", err, run.output_dir) from err
+            if val is not None:
+                a.log({f"{t.name}/val_loss": val}, step=step)
     a.log({f"{t.name}/train_loss": loss for t, loss in zip(run.tasks, losses)}, step=step)
     bar.update(1)
     bar.set_postfix(loss=" ".join(f"{x:.4f}" for x in losses))
     if args.checkpointing_steps and step % args.checkpointing_steps == 0:
         save_checkpoint(run)
-    if args.validation_steps and step % args.validation_steps == 0:
+    if due:
         validate_tasks(run)
 
 
@@ -233,6 +251,7 @@ def train_loop(run: JointRun) -> None:
                 micro.append(micro_step(run, batch, epoch, index))
                 if a.sync_gradients:
                     run.global_step += 1
+                    update_ema([t.ema for t in run.tasks if t.ema is not None], run.optimizer)
                     after_step(run, [sum(x) / len(x) for x in zip(*micro)], epoch, bar)
                     micro = []
                     if run.global_step >= run.max_train_steps:
@@ -272,7 +291,10 @@ def prepare(args, accelerator, sd, tasks, loader, weight_dtype) -> JointRun:
     optimizer, schedule = build_optimizer(args, tasks, accelerator, max_steps)
     model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    register_state_hooks(accelerator, {f"{t.name}/{TUNERS_FILE}": t.handle for t in tasks})
+    for t in tasks:  # each bypass has its own average (--use_ema)
+        t.ema = TunerEMA(t.handle, args.ema_decay) if args.use_ema else None
+    register_state_hooks(accelerator, {f"{t.name}/{TUNERS_FILE}": t.handle for t in tasks},
+                         {f"{t.name}/{EMA_FILE}": t.ema for t in tasks if t.ema is not None})
     accelerator.print(f"joint run: {len(tasks)} bypasses ({', '.join(t.name for t in tasks)}) in one backbone pass "
                       f"per step; {max_steps} steps; batch {args.train_batch_size} per device x {n} processes x "
                       f"{args.gradient_accumulation_steps} accumulation")
@@ -280,7 +302,7 @@ def prepare(args, accelerator, sd, tasks, loader, weight_dtype) -> JointRun:
                    Path(args.output_dir), steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch),
                    tasks=tasks)
     for t in tasks:
-        t.view = replace(run, args=t.args, handle=t.handle, output_dir=Path(t.args.output_dir), tasks=[])
+        t.view = replace(run, args=t.args, handle=t.handle, output_dir=Path(t.args.output_dir), tasks=[], ema=t.ema)
     return run
 
 
@@ -294,6 +316,7 @@ def resume(run: JointRun, path: Path) -> None:
 def train_joint(args: argparse.Namespace) -> dict:
     """The joint job: returns {task name: summary} on the main process."""
     check_report_to(args)
+    set_tf32(args)
     accelerator = make_accelerator(args)
     out = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -302,6 +325,8 @@ def train_joint(args: argparse.Namespace) -> dict:
     resume_from = find_checkpoint(out, args.resume_from_checkpoint, accelerator.print)
     check_fresh_start(out, resume_from, args, accelerator)
     dataset = build_dataset(args, accelerator)
+    dataset, heldout = split_heldout(dataset, args.validation_split, validation_seed(args))  # one split for all
+    say_heldout(heldout, accelerator)
     weight_dtype = weight_dtype_of(accelerator)
     sd, tasks, base = build_tasks(args, accelerator, weight_dtype)
     settings = {**joint_settings(args, tasks, accelerator.num_processes), "data": data_fingerprint(dataset),
@@ -309,8 +334,9 @@ def train_joint(args: argparse.Namespace) -> dict:
     notes = check_resume_settings(resume_from, settings) if resume_from else []
     loader = build_loader(args, dataset, sd, accelerator, weight_dtype)
     run = prepare(args, accelerator, sd, tasks, loader, weight_dtype)
-    run.settings, run.resume_notes = settings, notes
+    run.settings, run.resume_notes, run.heldout = settings, notes, heldout
     for t in tasks:
+        t.view.settings, t.view.heldout = settings, heldout
         warn_long_warmup(t.args, run.max_train_steps, accelerator)
     if resume_from is not None:
         resume(run, resume_from)
@@ -321,7 +347,7 @@ def train_joint(args: argparse.Namespace) -> dict:
             atomic_write_text(t.view.output_dir / LOG_FILE, "".join(json.dumps(r) + "\n" for r in records))
             write_resolved_config(t.args, t.view.output_dir / CONFIG_FILE)  # `--config` on it: this task alone
     if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("restune-diffusion-joint")
+        accelerator.init_trackers("restune-diffusion-joint", init_kwargs=tracker_kwargs(args))
     start_step, start = run.global_step, time.time()
     train_loop(run)
     seconds, summaries = time.time() - start, {}

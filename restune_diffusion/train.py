@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import importlib.util
 import json
@@ -54,11 +55,14 @@ from restune_diffusion.checkpoints import (
 from restune_diffusion.cli import run_cli
 from restune_diffusion.config import load_yaml
 from restune_diffusion.data import build_dataloader, cache_latents, load_dataset, tokenize_captions
+from restune_diffusion.ema import DEFAULT_DECAY, EMA_FILE, TunerEMA
+from restune_diffusion.exports import DIFFUSERS_LORA_FILE, save_diffusers_lora
+from restune_diffusion.flags import OneLineParser, check_flags
 from restune_diffusion.generate import make_grid, native_resolution
-from restune_diffusion.models import TINY_NAMES, build_pipeline, check_sd15_folder, load_model
+from restune_diffusion.modelcard import CARD_FILE, write_model_card
+from restune_diffusion.models import TINY_NAMES, build_pipeline, load_model, resolve_model
 from restune_diffusion.report import format_report
 from restune_diffusion.tuners import parse_tuner_configs, to_dicts
-from restune_diffusion.tuners.lora import export_diffusers_lora
 from restune_diffusion.weights import atomic_write, atomic_write_text, clean_stale_temps, load_tuners_into, save_tuners
 
 # The built-in demo (`python train_t2i.py` with no arguments). configs/tiny_demo.yaml holds the same text (a test
@@ -109,9 +113,11 @@ TUNERS_FILE = "tuners.safetensors"
 CONFIG_FILE = "train_config.yaml"  # the resolved config: `--config` on it repeats the run
 NOT_IN_CONFIG = ("config", "config_name", "tuners", "resume_from_checkpoint", "tasks", "sweep_learning_rate",
                  "sweep_seed")
-LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_FILE = DIFFUSERS_LORA_FILE
 LOG_FILE = "train_log.jsonl"
 VALIDATION_INFERENCE_STEPS = 30  # as diffusers' LoRA script
+HELDOUT_TIMESTEPS = 4  # each held-out sample is scored at t = (k + 1/2)·T/4: 125, 375, 625, 875 for T = 1000
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -122,7 +128,7 @@ class NonFiniteLossError(RuntimeError):
 # options: flags (diffusers' names) over the YAML's train:/data: sections over defaults
 def build_parser() -> argparse.ArgumentParser:
     bool_flag = argparse.BooleanOptionalAction
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="train_t2i.py", description="Fine-tune Stable Diffusion v1.5 with Res-Tuning and other tuners. "
         "With no arguments: the built-in tiny demo on CPU. Flags override the --config YAML's train:/data: keys.")
     p.add_argument("--config", action="append",
@@ -146,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache_latents", action=bool_flag, default=False)
     d.add_argument("--dataloader_num_workers", type=int, default=0)
     t = p.add_argument_group("train (YAML section train:)")
-    t.add_argument("--pretrained_model_name_or_path", help="local SD v1.5 folder (diffusers layout) or 'tiny'")
+    t.add_argument("--pretrained_model_name_or_path", help="local SD v1.5 folder (diffusers layout), a hub id in the "
+                   "local Hugging Face cache (stable-diffusion-v1-5/stable-diffusion-v1-5; offline), or 'tiny'")
+    t.add_argument("--revision", help="hub id: a branch, tag or commit of the cached model (default: main)")
+    t.add_argument("--variant", help="weight files of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.*)")
     t.add_argument("--output_dir", help="default: outputs/<config name>")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--world_report", action=bool_flag, default=False,
@@ -172,13 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max_grad_norm", type=float, default=1.0, help="0: no clipping")
     t.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), help="default: accelerate's config")
     t.add_argument("--enable_xformers_memory_efficient_attention", action=bool_flag, default=False)
+    t.add_argument("--allow_tf32", action=bool_flag, default=False, help="TF32 matmuls and convolutions on Ampere+ "
+                   "GPUs (faster, ~10-bit mantissa); no effect on CPU")
+    t.add_argument("--use_ema", action=bool_flag, default=False, help="keep an EMA of the tuner weights: validation "
+                   "uses it, exported as tuners_ema.safetensors")
+    t.add_argument("--ema_decay", type=float, default=DEFAULT_DECAY, help="the EMA's decay, ramped up as "
+                   "min(decay, (1+k)/(10+k)) at update k (diffusers' EMAModel); 0.999: ~1,000 steps (ema.py)")
     t.add_argument("--checkpointing_steps", type=int, default=500, help="0: no checkpoints")
     t.add_argument("--checkpoints_total_limit", type=int, help="keep the newest N checkpoints")
     t.add_argument("--resume_from_checkpoint", help="a checkpoint folder (or its name in output_dir), or 'latest'")
     t.add_argument("--validation_prompt", action="append", help="repeat for several prompts")
     t.add_argument("--num_validation_images", type=int, default=4, help="per prompt; 0: no validation")
     t.add_argument("--validation_steps", type=int, default=500, help="0: validate only at the end")
-    t.add_argument("--report_to", choices=("tensorboard", "none"), default="none")
+    t.add_argument("--validation_epochs", type=int, help="also validate every N epochs (diffusers' flag)")
+    t.add_argument("--validation_split", type=float, default=0.0, help="hold out this fraction of the images (kohya's "
+                   "flag): never trained on, their loss at fixed noise and timesteps logged at each validation")
+    t.add_argument("--validation_seed", type=int, help="which images are held out and their noise (default: --seed)")
+    t.add_argument("--report_to", choices=REPORT_TO, default="none", help="wandb offline: WANDB_MODE=offline")
     return p
 
 
@@ -260,6 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Defaults < the YAML's train:/data: < flags given on the command line. Several --config or a sweep: a joint
     run, `args.tasks` holds one entry per bypass (joint_tasks)."""
     parser = build_parser()
+    check_flags(sys.argv[1:] if argv is None else argv, parser)  # a diffusers/kohya flag: one line naming ours
     defaults = vars(parser.parse_args([]))
     explicit = build_parser()
     for action in explicit._actions:
@@ -311,7 +331,7 @@ def joint_tasks(runs: list[dict]) -> dict:
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("resolution", "train_batch_size", "num_train_epochs", "gradient_accumulation_steps",
-                 "max_train_steps", "checkpoints_total_limit"):
+                 "max_train_steps", "checkpoints_total_limit", "validation_epochs"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name} must be a positive integer, got {value}")
@@ -319,13 +339,17 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
                  "dataloader_num_workers"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 <= args.validation_split < 1.0:
+        raise ValueError(f"--validation_split must be a fraction in [0, 1), got {args.validation_split}")
+    if not 0.0 < args.ema_decay < 1.0:
+        raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
     if args.pretrained_model_name_or_path is None:
         raise ValueError(f"{args.config}: no model. Pass --pretrained_model_name_or_path (a local Stable Diffusion "
                          "v1.5 folder in the diffusers layout, or 'tiny' for the built-in tiny model)")
     if args.dataset is None:
         raise ValueError("no dataset: pass --dataset coco2017|finegrained|imagefolder|demo|auto and --data_dir")
     if args.resolution is None:
-        args.resolution = model_resolution(args.pretrained_model_name_or_path)
+        args.resolution = model_resolution(args.pretrained_model_name_or_path, args.revision)
     args.output_dir = args.output_dir or os.path.join("outputs", args.config_name)
     if args.world_report:
         world.use_concept_data(args)
@@ -336,7 +360,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def model_resolution(name_or_path: str) -> int:
+def model_resolution(name_or_path: str, revision: str | None = None) -> int:
     """The model's native image size (generate.native_resolution), read from its config files before any weights
     load: a config made for SD v1.5 used with `tiny` trains at tiny's 32 px, not at 512."""
     from types import SimpleNamespace
@@ -345,7 +369,7 @@ def model_resolution(name_or_path: str) -> int:
         sd = load_model(name_or_path)
         unet, vae = sd.unet.config, sd.vae.config
     else:
-        root = check_sd15_folder(name_or_path)
+        root = resolve_model(name_or_path, revision)
         unet, vae = (SimpleNamespace(**json.loads((root / s / "config.json").read_text())) for s in ("unet", "vae"))
     factor = 2 ** (len(vae.block_out_channels) - 1)
     return native_resolution(SimpleNamespace(unet=SimpleNamespace(config=unet), vae=SimpleNamespace(config=vae),
@@ -353,10 +377,20 @@ def model_resolution(name_or_path: str) -> int:
 
 
 def check_report_to(args) -> None:
-    """--report_to tensorboard without tensorboard would log nothing (accelerate only warns): stop before loading."""
-    if args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise ImportError("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
-                          "(or pip install -e '.[tensorboard]'); or pass --report_to none")
+    """--report_to tensorboard/wandb without the package would log nothing (accelerate only warns): stop before
+    loading. wandb with no login would wait for the network: offline mode, said once (`wandb sync` uploads later)."""
+    install = {"tensorboard": "pip install tensorboard (or pip install -e '.[tensorboard]')",
+               "wandb": "pip install wandb"}
+    if args.report_to in install and importlib.util.find_spec(args.report_to) is None:
+        raise ImportError(f"--report_to {args.report_to} needs the {args.report_to} package: {install[args.report_to]}"
+                          "; or pass --report_to none")
+    if args.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is not None:
+        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+        if not logged_in and "WANDB_MODE" not in os.environ:
+            os.environ["WANDB_MODE"] = "offline"
+            print("--report_to wandb: no WANDB_API_KEY or wandb login: logging offline (WANDB_MODE=offline) into "
+                  "OUTPUT_DIR/logs/wandb; `wandb sync` uploads it later")
 
 
 def warn_single_process(accelerator) -> None:
@@ -479,7 +513,8 @@ def weight_dtype_of(accelerator) -> torch.dtype:
 
 def load_base(args, accelerator):
     """The SD components on the device in fp32, before any tuner. Returns (sd, the base UNet's fingerprint)."""
-    sd = load_model(args.pretrained_model_name_or_path, dtype=torch.float32, device=accelerator.device)
+    sd = load_model(args.pretrained_model_name_or_path, dtype=torch.float32, device=accelerator.device,
+                    revision=args.revision, variant=args.variant)
     base_fingerprint = weights_fingerprint(sd.unet)  # before any cast
     if args.prediction_type:
         sd.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -579,10 +614,12 @@ def build_optimizer(args, params: list, accelerator, max_train_steps: int):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # checkpoints
-def register_state_hooks(accelerator, handles: dict) -> None:
+def register_state_hooks(accelerator, handles: dict, emas: dict | None = None) -> None:
     """save_state/load_state carry the tuner tensors only (`tuners.safetensors`, self-describing, loadable by
     weights.load_tuners), never the frozen UNet, and load them strictly. Full fine-tuning: the UNet is in them.
-    `handles`: file name inside the checkpoint -> handle (joint runs: one file per task)."""
+    `handles`: file name inside the checkpoint -> handle (joint runs: one file per task); `emas`: file name -> the
+    TunerEMA of --use_ema (its average and update count, as a tuner file)."""
+    emas = emas or {}
     def ours(model) -> bool:
         return isinstance(accelerator.unwrap_model(model), TunedUNet)
 
@@ -593,12 +630,18 @@ def register_state_hooks(accelerator, handles: dict) -> None:
         if accelerator.is_main_process:
             for name, handle in handles.items():
                 save_tuners(Path(output_dir) / name, handle)
+            for name, ema in emas.items():
+                ema.save(Path(output_dir) / name)
 
     def load_hook(models, input_dir):
         for i in reversed(range(len(models))):
             if ours(models[i]):
                 models.pop(i)
         count = sum(load_tuners_into(handle, Path(input_dir) / name) for name, handle in handles.items())
+        for name, ema in emas.items():
+            if not (Path(input_dir) / name).is_file():
+                raise ValueError(f"{Path(input_dir) / name}: missing; --use_ema needs a checkpoint of a run with it")
+            count += ema.load(Path(input_dir) / name)
         accelerator.print(f"{input_dir}: loaded {count} tuner tensors")
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -727,23 +770,110 @@ def generate_grid(sd, prompts: list[str], num_images: int, resolution: int, seed
     return make_grid([image for row in rows for image in row], cols=len(rows[0]))  # a row per prompt
 
 
+def validation_weights(run: Run):
+    """Inside: the weights validation uses, the EMA under --use_ema (ema.TunerEMA.applied), else the live ones."""
+    return run.ema.applied() if run.ema is not None else contextlib.nullcontext()
+
+
+def validation_due(run: Run, step: int) -> bool:
+    """Every --validation_steps steps, at the end of every --validation_epochs-th epoch, and at the last step."""
+    args, per_epoch = run.args, run.steps_per_epoch
+    by_epochs = bool(args.validation_epochs and step % per_epoch == 0 and (step // per_epoch) % args.validation_epochs
+                     == 0)
+    return step == run.max_train_steps or bool(args.validation_steps and step % args.validation_steps == 0) or by_epochs
+
+
 def validate(run: Run) -> Path | None:
-    """Grid of the validation prompts at this step: validation/step-<N>.png (main process) and tensorboard."""
+    """Grid of the validation prompts at this step: validation/step-<N>.png (main process) and the trackers."""
     a, args = run.accelerator, run.args
     if not (args.validation_prompt and args.num_validation_images) or not a.is_main_process:
         return None
-    grid = generate_grid(run.sd, args.validation_prompt, args.num_validation_images, args.resolution, args.seed,
-                         run.weight_dtype, a.device)
+    with validation_weights(run):
+        grid = generate_grid(run.sd, args.validation_prompt, args.num_validation_images, args.resolution, args.seed,
+                             run.weight_dtype, a.device)
     path = atomic_write(run.output_dir / "validation" / f"step-{run.global_step}.png",
                         lambda tmp: grid.save(tmp, format="PNG"))
     for tracker in a.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.asarray(grid)[None], run.global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"validation": [np.asarray(grid)]}, step=run.global_step)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     run.validated_at = run.global_step
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# held-out validation loss (kohya's --validation_split)
+def validation_seed(args) -> int:
+    return args.seed if args.validation_seed is None else args.validation_seed
+
+
+def split_heldout(dataset, fraction: float, seed: int):
+    """(training part, held-out part or None): a seeded `fraction` of the images (at least one) never trained on.
+    Both parts are shallow copies of `dataset` with their own `samples` (what the data classes index), split by image
+    so that no image is on both sides (COCO's captions of one image are several samples); no caption dropout in the
+    held-out part."""
+    if not fraction:
+        return dataset, None
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        raise ValueError(f"--validation_split: the data set ({type(dataset).__name__}) has no sample list to split")
+    images = list(dict.fromkeys(str(s.path) for s in samples))
+    count = max(1, round(len(images) * fraction))
+    if count >= len(images):
+        raise ValueError(f"--validation_split {fraction}: holds out {count} of {len(images)} images, leaving none to "
+                         "train on; pass a smaller fraction")
+    order = np.random.default_rng([seed, 17]).permutation(len(images))  # 17: a stream of its own
+    held = {images[i] for i in order[:count]}
+    train_part, heldout = copy.copy(dataset), copy.copy(dataset)
+    train_part.samples = [s for s in samples if str(s.path) not in held]
+    heldout.samples = [s for s in samples if str(s.path) in held]
+    if hasattr(heldout, "caption_dropout_rate"):
+        heldout.caption_dropout_rate = 0.0
+    return train_part, heldout
+
+
+@torch.no_grad()
+def heldout_loss(run: Run) -> float:
+    """The training loss (min-SNR weighted with --snr_gamma) of the held-out images with the model as it is: each at
+    HELDOUT_TIMESTEPS fixed timesteps with noise seeded by (validation seed, image index, timestep), latents the VAE
+    posterior's mean. The same weights give the same number, whatever the batch size or the step."""
+    args, sd, data, device = run.args, run.sd, run.heldout, run.accelerator.device
+    seed, num = validation_seed(args), sd.noise_scheduler.config.num_train_timesteps
+    steps = [int((k + 0.5) * num / HELDOUT_TIMESTEPS) for k in range(HELDOUT_TIMESTEPS)]
+    autocast = (torch.autocast(device.type, dtype=run.weight_dtype) if run.weight_dtype != torch.float32
+                else contextlib.nullcontext())
+    training, total = run.model.training, 0.0
+    run.model.eval()
+    try:
+        for start in range(0, len(data), args.train_batch_size):
+            items = [data[i] for i in range(start, min(start + args.train_batch_size, len(data)))]
+            pixels = torch.stack([item["pixel_values"] for item in items]).to(device, run.weight_dtype)
+            latents = sd.vae.encode(pixels).latent_dist.mode() * sd.vae.config.scaling_factor  # (B, 4, h, w)
+            ids = tokenize_captions(sd.tokenizer, [item["caption"] for item in items]).to(device)
+            text_states = sd.text_encoder(ids, return_dict=False)[0]  # (B, 77, D)
+            for k, t in enumerate(steps):
+                noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
+                    seed_for(seed, start + i, k))) for i in range(len(items))]).to(device, latents.dtype)
+                timesteps = torch.full((len(items),), t, device=device, dtype=torch.long)
+                with autocast:
+                    loss = diffusion_loss(sd.unet, sd.noise_scheduler, latents, text_states, noise, timesteps,
+                                          args.snr_gamma)
+                total += loss.item() * len(items)
+    finally:
+        run.model.train(training)
+    return total / (len(data) * len(steps))
+
+
+def measure_heldout(run: Run) -> float | None:
+    """The held-out loss with the weights validation uses (the EMA under --use_ema); main process, else None."""
+    if run.heldout is None or not run.accelerator.is_main_process:
+        return None
+    with validation_weights(run):
+        return heldout_loss(run)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -770,6 +900,8 @@ class Run:
     validated_at: int = -1
     settings: dict = field(default_factory=dict)  # what a resume compares (checkpoints.compare_settings)
     resume_notes: list = field(default_factory=list)  # settings changed on resume, applied
+    ema: Any = None  # ema.TunerEMA under --use_ema
+    heldout: Any = None  # the held-out part of the data set (--validation_split)
 
 
 def recovery_note(output_dir: Path, step: int) -> str:
@@ -796,22 +928,32 @@ def epoch_batches(run: Run, epoch: int, skip: int):
     return enumerate(loader, start=skip)
 
 
+def update_ema(emas: list, optimizer) -> None:
+    """After an optimizer step (not per micro-batch); a step the fp16 grad scaler skipped changed nothing."""
+    if not getattr(optimizer, "step_was_skipped", False):
+        for ema in emas:
+            ema.update()
+
+
 def after_step(run: Run, loss: float, epoch: int, bar) -> None:
-    """Log the step; checkpoint and validate on their schedules."""
+    """Log the step (with the held-out loss when validation is due); checkpoint and validate on their schedules."""
     a, args, step = run.accelerator, run.args, run.global_step
     lr = run.lr_scheduler.get_last_lr()[0]
+    due = validation_due(run, step)
+    val = measure_heldout(run) if due else None
+    values = {"loss": loss, "lr": lr, **({"val_loss": val} if val is not None else {})}
     if a.is_main_process:
         try:
             with open(run.output_dir / LOG_FILE, "a") as f:
-                f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr}) + "\n")
+                f.write(json.dumps({"step": step, "epoch": epoch, **values}) + "\n")
         except OSError as err:
             raise write_error(run.output_dir / LOG_FILE, f"the log line of step {step}", err, run.output_dir) from err
-    a.log({"train_loss": loss, "lr": lr}, step=step)
+    a.log({"train_loss": loss, "lr": lr, **({"val_loss": val} if val is not None else {})}, step=step)
     bar.update(1)
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"val": f"{val:.4f}"} if val is not None else {}))
     if args.checkpointing_steps and step % args.checkpointing_steps == 0:
         save_checkpoint(run)
-    if args.validation_steps and step % args.validation_steps == 0:
+    if due:
         validate(run)
 
 
@@ -866,6 +1008,7 @@ def train_loop(run: Run) -> None:
                 micro.append(micro_step(run, params, batch, epoch, index))
                 if a.sync_gradients:
                     run.global_step += 1
+                    update_ema([run.ema] if run.ema is not None else [], run.optimizer)
                     after_step(run, sum(micro) / len(micro), epoch, bar)
                     micro = []
                     if run.global_step >= run.max_train_steps:
@@ -900,7 +1043,8 @@ def read_log(output_dir: Path, upto: int | None = None, say=None) -> list[dict]:
 
 
 def plot_losses(records: list[dict], path: Path) -> Path:
-    """Loss per step and its exponential moving average, as a PNG (matplotlib's Agg canvas, no pyplot state)."""
+    """Loss per step, its exponential moving average and the held-out loss where measured, as a PNG (matplotlib's
+    Agg canvas, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -914,8 +1058,11 @@ def plot_losses(records: list[dict], path: Path) -> Path:
     ax = fig.add_subplot()
     ax.plot(steps, losses, alpha=0.35, label="loss")
     ax.plot(steps, ema, label="moving average (0.9)")
+    held = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    if held:
+        ax.plot(*zip(*held), marker="o", label="held-out loss (fixed noise and timesteps)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -940,30 +1087,63 @@ def export(run: Run, seconds: float, steps_run: int) -> dict:
     if not a.is_main_process:
         return {}
     handle = run.handle  # the tensors of the unwrapped model: keys without DDP's `module.`
-    files = {"tuners": str(save_tuners(out / TUNERS_FILE, handle))}
+    header = {k: str(v) for k, v in header_facts(run).items() if v is not None}
+    files = {"tuners": str(save_tuners(out / TUNERS_FILE, handle, extra_metadata=header))}
+    if run.ema is not None:
+        files["tuners_ema"] = str(run.ema.save(out / EMA_FILE, header))
     if any(c.type == "lora" for c in handle.configs):
-        from safetensors.torch import save_file
-
-        state = {k: v.contiguous().cpu() for k, v in export_diffusers_lora(handle).items()}
-        files["lora"] = str(atomic_write(out / LORA_FILE, lambda tmp: save_file(state, str(tmp))))
+        files["lora"] = str(save_diffusers_lora(out, handle))
     grid = out / "validation" / f"step-{run.global_step}.png"
     if grid.is_file():
         files["samples"] = str(atomic_write(out / "samples.png", lambda tmp: shutil.copyfile(grid, tmp)))
     records = read_log(out)
-    atomic_write_text(out / "losses.json", json.dumps({"step": [r["step"] for r in records],
-                                                      "loss": [r["loss"] for r in records]}))
+    held = [r for r in records if r.get("val_loss") is not None]
+    atomic_write_text(out / "losses.json", json.dumps({
+        "step": [r["step"] for r in records], "loss": [r["loss"] for r in records],
+        "val_step": [r["step"] for r in held], "val_loss": [r["val_loss"] for r in held]}))
     if records:
         files["loss_curve"] = str(plot_losses(records, out / "loss.png"))
-    return summarize(run, files, seconds, steps_run)
+    files["model_card"] = str(out / CARD_FILE)
+    summary = summarize(run, files, seconds, steps_run, records)
+    write_model_card(out, summary)
+    return summary
 
 
-def summarize(run: Run, files: dict, seconds: float, steps_run: int) -> dict:
+def header_facts(run: Run) -> dict:
+    """What the tuner file's header records about its making (weights.py): base, steps, data."""
+    args, settings = run.args, run.settings
+    return {"base_model": str(args.pretrained_model_name_or_path), "base_model_revision": args.revision,
+            "base_model_variant": args.variant, "base_model_fingerprint": settings.get("base_model"),
+            "global_step": run.global_step, "dataset": args.dataset, "data_dir": str(args.data_dir),
+            "num_train_samples": len(run.loader.dataset), "data_fingerprint": settings.get("data")}
+
+
+def summarize(run: Run, files: dict, seconds: float, steps_run: int, records: list | None = None) -> dict:
+    """summary.json: sizes, memory, time, and the facts of the model card (modelcard.py) and the file header."""
+    args, a = run.args, run.accelerator
     unet_params = sum(p.numel() for p in run.sd.unet.parameters())
     trainable = run.handle.num_parameters()
-    peak, how = peak_memory_bytes(run.accelerator.device)
+    peak, how = peak_memory_bytes(a.device)
+    facts = header_facts(run)
+    held = [r["val_loss"] for r in records or [] if r.get("val_loss") is not None]
     summary = {"global_step": run.global_step, "trainable_params": trainable, "unet_params": unet_params,
                "trainable_percent": 100 * trainable / unet_params, "peak_memory_bytes": peak,
-               "peak_memory_kind": how, "train_seconds": seconds, "steps_run": steps_run, "files": files}
+               "peak_memory_kind": how, "train_seconds": seconds, "steps_run": steps_run,
+               "name": args.config_name, "tuners": to_dicts(run.handle.configs),
+               "base_model": {k.removeprefix("base_model_") if k != "base_model" else "name": facts[k]
+                              for k in facts if k.startswith("base_model")},
+               "data": {"dataset": args.dataset, "data_dir": str(args.data_dir),
+                        "num_train_samples": facts["num_train_samples"], "fingerprint": facts["data_fingerprint"],
+                        "num_heldout_samples": len(run.heldout) if run.heldout is not None else 0,
+                        "validation_split": args.validation_split, "resolution": args.resolution},
+               "training": {"train_batch_size": args.train_batch_size, "num_processes": a.num_processes,
+                            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                            "learning_rate": args.learning_rate, "lr_scheduler": args.lr_scheduler,
+                            "mixed_precision": a.mixed_precision, "seed": args.seed, "use_ema": args.use_ema,
+                            "ema_decay": args.ema_decay if args.use_ema else None,
+                            "validation_prompt": args.validation_prompt or []},
+               "final_loss": records[-1]["loss"] if records else None, "final_val_loss": held[-1] if held else None,
+               "files": files}
     atomic_write_text(run.output_dir / "summary.json", json.dumps(summary, indent=1))
     rate = f"{steps_run / seconds:.2f} steps/s" if seconds > 0 and steps_run else "no steps run"
     run.accelerator.print(
@@ -975,13 +1155,37 @@ def summarize(run: Run, files: dict, seconds: float, steps_run: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def set_tf32(args) -> None:
+    """--allow_tf32: TF32 matmuls and cuDNN convolutions (Ampere and newer; nothing changes on CPU). Off leaves
+    PyTorch's defaults, as diffusers' scripts do."""
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def tracker_kwargs(args) -> dict:
+    """wandb writes its run folder under OUTPUT_DIR/logs (made here), not into the working directory."""
+    if args.report_to not in ("wandb", "all"):
+        return {}
+    logs = Path(args.output_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return {"wandb": {"dir": str(logs)}}
+
+
+def say_heldout(heldout, accelerator) -> None:
+    if heldout is not None:
+        images = len({str(s.path) for s in heldout.samples})
+        accelerator.print(f"--validation_split: {images} images ({len(heldout)} samples) held out, never trained on; "
+                          "their loss is logged as val_loss at each validation")
+
+
 def make_accelerator(args):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     out = Path(args.output_dir)
     project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))
-    log_with = None if args.report_to == "none" else args.report_to
+    log_with = None if args.report_to == "none" else args.report_to  # "all": every tracker installed
     # torchrun without CUDA: accelerate only picks up the gloo process group with cpu=True (PITFALLS, multi-CPU)
     cpu = int(os.environ.get("LOCAL_RANK", -1)) != -1 and not torch.cuda.is_available()
     return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, cpu=cpu,
@@ -1008,14 +1212,15 @@ def prepare_run(args, accelerator, sd, handle, loader, weight_dtype) -> Run:
     model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)  # per process, after sharding
     num_epochs = math.ceil(max_steps / steps_per_epoch)
-    register_state_hooks(accelerator, {TUNERS_FILE: handle})
+    ema = TunerEMA(handle, args.ema_decay) if args.use_ema else None
+    register_state_hooks(accelerator, {TUNERS_FILE: handle}, {EMA_FILE: ema} if ema is not None else None)
     accelerator.print(
         f"{len(loader.dataset)} samples, {len(loader)} batches per epoch and process, {steps_per_epoch} steps per "
         f"epoch; {max_steps} steps = {num_epochs} epochs; batch {args.train_batch_size} per device x "
         f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation = "
         f"{args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps} per step")
     return Run(args, accelerator, sd, handle, model, optimizer, schedule, loader, sampler, weight_dtype,
-               Path(args.output_dir), steps_per_epoch, max_steps, num_epochs)
+               Path(args.output_dir), steps_per_epoch, max_steps, num_epochs, ema=ema)
 
 
 def run_settings(args, num_processes: int) -> dict:
@@ -1048,6 +1253,7 @@ def train(args: argparse.Namespace) -> dict:
         raise ValueError("several --config or a sweep make a joint run: use restune_diffusion.joint.train_joint "
                          "(train_t2i.py does)")
     check_report_to(args)
+    set_tf32(args)
     accelerator = make_accelerator(args)
     out = Path(args.output_dir)
     if accelerator.is_main_process:
@@ -1059,6 +1265,8 @@ def train(args: argparse.Namespace) -> dict:
     notes = check_resume_settings(resume_from, settings) if resume_from else []  # refusals before any loading
     set_seed(args.seed)  # tuner initialisation; batches draw from their own seeded generators
     dataset = build_dataset(args, accelerator)
+    dataset, heldout = split_heldout(dataset, args.validation_split, validation_seed(args))
+    say_heldout(heldout, accelerator)
     settings["data"] = data_fingerprint(dataset)
     if resume_from:
         check_resume_settings(resume_from, {"data": settings["data"]})
@@ -1069,7 +1277,7 @@ def train(args: argparse.Namespace) -> dict:
     accelerator.print(format_report(handle))
     loader = build_loader(args, dataset, sd, accelerator, weight_dtype)
     run = prepare_run(args, accelerator, sd, handle, loader, weight_dtype)
-    run.settings, run.resume_notes = settings, notes
+    run.settings, run.resume_notes, run.heldout = settings, notes, heldout
     warn_long_warmup(args, run.max_train_steps, accelerator)
     if resume_from is not None:
         resume(run, resume_from)
@@ -1079,7 +1287,7 @@ def train(args: argparse.Namespace) -> dict:
         write_resolved_config(args, out / CONFIG_FILE)
     if accelerator.is_main_process and args.report_to != "none":
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("restune-diffusion", config=config)
+        accelerator.init_trackers("restune-diffusion", config=config, init_kwargs=tracker_kwargs(args))
     start_step, start = run.global_step, time.time()
     train_loop(run)
     summary = export(run, time.time() - start, run.global_step - start_step)
