@@ -1,4 +1,5 @@
-r"""FID, KID and CLIP score of Stable Diffusion v1.5, base and tuned, on COCO captions; or FID between two folders.
+r"""FID, KID and CLIP score of Stable Diffusion v1.5, base and tuned, on COCO captions; FID between two folders; or
+prompt accuracy and domain FID in the tiny world (--world concept).
 
     python eval_fid.py --pretrained_model_name_or_path PATH_TO_SD15 --coco_dir data/coco2017 \
         --base --tuners out/lora/tuners.safetensors --tuners out/res_tuning/tuners.safetensors \
@@ -7,8 +8,10 @@ r"""FID, KID and CLIP score of Stable Diffusion v1.5, base and tuned, on COCO ca
     python eval_fid.py ... --tuners 'out/run/checkpoint-*'            # one row per checkpoint
     accelerate launch eval_fid.py ...                                 # N processes (CPU: torchrun --nproc_per_node N)
     python eval_fid.py --real_dir a/ --fake_dir b/ --inception_weights ... --output_dir out/fid
+    python eval_fid.py --world concept --base --tuners out/demo/tuners.safetensors --output_dir out/eval_world
 
-Writes eval.json, eval.md and fid_vs_clip.png; the protocol is in restune_diffusion/evaluation/coco.py and eval.json.
+Writes eval.json, eval.md and fid_vs_clip.png (tiny world: fid_vs_accuracy.png), and fid_vs_step.png for
+checkpoints; the protocols are in restune_diffusion/evaluation/coco.py and tiny_world.py, and in eval.json.
 Errors are one line (exit 2); RESTUNE_DEBUG=1 shows the traceback.
 """
 
@@ -18,11 +21,17 @@ import argparse
 
 from restune_diffusion.cli import run_cli
 
+# COCO / folder-mode flags that mean nothing in the tiny world
+WORLD_REFUSES = ("coco_dir", "real_dir", "fake_dir", "inception_weights", "clip_model", "stats_cache_dir", "resolution")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", default=None,
-                   help="local diffusers SD v1.5 folder, or 'tiny' for the built-in tiny model")
+                   help="local diffusers SD v1.5 folder, or 'tiny' for the built-in tiny model (--world: default tiny)")
+    p.add_argument("--world", default=None, choices=["concept"],
+                   help="tiny-world mode: prompt accuracy and domain FID (the shipped attribute classifier) on the "
+                        "held-out concept's prompts; no COCO, Inception or CLIP")
     p.add_argument("--tuners", action="append", default=None,
                    help="tuner .safetensors file, checkpoint folder or glob (repeat: one row each)")
     p.add_argument("--base", action="store_true", help="also the untuned base (the paper's SD row; the default "
@@ -32,15 +41,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="val", choices=["val", "train"])
     p.add_argument("--num_samples", type=int, default=None,
                    help="N images (default 5000 = all of val2017; 64 for tiny). Beyond the split: captions drawn "
-                        "with replacement (FID-10K/30K)")
+                        "with replacement (FID-10K/30K). --world: a multiple of 12, default 96")
     p.add_argument("--seed", type=int, default=0, help="caption draw and per-image generation seeds")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, nargs="+", default=[7.5], help="one or several (a sweep)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; --world: 20)")
+    p.add_argument("--guidance_scale", type=float, nargs="+", default=None,
+                   help="one or several (a sweep); default 7.5 (--world: 4)")
     p.add_argument("--scheduler", default="ddim", help="sampler: DDIM (default), Euler, 'Euler a', UniPC, "
                                                         "'DPM++ 2M', 'DPM++ 2M Karras', PNDM")
     p.add_argument("--resolution", type=int, default=None,
                    help="default: the model's native size (512 for SD v1.5, 32 for tiny)")
-    p.add_argument("--batch_size", type=int, default=8, help="generation and feature batch (recorded)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="generation and feature batch (recorded); default 8 (--world: 64)")
     p.add_argument("--inception_weights", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (or $RESTUNE_FID_INCEPTION)")
     p.add_argument("--clip_model", default=None, help="local CLIP folder for CLIP score (or $RESTUNE_CLIP_MODEL; "
@@ -57,6 +68,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
                    help="dtype of the generating model; the Inception and CLIP run in fp32")
     args = p.parse_args(argv)
+    if args.world is not None:
+        given = [f"--{name}" for name in WORLD_REFUSES if getattr(args, name) is not None]
+        if given:
+            p.error(f"{', '.join(given)}: not used with --world (the tiny world has its own prompts, real images "
+                    f"and classifier)")
+        args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or "tiny"
+        return args
+    for name, default in (("steps", 50), ("guidance_scale", [7.5]), ("batch_size", 8)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if (args.real_dir is None) != (args.fake_dir is None):
         p.error("--real_dir and --fake_dir go together (folder-vs-folder mode)")
     if args.real_dir is None and (args.coco_dir is None or args.pretrained_model_name_or_path is None):
@@ -67,7 +88,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     from restune_diffusion.evaluation.runner import evaluate, evaluate_folders
+    from restune_diffusion.evaluation.tiny_world import evaluate_world
 
+    if args.world is not None:
+        result = evaluate_world(
+            args.pretrained_model_name_or_path, args.output_dir, world_name=args.world, tuners=args.tuners,
+            base=args.base, guidance_scales=args.guidance_scale, num_samples=args.num_samples, seed=args.seed,
+            steps=args.steps, scheduler=args.scheduler, batch_size=args.batch_size, device=args.device,
+            mixed_precision=args.mixed_precision)
+        if result is not None:
+            for row in result["rows"]:
+                print(f"{row['model']} cfg {row['guidance_scale']:g}: concept accuracy "
+                      f"{row['concept_accuracy']['all']:.3f} (shape {row['concept_accuracy']['shape']:.3f}) domain FID "
+                      f"{row['domain_fid']:.2f} pretraining-prompt accuracy {row['pretrain_accuracy']['all']:.3f} "
+                      f"(N={row['n']})")
+            print(f"-> {args.output_dir}/eval.json, eval.md, fid_vs_accuracy.png")
+        return result
     if args.real_dir is not None:
         result = evaluate_folders(args.real_dir, args.fake_dir, args.output_dir,
                                   inception_weights=args.inception_weights, batch_size=args.batch_size,

@@ -72,7 +72,8 @@ def test_missing_clip_and_inception_folders_are_named_errors(tmp_path, monkeypat
         resolve_clip_folder(tmp_path / "nope")
     coco_dir = _coco(tmp_path / "coco", n=2)
     with pytest.raises(FileNotFoundError, match=r"missing.pth: no such file.*pt_inception-2015-12-05"):
-        evaluate("tiny-random", coco_dir, tmp_path / "out", num_samples=2, inception_weights=tmp_path / "missing.pth", **RUN)
+        evaluate("tiny-random", coco_dir, tmp_path / "out", num_samples=2, inception_weights=tmp_path / "missing.pth",
+                 **RUN)
 
 
 def test_n_beyond_the_split_draws_captions_with_replacement_as_documented(tmp_path):
@@ -134,7 +135,8 @@ def test_two_tuners_and_base_in_one_sweep_equal_single_runs_and_plot_one_curve_p
     assert rows[("a", 7.5)]["fid"] != rows[("base", 7.5)]["fid"]
     assert rows[("base", 1.0)]["fid"] != rows[("base", 7.5)]["fid"]
     for name, tuners in (("base", None), ("a", [str(files[0])]), ("b", [str(files[1])])):
-        single = evaluate("tiny-random", root, tmp_path / f"single_{name}", tuners=tuners, guidance_scales=[7.5], **common)
+        single = evaluate("tiny-random", root, tmp_path / f"single_{name}", tuners=tuners, guidance_scales=[7.5],
+                          **common)
         assert single["real_features_reused"]  # real features extracted once, then cached
         (row,) = single["rows"]
         for field in ("fid", "kid_mean", "kid_std", "clip_score", "n"):
@@ -153,8 +155,37 @@ def test_per_checkpoint_mode_gives_one_row_per_checkpoint_in_step_order(tmp_path
     assert len({r["fid"] for r in result["rows"]}) == 3
 
 
+def test_per_checkpoint_mode_plots_fid_and_clip_against_step_one_curve_per_run(
+        tmp_path, weights, clip_dir, monkeypatch):  # noqa: F811
+    import matplotlib.axes
+
+    root = _coco(tmp_path / "coco", n=2)
+    for run, steps in (("a", (20, 5)), ("b", (10,))):
+        for step in steps:
+            _tuner_file(tmp_path / "out" / run / f"checkpoint-{step}" / "tuners.safetensors", step)
+    curves = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, xs, ys, *a, **k: curves.append(
+        (k["label"], list(xs), list(ys))) or plot(self, xs, ys, *a, **k))
+    runs = [str(tmp_path / "out" / run / "checkpoint-*") for run in ("a", "b")]
+    result = evaluate("tiny-random", root, tmp_path / "eval", tuners=runs, base=True, num_samples=2,
+                      inception_weights=weights, clip_model=clip_dir, stats_cache_dir=tmp_path / "cache", kid_subsets=2,
+                      **RUN)
+    assert [(r["model"], r["step"]) for r in result["rows"]] == [
+        ("base", None), ("a/checkpoint-5", 5), ("a/checkpoint-20", 20), ("b/checkpoint-10", 10)]
+    assert Image.open(tmp_path / "eval" / "fid_vs_step.png").size[0] > 100
+    rows = _rows(result)
+    by_run = [(label, xs, ys) for label, xs, ys in curves if label in ("a", "b")]
+    fid = [(run, steps, [rows[(f"{run}/checkpoint-{s}", 7.5)]["fid"] for s in steps])
+           for run, steps in (("a", [5, 20]), ("b", [10]))]
+    clip = [(run, xs, [rows[(f"{run}/checkpoint-{s}", 7.5)]["clip_score"] for s in xs]) for run, xs, _ in fid]
+    assert by_run == fid + clip  # the FID panel, then the CLIP panel: one point per checkpoint, in step order
+    assert (tmp_path / "eval" / "a" / "checkpoint-5" / "cfg7.5" / "00000.png").is_file()
+
+
 def _cli(out: Path, root: Path, weights: Path, clip_dir: Path, launcher: list[str]):  # noqa: F811
-    cmd = launcher + [str(REPO / "eval_fid.py"), "--pretrained_model_name_or_path", "tiny-random", "--coco_dir", str(root),
+    cmd = launcher + [str(REPO / "eval_fid.py"), "--pretrained_model_name_or_path", "tiny-random",
+                      "--coco_dir", str(root),
                       "--num_samples", "6", "--steps", "2", "--batch_size", "2", "--inception_weights", str(weights),
                       "--clip_model", str(clip_dir), "--kid_subsets", "5", "--guidance_scale", "3", "7.5",
                       "--stats_cache_dir", str(out / "cache"), "--output_dir", str(out), "--device", "cpu"]

@@ -1,5 +1,7 @@
 """The parameter report: paper rows on the SD v1.5 UNet (meta device)."""
 
+import json
+
 import pytest
 
 from restune_diffusion.report import main
@@ -41,3 +43,29 @@ def test_a_config_that_names_its_model_is_reported_on_that_model(capsys):
     assert trainable(capsys) == 1_648_400
     main([str(ROOT / "configs" / "tiny_demo.yaml"), "--model", "tiny-random"])  # the test model: half as wide
     assert trainable(capsys) == 46_919
+
+
+@pytest.mark.parametrize("config", ["tiny_demo.yaml", "tiny/res_tuning_bypass.yaml"])
+def test_report_counts_what_a_training_run_on_the_shipped_tiny_base_trains(config, tmp_path, capsys):
+    """The count the report prints for a config that names `tiny` is the one train_t2i.py's summary.json gives (the
+    shipped pretrained base, not the test model's architecture)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from restune_diffusion import train as T
+    from restune_diffusion import world
+
+    data = world.write_imagefolder(tmp_path / "data", world.examples("concept_train", 8))
+    args = T.parse_args(["--config", str(ROOT / "configs" / config), "--data_dir", str(data),
+                         "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1", "--no-world_report",
+                         "--train_batch_size", "2", "--num_validation_images", "0", "--checkpointing_steps", "0"])
+    try:
+        T.train(args)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    capsys.readouterr()
+    main([str(ROOT / "configs" / config)])
+    assert trainable(capsys) == summary["trainable_params"]
+    main([str(ROOT / "configs" / config), "--model", "tiny-random"])
+    assert trainable(capsys) != summary["trainable_params"]  # the test model is another architecture

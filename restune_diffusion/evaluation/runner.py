@@ -1,4 +1,5 @@
-"""The evaluation runner: models x guidance scales on one caption draw -> eval.json, eval.md, fid_vs_clip.png.
+"""The evaluation runner: models x guidance scales on one caption draw -> eval.json, eval.md, fid_vs_clip.png
+(+ fid_vs_step.png in per-checkpoint mode).
 
 Every model (the base and each tuner file, or each checkpoint of a run) is measured on the same captions, seeds and
 real features (extracted once, cached). Generation and feature extraction are split over processes by image index
@@ -24,7 +25,7 @@ import torch
 from ..generate import native_resolution, task_names
 from ..models import TINY_NAMES, build_pipeline, load_model
 from ..samplers import make_scheduler, sampler_key
-from ..weights import atomic_write, atomic_write_text, load_tuners
+from ..weights import atomic_write_text, load_tuners
 from . import coco
 from .clip_score import CLIPScorer, resolve_clip_folder
 from .images import blocks, check_generation_record, generate_by_index, list_images
@@ -46,6 +47,7 @@ from .metrics import (
     sample_size_warnings,
     save_cached_features,
 )
+from .plots import plot_sweep, plot_vs_step
 
 TUNERS_FILE = "tuners.safetensors"  # what a training run and each of its checkpoints hold
 TINY_NUM_SAMPLES = 64  # the tiny model's default N: a quick look, not a number to report
@@ -82,10 +84,17 @@ def model_rows(tuners: list[str] | None, base: bool = False) -> list[ModelRow]:
         found = CHECKPOINT_RE.search(p.parent.name)
         return int(found.group(1)) if found else None
 
-    if paths and all(step(p) is not None for p in paths):  # per-checkpoint mode: rows in training order
-        paths.sort(key=step)
+    runs: list[Path] = []
+    if paths and all(step(p) is not None for p in paths):  # per-checkpoint mode: rows in training order, run by run
+        runs = list(dict.fromkeys(p.parent.parent.resolve() for p in paths))
+        paths.sort(key=lambda p: (runs.index(p.parent.parent.resolve()), step(p)))
     if len(paths) == 1:
         names = [paths[0].resolve().parent.name if paths[0].name == TUNERS_FILE else paths[0].stem]
+    elif len(runs) > 1:  # checkpoints of several runs: run/checkpoint-N
+        names = [f"{p.parent.parent.resolve().name}/{p.parent.name}" for p in paths]
+        if len(set(names)) < len(names):
+            raise ValueError(f"--tuners: checkpoints of different runs share a run folder name "
+                             f"({sorted({str(r) for r in runs})}); evaluate them in separate runs")
     else:
         names = task_names(paths)
     rows = [ModelRow(n, p, step(p)) for n, p in zip(names, paths)]
@@ -96,7 +105,7 @@ def model_rows(tuners: list[str] | None, base: bool = False) -> list[ModelRow]:
     return rows
 
 
-def _state(device: str | None):
+def process_state(device: str | None):
     from accelerate import PartialState
 
     state = PartialState(cpu=device == "cpu")
@@ -105,7 +114,7 @@ def _state(device: str | None):
     return state, device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _gather(state, payload):
+def gather_all(state, payload):
     """[payload of every process] in rank order (a list of one payload without distributed processes)."""
     if state.num_processes == 1:
         return [payload]
@@ -121,7 +130,7 @@ def sharded_features(state, extractor, items: list, prepare, batch_size: int,
     features, skipped = extract_features(extractor, [items[i] for i in mine], prepare, batch_size, skip_bad_images)
     out = np.full((len(items), extractor.num_features), np.nan, dtype=np.float32)
     bad: list[int] = []
-    for index, part, part_skipped in _gather(state, (mine, features, skipped)):
+    for index, part, part_skipped in gather_all(state, (mine, features, skipped)):
         out[index] = part
         bad += [index[j] for j in part_skipped]
     return out, sorted(bad)
@@ -140,13 +149,13 @@ def sharded_clip_scores(state, scorer: CLIPScorer, paths: list[Path], captions: 
             with Image.open(paths[i]) as im:
                 images.append(im.convert("RGB"))
         parts.append((list(block), scorer.scores(images, [captions[i] for i in block])))
-    for gathered in _gather(state, parts):
+    for gathered in gather_all(state, parts):
         for index, values in gathered:
             out[index] = values
     return out
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import accelerate
     import diffusers
     import torchmetrics
@@ -194,7 +203,7 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
     rows = model_rows(tuners, base)
     weights = resolve_inception_weights(inception_weights)
     clip_folder = resolve_clip_folder(clip_model)
-    state, device = _state(device)
+    state, device = process_state(device)
     tiny = pretrained_model_name_or_path in TINY_NAMES
     n = num_samples if num_samples is not None else (TINY_NUM_SAMPLES if tiny else COCO_FULL_N)
     draw = coco.draw(coco_dir, n, seed, coco_year, split)
@@ -265,7 +274,7 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
         "inception_weights": str(weights), "inception_sha256": inception_sha,
         "clip_model": str(clip_folder) if clip_folder else None,
         "real_features_cache": str(cache), "real_features_reused": reused, "skipped_real_images": len(skipped),
-        "warnings": messages, "versions": _versions(), "protocol_version": coco.PROTOCOL_VERSION,
+        "warnings": messages, "versions": versions(), "protocol_version": coco.PROTOCOL_VERSION,
         "protocol": coco.PROTOCOL.format(year=coco_year, split=split),
         "elapsed_s": round(time.perf_counter() - started, 3),
     }
@@ -281,7 +290,7 @@ def evaluate_folders(real_dir: str | os.PathLike, fake_dir: str | os.PathLike, o
     started = time.perf_counter()
     weights = resolve_inception_weights(inception_weights)
     real_paths, fake_paths = list_images(real_dir, "--real_dir"), list_images(fake_dir, "--fake_dir")
-    state, device = _state(device)
+    state, device = process_state(device)
     messages = sample_size_warnings(min(len(real_paths), len(fake_paths)), full_n=None)
     sha = file_sha256(weights)
     if hash_warning := weights_hash_warning(sha, weights):
@@ -307,7 +316,7 @@ def evaluate_folders(real_dir: str | os.PathLike, fake_dir: str | os.PathLike, o
         "fake_dir": str(fake_dir), "skipped_images": len(skipped) + len(fake_skipped),
         "inception_weights": str(weights), "inception_sha256": sha, "batch_size": batch_size, "device": device,
         "real_stats_cache": str(path) if path else None, "real_stats_reused": reused,
-        "elapsed_s": round(time.perf_counter() - started, 3), "warnings": messages, "versions": _versions(),
+        "elapsed_s": round(time.perf_counter() - started, 3), "warnings": messages, "versions": versions(),
         "protocol_version": coco.PROTOCOL_VERSION,
     }
     if output_dir is not None:
@@ -334,31 +343,23 @@ def markdown_table(result: dict) -> str:
 
 def plot_fid_vs_clip(result: dict, path: Path) -> Path:
     """One curve per model over the guidance scales: FID against CLIP score (or against the scale without CLIP)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     with_clip = all(r["clip_score"] is not None for r in result["rows"])
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for model in dict.fromkeys(r["model"] for r in result["rows"]):
-        rows = sorted((r for r in result["rows"] if r["model"] == model), key=lambda r: r["guidance_scale"])
-        xs = [r["clip_score"] if with_clip else r["guidance_scale"] for r in rows]
-        ax.plot(xs, [r["fid"] for r in rows], marker="o", label=model)
-        for x, r in zip(xs, rows):
-            ax.annotate(f"{r['guidance_scale']:g}", (x, r["fid"]), fontsize=7)
-    ax.set_xlabel("CLIP score" if with_clip else "guidance scale")
-    ax.set_ylabel("FID")
-    ax.set_title(f"FID vs {'CLIP score' if with_clip else 'guidance'} (N={result['n']})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    x = ("CLIP score", lambda r: r["clip_score"]) if with_clip else ("guidance scale", lambda r: r["guidance_scale"])
+    return plot_sweep(result["rows"], path, x, ("FID", lambda r: r["fid"]),
+                      f"FID vs {'CLIP score' if with_clip else 'guidance'} (N={result['n']})")
+
+
+def plot_fid_vs_step(result: dict, path: Path) -> Path:
+    """Per-checkpoint mode: FID (and CLIP score, when measured) against the training step, one curve per run."""
+    metrics = [("FID", lambda r: r["fid"])]
+    if all(r["clip_score"] is not None for r in result["rows"]):
+        metrics.append(("CLIP score", lambda r: r["clip_score"]))
+    return plot_vs_step(result["rows"], path, metrics, f"FID vs training step (N={result['n']})")
 
 
 def write_reports(result: dict, out: Path) -> None:
     atomic_write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "eval.md", markdown_table(result))
     plot_fid_vs_clip(result, out / "fid_vs_clip.png")
+    if any(r["step"] is not None for r in result["rows"]):
+        plot_fid_vs_step(result, out / "fid_vs_step.png")

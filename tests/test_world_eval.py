@@ -1,0 +1,114 @@
+"""The tiny world through the evaluation (eval_fid.py --world concept, restune_diffusion/evaluation/tiny_world.py), and
+short fine-tunes of every tuner type that beat the shipped base on the held-out concept (issue 14)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from restune_diffusion import world
+from restune_diffusion.models import load_model
+from restune_diffusion.weights import load_tuners
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import eval_fid  # noqa: E402
+
+TRAIN = dict(pretrained_model_name_or_path="tiny", train_batch_size=8, lr_scheduler="cosine", lr_warmup_steps=10,
+             validation_steps=0, num_validation_images=0, seed=0)
+DATA = dict(dataset="imagefolder", resolution=32, center_crop=True, random_flip=True)
+
+
+def reset_accelerate() -> None:
+    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def fine_tune(out: Path, data_dir: Path, tuners: list, lr: float, steps: int, checkpointing_steps: int = 0) -> Path:
+    """train_t2i.py's job in-process on the concept's training set; returns the run folder."""
+    from restune_diffusion import train as T
+
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump({"tuners": tuners, "data": DATA, "train": {
+        **TRAIN, "learning_rate": lr, "max_train_steps": steps, "checkpointing_steps": checkpointing_steps}}))
+    try:
+        T.train(T.parse_args(["--config", str(config), "--data_dir", str(data_dir), "--output_dir", str(out)]))
+    finally:
+        reset_accelerate()
+    return out
+
+
+@pytest.fixture(scope="module")
+def concept_data(tmp_path_factory) -> Path:
+    """The held-out concept's training set (what the default job trains on), as an imagefolder."""
+    return world.write_imagefolder(tmp_path_factory.mktemp("concept") / "train",
+                                   world.examples("concept_train", world.CONCEPT_TRAIN_N))
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, concept_data) -> Path:
+    """Res-Adapter, 10 steps at a high LR, checkpoints at 5 and 10: tuner files that really moved."""
+    out = tmp_path_factory.mktemp("runs") / "res_adapter"
+    return fine_tune(out, concept_data, [{"type": "res_adapter", "dim": 8, "targets": ["ff"]}], 2e-2, 10, 5)
+
+
+def test_world_mode_rows_equal_world_score_of_base_and_tuned(tmp_path, short_run, monkeypatch):
+    monkeypatch.setattr(world, "SAMPLING_STEPS", 4)  # the default steps of both paths, cut for the test's time
+    tuners = short_run / "tuners.safetensors"
+    with pytest.warns(UserWarning, match="N=12 < 64 .*rank-deficient"):
+        result = eval_fid.main(["--world", "concept", "--base", "--tuners", str(tuners), "--num_samples", "12",
+                                "--output_dir", str(tmp_path / "eval"), "--device", "cpu"])
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["base", "res_adapter"] and result["steps"] == 4 and result["guidance_scales"] == [4.0]
+    classifier = world.load_classifier()
+    sd = load_model("tiny")
+    for name in ("base", "res_adapter"):
+        if name != "base":
+            load_tuners(sd.unet, tuners)
+        expected, images = world.score(sd, classifier, seed=0, repeats=1)
+        assert rows[name]["concept_accuracy"] == expected["concept_accuracy"], name
+        assert rows[name]["pretrain_accuracy"] == expected["pretrain_accuracy"], name
+        assert rows[name]["domain_fid"] == pytest.approx(expected["concept_domain_fid"], rel=1e-12), name
+        stored = world.to_uint8([Image.open(Path(rows[name]["images"]) / "concept" / f"{i:05d}.png")
+                                 for i in range(12)])
+        assert (stored == images).all(), name  # the very images world.score generates
+    assert rows["base"]["domain_fid"] != rows["res_adapter"]["domain_fid"]
+    table = (tmp_path / "eval" / "eval.md").read_text()
+    assert "| base | – | 4 |" in table and "| res_adapter | – | 4 |" in table and "domain FID" in table
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["rows"] == result["rows"]
+    assert (tmp_path / "eval" / "fid_vs_accuracy.png").is_file()
+
+
+def test_world_mode_per_checkpoint_sweep_plots_each_run_against_step(tmp_path, short_run, monkeypatch):
+    import matplotlib.axes
+
+    curves = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, xs, *a, **k: curves.append(
+        (k["label"], list(xs))) or plot(self, xs, *a, **k))
+    out = tmp_path / "eval"
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        result = eval_fid.main(["--world", "concept", "--tuners", str(short_run / "checkpoint-*"), "--num_samples",
+                                "12", "--steps", "2", "--guidance_scale", "2", "4", "--output_dir", str(out)])
+    assert [(r["model"], r["step"], r["guidance_scale"]) for r in result["rows"]] == [
+        ("checkpoint-5", 5, 2.0), ("checkpoint-5", 5, 4.0), ("checkpoint-10", 10, 2.0), ("checkpoint-10", 10, 4.0)]
+    assert (out / "fid_vs_step.png").is_file() and (out / "fid_vs_accuracy.png").is_file()
+    by_step = [(label, xs) for label, xs in curves if label.startswith("res_adapter")]
+    # two panels (domain FID, prompt accuracy) x two guidance scales, one point per checkpoint each
+    assert sorted(by_step) == sorted([("res_adapter (cfg 2)", [5, 10]), ("res_adapter (cfg 4)", [5, 10])] * 2)
+    assert sorted(label for label, _ in curves if label.startswith("checkpoint")) == [
+        "checkpoint-10", "checkpoint-5"]  # the sweep plot: one curve per model over the scales
+
+
+def test_world_mode_refuses_coco_flags_and_uneven_n(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        eval_fid.parse_args(["--world", "concept", "--coco_dir", str(tmp_path), "--clip_model", str(tmp_path)])
+    assert "--coco_dir, --clip_model: not used with --world" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--num_samples: .*multiple of 12, got 10"):
+        eval_fid.main(["--world", "concept", "--num_samples", "10", "--output_dir", str(tmp_path)])
