@@ -112,3 +112,25 @@ def test_world_mode_refuses_coco_flags_and_uneven_n(tmp_path, capsys):
     assert "--coco_dir, --clip_model: not used with --world" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--num_samples: .*multiple of 12, got 10"):
         eval_fid.main(["--world", "concept", "--num_samples", "10", "--output_dir", str(tmp_path)])
+
+
+def _world_cli(out: Path, launcher: list[str]) -> dict:
+    import os
+    import subprocess
+
+    cmd = launcher + [str(REPO / "eval_fid.py"), "--world", "concept", "--base", "--num_samples", "12", "--steps", "2",
+                      "--batch_size", "4", "--output_dir", str(out), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          cwd=out.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "eval.json").read_text())
+
+
+@pytest.mark.slow  # three processes load the tiny base
+def test_world_mode_two_processes_give_the_one_process_result(tmp_path):
+    one = _world_cli(tmp_path / "one", [sys.executable])
+    two = _world_cli(tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                        "--master_port", "29523"])
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    for field in ("concept_accuracy", "pretrain_accuracy", "domain_fid", "n"):
+        assert one["rows"][0][field] == two["rows"][0][field], field
