@@ -1,17 +1,20 @@
 """VAE latents cached on disk (issue 16 part 3): reused across runs, each process encodes its share, and resident
-memory stays flat however large the data set (the in-memory `data.cache_latents` holds ~15.5 GB per process for COCO
+memory stays flat however large the data set (the in-memory cache this replaced held ~15.5 GB per process for COCO
 train at 512 px with flips in fp16).
 
 Layout of `<cache_dir>/<key>/`: `latents.bin` (raw array (num_images, flips, 2C, h, w) in `meta.json`'s dtype, the
 layout `np.memmap` reads), `done.bin` (one byte per image, set once its row is written) and `meta.json`. The key is
-a hash of the VAE's encoder weights and config, the resolution, crop, flips, dtype and the list of images, so any
-change makes a new cache. Both mirrors are cached with random_flip (sd-scripts #214); random crop is refused.
+a hash of the VAE's encoder weights and config, the resolution, crop, flips, resize filter, dtype and the list of
+images, so any change makes a new cache. Both mirrors are cached with random_flip (sd-scripts #214); random crop is
+refused.
 
 What train.py calls (every process; then a barrier; then every process):
     folder = build_latent_cache(dataset, vae, cache_dir, rank=accelerator.process_index,
-                                num_processes=accelerator.num_processes, device=accelerator.device)
+                                num_processes=accelerator.num_processes, device=accelerator.device, dtype=...)
     accelerator.wait_for_everyone()
-    dataset = open_latent_cache(folder, dataset, vae.config.scaling_factor)
+    dataset = open_latent_cache(folder, dataset)
+Items are posterior parameters, sampled in the training step with the draws an encode would take, so a run with the
+cache gives the losses of a run without it (exactly, in fp32 with the cache stored in fp32).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def cache_key(dataset: CaptionDataset, vae, dtype: torch.dtype) -> dict:
     t = dataset.transform
     images = list(dict.fromkeys(str(s.path) for s in dataset.samples))
     return {"version": CACHE_VERSION, "vae": vae_fingerprint(vae), "resolution": t.resolution,
-            "center_crop": t.center_crop, "flips": 2 if t.random_flip else 1, "dtype": DTYPES[dtype],
+            "center_crop": t.center_crop, "flips": 2 if t.random_flip else 1, "interpolation": t.interpolation,
+            "dtype": DTYPES[dtype],
             "images": hashlib.sha256("\n".join(images).encode()).hexdigest()[:16], "num_images": len(images)}
 
 
@@ -132,8 +136,7 @@ class LatentFile:
         return torch.from_numpy(np.frombuffer(buffer, self.dtype).reshape(self.shape[2:]).copy())  # (2C, h, w)
 
 
-def open_latent_cache(folder: str | os.PathLike, dataset: CaptionDataset,
-                      scaling_factor: float) -> CachedLatentsDataset:
+def open_latent_cache(folder: str | os.PathLike, dataset: CaptionDataset) -> CachedLatentsDataset:
     """The dataset's items as cached latents (after every process ran build_latent_cache); an error names missing
     rows (a process that did not finish)."""
     folder = Path(folder)
@@ -146,4 +149,4 @@ def open_latent_cache(folder: str | os.PathLike, dataset: CaptionDataset,
     if len(row_of) != meta["num_images"]:
         raise ValueError(f"{folder}: cache made for {meta['num_images']} images, the dataset has {len(row_of)}")
     rows = [row_of[s.path] for s in dataset.samples]
-    return CachedLatentsDataset(LatentFile(folder, meta), rows, dataset, scaling_factor)
+    return CachedLatentsDataset(LatentFile(folder, meta), rows, dataset)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from restune_diffusion import world
@@ -54,11 +55,20 @@ from restune_diffusion.checkpoints import (
 )
 from restune_diffusion.cli import run_cli
 from restune_diffusion.config import load_yaml
-from restune_diffusion.data import build_dataloader, cache_latents, load_dataset, tokenize_captions
+from restune_diffusion.data import (
+    INTERPOLATION_MODES,
+    KINDS,
+    SCAN_MODES,
+    build_dataloader,
+    load_dataset,
+    tokenize_captions,
+    write_caption_set,
+)
 from restune_diffusion.ema import DEFAULT_DECAY, EMA_FILE, TunerEMA
 from restune_diffusion.exports import DIFFUSERS_LORA_FILE, save_diffusers_lora
 from restune_diffusion.flags import OneLineParser, check_flags
 from restune_diffusion.generate import make_grid, native_resolution
+from restune_diffusion.latent_cache import build_latent_cache, open_latent_cache
 from restune_diffusion.modelcard import CARD_FILE, write_model_card
 from restune_diffusion.models import TINY_NAMES, build_pipeline, load_model, resolve_model
 from restune_diffusion.report import format_report
@@ -106,8 +116,11 @@ data:
   random_flip: true
 """
 
-DATA_KEYS = ("dataset", "data_dir", "resolution", "center_crop", "random_flip", "caption_mode", "caption_column",
-             "image_column", "category", "skip_bad_images", "cache_latents", "dataloader_num_workers")
+DATA_KEYS = ("dataset", "data_dir", "dataset_name", "dataset_config_name", "split", "resolution", "center_crop",
+             "random_flip", "image_interpolation_mode", "caption_mode", "caption_column", "image_column", "category",
+             "caption_template", "class_names", "caption_dropout_rate", "max_train_samples", "skip_bad_images",
+             "scan_mode", "cache_latents", "latent_cache_dir", "dataloader_num_workers")
+LATENT_CACHE_DIR = os.path.join(".restune_cache", "latents")  # inside the data folder, beside the scan cache
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TUNERS_FILE = "tuners.safetensors"
 CONFIG_FILE = "train_config.yaml"  # the resolved config: `--config` on it repeats the run
@@ -139,17 +152,37 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--sweep_seed", type=int, nargs="+", help="one bypass per initialisation seed (and config); "
                    "the data order and noise follow --seed")
     d = p.add_argument_group("data (YAML section data:)")
-    d.add_argument("--dataset", choices=("coco2017", "finegrained", "imagefolder", "demo", "auto"))
-    d.add_argument("--data_dir", help="dataset folder (demo: default <output_dir>/demo_data, made if missing)")
+    d.add_argument("--dataset", choices=KINDS, help="the layout of --data_dir (auto: detected); hf: --dataset_name; "
+                   "cub200, stanford_dogs, stanford_cars, flowers102, fgvc_aircraft, food101: a fine-grained set in "
+                   "its published layout (finegrained: detected, or class folders)")
+    d.add_argument("--data_dir", "--train_data_dir", dest="data_dir",
+                   help="dataset folder (demo: default <output_dir>/demo_data, made if missing)")
+    d.add_argument("--dataset_name", help="a Hugging Face datasets data set: a save_to_disk folder, a folder of "
+                   "parquet/arrow files, or a hub id in the local cache (offline; pip install datasets)")
+    d.add_argument("--dataset_config_name", help="--dataset_name: its configuration")
+    d.add_argument("--split", default="train", help="train or test (val, trainval where the set has them; COCO: val)")
     d.add_argument("--resolution", type=int, help="default: the model's native size (512 for SD v1.5, 32 for tiny)")
     d.add_argument("--center_crop", action=bool_flag, default=False)
     d.add_argument("--random_flip", action=bool_flag, default=False)
+    d.add_argument("--image_interpolation_mode", choices=sorted(INTERPOLATION_MODES), default="bicubic",
+                   help="the resize filter (diffusers' names; PIL's filters)")
     d.add_argument("--caption_mode", choices=("random", "all", "first"), default="random")
-    d.add_argument("--caption_column", default="text", help="imagefolder: caption column of metadata.jsonl/.csv")
-    d.add_argument("--image_column", default="file_name", help="imagefolder: image column of metadata.jsonl/.csv")
+    d.add_argument("--caption_column", default="text", help="caption column of metadata.jsonl/.csv or --dataset_name")
+    d.add_argument("--image_column", help="image column: file_name in metadata.jsonl/.csv ('image' is taken as "
+                   "file_name there, as in HF imagefolder), image in --dataset_name (diffusers' defaults)")
     d.add_argument("--category", help="finegrained: the {category} of the caption template (e.g. bird)")
+    d.add_argument("--caption_template", help="finegrained: the caption, {} the class name (default: the set's, e.g. "
+                   "'a photo of a {}, a type of bird')")
+    d.add_argument("--class_names", help="finegrained: a file with one class name per line, in the set's class order")
+    d.add_argument("--caption_dropout_rate", type=float, default=0.0,
+                   help="probability of an empty caption, so classifier-free guidance keeps working")
+    d.add_argument("--max_train_samples", type=int, help="train on the first N after a shuffle seeded by --seed")
     d.add_argument("--skip_bad_images", action=bool_flag, default=False)
-    d.add_argument("--cache_latents", action=bool_flag, default=False)
+    d.add_argument("--scan_mode", choices=SCAN_MODES, default="decode",
+                   help="decode: every image decoded once before training (cached); header: headers only")
+    d.add_argument("--cache_latents", action=bool_flag, default=False,
+                   help="VAE latents cached on disk once and reused by later runs (center crop only)")
+    d.add_argument("--latent_cache_dir", help="default: <data_dir>/.restune_cache/latents")
     d.add_argument("--dataloader_num_workers", type=int, default=0)
     t = p.add_argument_group("train (YAML section train:)")
     t.add_argument("--pretrained_model_name_or_path", help="local SD v1.5 folder (diffusers layout), a hub id in the "
@@ -346,18 +379,38 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.pretrained_model_name_or_path is None:
         raise ValueError(f"{args.config}: no model. Pass --pretrained_model_name_or_path (a local Stable Diffusion "
                          "v1.5 folder in the diffusers layout, or 'tiny' for the built-in tiny model)")
-    if args.dataset is None:
-        raise ValueError("no dataset: pass --dataset coco2017|finegrained|imagefolder|demo|auto and --data_dir")
+    check_data_args(args)
     if args.resolution is None:
         args.resolution = model_resolution(args.pretrained_model_name_or_path, args.revision)
     args.output_dir = args.output_dir or os.path.join("outputs", args.config_name)
     if args.world_report:
         world.use_concept_data(args)
-    if args.data_dir is None:
+    if args.data_dir is None and args.dataset != "hf":
         if args.dataset != "demo":
             raise ValueError(f"--dataset {args.dataset} needs --data_dir (the dataset folder)")
         args.data_dir = os.path.join(args.output_dir, "demo_data")
     return args
+
+
+def check_data_args(args) -> None:
+    """The data set to read: --dataset_name wins over a dataset: of the YAML (as in diffusers), --data_dir alone
+    is detected; the numeric data options in range."""
+    if args.dataset_name:
+        if args.dataset not in (None, "hf"):
+            print(f"--dataset_name {args.dataset_name}: reading it with datasets (dataset: {args.dataset} not used)")
+        args.dataset = "hf"
+    elif args.dataset == "hf":
+        raise ValueError("--dataset hf needs --dataset_name (a save_to_disk folder, parquet/arrow folder or cached "
+                         "hub id)")
+    elif args.dataset is None and args.data_dir is not None:
+        args.dataset = "auto"
+    if args.dataset is None:
+        raise ValueError("no dataset: pass --data_dir (--train_data_dir) with --dataset "
+                         f"{'|'.join(k for k in KINDS if k != 'hf')}, or --dataset_name")
+    if args.max_train_samples is not None and args.max_train_samples <= 0:
+        raise ValueError(f"--max_train_samples must be a positive integer, got {args.max_train_samples}")
+    if not 0.0 <= args.caption_dropout_rate <= 1.0:
+        raise ValueError(f"--caption_dropout_rate must be a probability in [0, 1], got {args.caption_dropout_rate}")
 
 
 def model_resolution(name_or_path: str, revision: str | None = None) -> int:
@@ -475,11 +528,11 @@ def seed_for(*keys: int) -> int:
 @torch.no_grad()
 def batch_inputs(batch: dict, sd, generator: torch.Generator, noise_offset: float, dtype: torch.dtype, device):
     """(latents, text states, noise, timesteps) of a batch; the frozen VAE and text encoder run in `dtype`."""
-    if "latents" in batch:  # --cache_latents: already sampled and scaled
-        latents = batch["latents"].to(device, dtype)
+    if "latent_parameters" in batch:  # --cache_latents: the cached posterior, sampled with an encode's draws
+        posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(device, dtype))  # (B, 2C, h, w)
     else:
         posterior = sd.vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist
-        latents = posterior.sample(generator=generator) * sd.vae.config.scaling_factor  # (B, 4, h, w)
+    latents = posterior.sample(generator=generator) * sd.vae.config.scaling_factor  # (B, 4, h, w)
     ids = tokenize_captions(sd.tokenizer, batch["captions"]).to(device)
     text_states = sd.text_encoder(ids, return_dict=False)[0]  # (B, 77, D)
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
@@ -554,22 +607,41 @@ def build_models(args, accelerator, weight_dtype: torch.dtype):
 # ---------------------------------------------------------------------------------------------------------------------
 # data
 def build_dataset(args, accelerator):
-    """Scan and build the dataset before any model is loaded; print what the scan found (PITFALLS: caption loss)."""
+    """Scan and build the dataset before any model is loaded; print what the scan found (PITFALLS: caption loss).
+    The main process scans first and writes the scan cache (<data_dir>/.restune_cache/scan.json), the others read
+    it; the derived caption set (fine-grained sets) goes to <output_dir>/captions.json."""
+    if args.cache_latents and not args.center_crop:
+        raise ValueError("--cache_latents: random crop cannot be cached (each epoch needs a new crop of the full "
+                         "image); pass --center_crop or drop --cache_latents")
+    image_column = args.image_column or ("image" if args.dataset == "hf" else "file_name")
     options = {"resolution": args.resolution, "center_crop": args.center_crop, "random_flip": args.random_flip,
-               "seed": args.seed, "caption_mode": args.caption_mode, "caption_column": args.caption_column,
-               "image_column": args.image_column, "skip_bad_images": args.skip_bad_images}
-    if args.category:
-        options["category"] = args.category
-    dataset = load_dataset(args.dataset, args.data_dir, **options)
+               "interpolation": args.image_interpolation_mode, "seed": args.seed, "split": args.split,
+               "caption_mode": args.caption_mode, "caption_column": args.caption_column, "image_column": image_column,
+               "category": args.category, "template": args.caption_template, "class_names": args.class_names,
+               "dataset_config_name": args.dataset_config_name, "max_train_samples": args.max_train_samples,
+               "caption_dropout_rate": args.caption_dropout_rate, "skip_bad_images": args.skip_bad_images,
+               "scan_mode": args.scan_mode, "progress": accelerator.is_local_main_process}
+    with accelerator.main_process_first():
+        dataset = load_dataset(args.dataset, args.dataset_name if args.dataset == "hf" else args.data_dir, **options)
     accelerator.print(dataset.report.summary())
+    if accelerator.is_main_process:
+        path = write_caption_set(dataset.report, args.output_dir)
+        if path is not None:
+            accelerator.print(f"caption set ({len(dataset.report.derived_captions)} captions with counts): {path}")
     return dataset
 
 
 def build_loader(args, dataset, sd, accelerator, weight_dtype: torch.dtype):
+    """The loader; with --cache_latents over the on-disk latent cache (latent_cache.py): each process encodes its
+    share of what is missing, then all read it (a later run encodes nothing)."""
     if args.cache_latents:
-        dataset = cache_latents(dataset, sd.vae, batch_size=args.train_batch_size, device=accelerator.device,
-                                dtype=weight_dtype)
-        accelerator.print(f"cached the VAE latents of {len(dataset)} samples")
+        cache_dir = args.latent_cache_dir or os.path.join(dataset.report.data_dir, LATENT_CACHE_DIR)
+        folder = build_latent_cache(dataset, sd.vae, cache_dir, rank=accelerator.process_index,
+                                    num_processes=accelerator.num_processes, batch_size=args.train_batch_size,
+                                    device=accelerator.device, dtype=weight_dtype)
+        accelerator.wait_for_everyone()
+        dataset = open_latent_cache(folder, dataset)
+        accelerator.print(f"--cache_latents: the VAE posteriors of {len(dataset)} samples from {folder}")
     return build_dataloader(dataset, args.train_batch_size, shuffle=True, seed=args.seed,
                             num_workers=args.dataloader_num_workers)
 

@@ -285,46 +285,6 @@ def test_load_demo_builds_then_reads_as_imagefolder(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# latent caching
-def test_cache_latents_stores_both_flips_and_samples_per_epoch(tmp_path, tiny_vae):
-    write_imagefolder(tmp_path, ["a", "b", "c"])
-    ds = data.load_dataset("imagefolder", tmp_path, resolution=16, random_flip=True, seed=5)
-    cached = data.cache_latents(ds, tiny_vae, batch_size=2)
-    assert cached.parameters.shape == (3, 2, 8, 8, 8)  # (images, flips, mean+logvar, h, w)
-    x = data.ImageTransform(16)(data.load_rgb(tmp_path / "1.png"))[None]
-    with torch.no_grad():
-        both = tiny_vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
-    torch.testing.assert_close(cached.parameters[1], both.parameters, atol=1e-5, rtol=1e-4)
-
-    item = cached[1]
-    assert item["latents"].shape == (4, 8, 8) and item["caption"] == "b"
-    assert torch.equal(item["latents"], cached[1]["latents"])
-    mean = both.mean[int(ds.flip(1))] * tiny_vae.config.scaling_factor
-    assert (item["latents"] - mean).abs().max() < 6 * both.std.max() * tiny_vae.config.scaling_factor
-    picked = set()
-    for epoch in range(8):
-        cached.set_epoch(epoch)
-        picked.add(ds.flip(1))
-    assert picked == {True, False}
-    assert not torch.equal(item["latents"], cached[1]["latents"])  # fresh noise in a new epoch
-
-
-def test_cache_latents_encodes_each_image_once_in_all_mode(tmp_path, tiny_vae):
-    write_coco(tmp_path)
-    ds = data.load_dataset("coco2017", tmp_path, resolution=16, caption_mode="all")
-    cached = data.cache_latents(ds, tiny_vae, batch_size=4)
-    assert cached.parameters.shape == (3, 1, 8, 8, 8) and len(cached) == 8
-    assert data.collate_fn([cached[0], cached[1]])["latents"].shape == (2, 4, 8, 8)
-
-
-def test_cache_latents_refuses_random_crop(tmp_path, tiny_vae):
-    write_imagefolder(tmp_path, ["a"])
-    ds = data.load_dataset("imagefolder", tmp_path, resolution=16, center_crop=False)
-    with pytest.raises(ValueError, match="random crop cannot be cached"):
-        data.cache_latents(ds, tiny_vae)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # loading batches
 def test_dataloader_order_fixed_by_seed_and_epoch(tmp_path):
     write_imagefolder(tmp_path, [f"caption {i}" for i in range(6)])
@@ -505,7 +465,7 @@ def test_derived_captions_are_counted_summarised_and_written(tmp_path):
     ds = data.load_dataset("finegrained", root, resolution=8, template="a photo of a {class}")
     assert ds.report.derived_captions == {"a photo of a chihuahua": 3, "a photo of an english setter": 1,
                                           "a photo of an acura rl sedan 2012": 1}
-    assert "3 captions derived from folder names" in ds.report.summary()
+    assert "3 captions derived from class names" in ds.report.summary()
     assert "'a photo of a chihuahua' x3" in ds.report.summary()
     path = data.write_caption_set(ds.report, tmp_path / "out")
     body = json.loads(path.read_text())

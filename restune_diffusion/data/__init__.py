@@ -1,23 +1,25 @@
-"""Training data: COCO 2017 captions, fine-grained class folders, image folders with metadata.jsonl, a synthetic demo.
+"""Training data: COCO 2017 captions, image folders with metadata.jsonl, the fine-grained sets in their published
+layouts, Hugging Face `datasets` data sets, a synthetic demo.
 
 Every format becomes a list of `Sample(path, captions)` and one `CaptionDataset`. Before any model is loaded,
 `load_dataset` scans the data (PITFALLS "silent caption loss", diffusers #3674/#6445): it says which metadata file and
 columns it used and stops with an error naming the file when a caption or an image is bad; by default it decodes
 every image once and caches the result (scan.py). Images are read for real (images.py: EXIF orientation, 16-bit,
-transparency, aspect bound). All randomness of a sample (caption choice, crop, flip, latent noise) is a function of
+transparency, aspect bound). All randomness of a sample (caption choice and dropout, crop, flip) is a function of
 (seed, epoch, index), so a resumed run sees the same data.
 
-One file per concept: images.py (reading), formats.py (layouts -> samples), scan.py (the start-up scan and its
-cache), dataset.py (transform, dataset, loader, in-memory latents), demo.py (the synthetic set).
+One file per concept: images.py (reading), formats.py (COCO and image-folder layouts -> samples), finegrained.py
+(CUB, Dogs, Cars, Flowers, Aircraft, Food, class folders), hf.py (`datasets` -> an image folder), scan.py (the
+start-up scan and its cache), dataset.py (transform, dataset, loader, cached latents), demo.py (the synthetic set).
 """
 
 from .dataset import (
+                      INTERPOLATION_MODES,
                       CachedLatentsDataset,
                       CaptionDataset,
                       EpochSampler,
                       ImageTransform,
                       build_dataloader,
-                      cache_latents,
                       coco_caption_pairs,
                       collate_fn,
                       load_dataset,
@@ -26,6 +28,7 @@ from .dataset import (
                       torch_seed,
 )
 from .demo import make_demo_dataset
+from .finegrained import FLOWERS102_NAMES, SETS, find_layout, finegrained_samples
 from .formats import (
                       DEFAULT_TEMPLATE,
                       METADATA_FILES,
@@ -36,6 +39,7 @@ from .formats import (
                       fix_articles,
                       image_files,
 )
+from .hf import export_images, open_split
 from .images import (
                       IMAGE_EXTENSIONS,
                       MAX_ASPECT_RATIO,
@@ -46,13 +50,24 @@ from .images import (
                       load_rgb,
                       to_rgb,
 )
-from .scan import CAPTION_MODES, KINDS, SCAN_MODES, check_images, scan_dataset, scan_samples, write_caption_set
+from .scan import (
+                      CAPTION_MODES,
+                      FINEGRAINED_KINDS,
+                      KINDS,
+                      SCAN_MODES,
+                      check_images,
+                      scan_dataset,
+                      scan_samples,
+                      subset,
+                      write_caption_set,
+)
 
 __all__ = [
-    "CAPTION_MODES", "DEFAULT_TEMPLATE", "IMAGE_EXTENSIONS", "KINDS", "MAX_ASPECT_RATIO", "METADATA_FILES",
-    "PIL_ERRORS", "SCAN_MODES", "SKIP_HINT", "BadImageError", "CachedLatentsDataset", "CaptionDataset", "EpochSampler",
-    "ImageTransform", "Sample", "ScanReport", "build_dataloader", "cache_latents", "check_images", "clean_class_name",
-    "coco_caption_pairs", "collate_fn", "detect_kind", "fix_articles", "image_files", "image_problem", "load_dataset",
-    "load_rgb", "make_demo_dataset", "sample_rng", "scan_dataset", "scan_samples", "tokenize_captions", "to_rgb",
-    "torch_seed", "write_caption_set",
+    "CAPTION_MODES", "DEFAULT_TEMPLATE", "FINEGRAINED_KINDS", "FLOWERS102_NAMES", "IMAGE_EXTENSIONS",
+    "INTERPOLATION_MODES", "KINDS", "MAX_ASPECT_RATIO", "METADATA_FILES", "PIL_ERRORS", "SCAN_MODES", "SETS",
+    "SKIP_HINT", "BadImageError", "CachedLatentsDataset", "CaptionDataset", "EpochSampler", "ImageTransform", "Sample",
+    "ScanReport", "build_dataloader", "check_images", "clean_class_name", "coco_caption_pairs", "collate_fn",
+    "detect_kind", "export_images", "find_layout", "finegrained_samples", "fix_articles", "image_files",
+    "image_problem", "load_dataset", "load_rgb", "make_demo_dataset", "open_split", "sample_rng", "scan_dataset",
+    "scan_samples", "subset", "tokenize_captions", "to_rgb", "torch_seed", "write_caption_set",
 ]

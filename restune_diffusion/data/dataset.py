@@ -1,5 +1,5 @@
 """Images with captions as a torch Dataset: diffusers' transform, per-sample randomness fixed by (seed, epoch, index),
-the epoch-ordered loader, and the in-memory VAE latent cache (see latent_cache.py for the on-disk one)."""
+the epoch-ordered loader, and the dataset of cached VAE posteriors (the cache on disk: latent_cache.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,13 @@ from .images import BadImageError, load_rgb, size_problem
 from .scan import scan_samples
 
 # independent random streams of one sample, so e.g. the flip does not depend on how many captions an image has
-_CAPTION, _CROP, _FLIP, _NOISE, _ORDER = range(5)
+_CAPTION, _CROP, _FLIP, _ORDER, _DROP = 0, 1, 2, 4, 5  # (3 was the cached latents' sampling noise, now per batch)
+# --image_interpolation_mode: diffusers' choices (torchvision InterpolationMode names) as PIL resampling filters, the
+# mapping torchvision applies to PIL images (nearest_exact is PIL's nearest, which samples pixel centres)
+INTERPOLATION_MODES = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                       "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+                       "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
+                       "nearest_exact": Image.Resampling.NEAREST}
 MAX_SKIPS = 100  # consecutive bad images one item may step over under skip_bad_images
 log = logging.getLogger(__name__)
 
@@ -33,15 +39,20 @@ def torch_seed(seed: int, epoch: int, index: int, stream: int) -> int:
 
 @dataclass
 class ImageTransform:
-    """diffusers train_text_to_image: resize short side (bicubic), center/random crop, optional flip, to [-1, 1]."""
+    """diffusers train_text_to_image: resize short side (bicubic unless `interpolation` says otherwise), center or
+    random crop, optional flip, to [-1, 1]."""
 
     resolution: int = 512
     center_crop: bool = True
     random_flip: bool = False
+    interpolation: str = "bicubic"
 
     def __post_init__(self):
         if not isinstance(self.resolution, int) or self.resolution <= 0:
             raise ValueError(f"resolution must be a positive int, got {self.resolution!r}")
+        if self.interpolation not in INTERPOLATION_MODES:
+            raise ValueError(f"image_interpolation_mode: expected one of {sorted(INTERPOLATION_MODES)}, got "
+                             f"{self.interpolation!r}")
 
     def __call__(self, image: Image.Image, crop_rng: np.random.Generator | None = None,
                  flip: bool = False) -> torch.Tensor:
@@ -52,7 +63,7 @@ class ImageTransform:
             raise BadImageError(f"{problem} (ImageTransform)")
         # torchvision Resize(int): the short side becomes r, the long side int(r * long / short)
         size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
-        image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        image = image.convert("RGB").resize(size, INTERPOLATION_MODES[self.interpolation])
         if self.center_crop or crop_rng is None:
             left, top = round((size[0] - r) / 2.0), round((size[1] - r) / 2.0)
         else:
@@ -64,12 +75,16 @@ class ImageTransform:
 
 class CaptionDataset(Dataset):
     """Images with captions; caption, crop and flip of item i depend only on (seed, epoch, i). With skip_bad_images an
-    image that fails to decode here (scan_mode="header") is counted in `skipped` and the next good item is used."""
+    image that fails to decode here (scan_mode="header") is counted in `skipped` and the next good item is used.
+    With caption_dropout_rate p the caption is "" with probability p (classifier-free guidance learns the empty
+    prompt), drawn from its own stream of (seed, epoch, i)."""
 
     def __init__(self, samples: list[Sample], transform: ImageTransform, seed: int = 0,
-                 report: ScanReport | None = None, skip_bad_images: bool = False):
+                 report: ScanReport | None = None, skip_bad_images: bool = False, caption_dropout_rate: float = 0.0):
+        if not 0.0 <= caption_dropout_rate <= 1.0:
+            raise ValueError(f"caption_dropout_rate must be in [0, 1], got {caption_dropout_rate!r}")
         self.samples, self.transform, self.seed, self.report = samples, transform, seed, report
-        self.skip_bad_images = skip_bad_images
+        self.skip_bad_images, self.caption_dropout_rate = skip_bad_images, caption_dropout_rate
         self.skipped: dict[str, str] = {}  # path -> problem, images skipped at load time (in this process)
         self.epoch = 0
 
@@ -80,6 +95,9 @@ class CaptionDataset(Dataset):
         self.epoch = epoch
 
     def caption(self, index: int) -> str:
+        rate = self.caption_dropout_rate
+        if rate and sample_rng(self.seed, self.epoch, index, _DROP).random() < rate:
+            return ""
         captions = self.samples[index].captions
         if len(captions) == 1:
             return captions[0]
@@ -117,15 +135,19 @@ class CaptionDataset(Dataset):
 
 
 def load_dataset(kind: str, data_dir: str | os.PathLike, *, resolution: int = 512, center_crop: bool = True,
-                 random_flip: bool = False, seed: int = 0, **options) -> CaptionDataset:
-    """Scan then build a dataset; kind in KINDS. Options: split, caption_mode ("random"|"all"|"first"),
-    caption_column, image_column, template, category, skip_bad_images, scan_mode ("decode"|"header", see scan.py),
+                 random_flip: bool = False, seed: int = 0, interpolation: str = "bicubic",
+                 caption_dropout_rate: float = 0.0, **options) -> CaptionDataset:
+    """Scan then build a dataset; kind in KINDS ("hf": data_dir is a `datasets` folder or cached hub id). Options:
+    split, caption_mode ("random"|"all"|"first"), caption_column, image_column, template (fine-grained: "{}" or
+    "{class}" is the class name), category, class_names (a file), dataset_config_name (hf), max_train_samples (the
+    first N after a shuffle seeded by `seed`), skip_bad_images, scan_mode ("decode"|"header", see scan.py),
     scan_cache (True: <data_dir>/.restune_cache, a folder, or False), progress, demo_num_images/resolution/seed.
     The scan result is `dataset.report` (print `dataset.report.summary()`; `write_caption_set(dataset.report, out)`
     writes the derived captions with their counts)."""
-    samples, report = scan_samples(kind, data_dir, **options)
-    return CaptionDataset(samples, ImageTransform(resolution, center_crop, random_flip), seed, report,
-                          skip_bad_images=report.skip_bad_images)
+    transform = ImageTransform(resolution, center_crop, random_flip, interpolation)  # its errors before the scan
+    samples, report = scan_samples(kind, data_dir, seed=seed, **options)
+    return CaptionDataset(samples, transform, seed, report, skip_bad_images=report.skip_bad_images,
+                          caption_dropout_rate=caption_dropout_rate)
 
 
 def coco_caption_pairs(data_dir: str | os.PathLike, split: str = "val", num_samples: int | None = None,
@@ -142,14 +164,16 @@ def coco_caption_pairs(data_dir: str | os.PathLike, split: str = "val", num_samp
     return [(samples[i].path, samples[i].captions[k]) for i, k in zip(indices, picks)]
 
 
-# latent caching
+# latent caching (the cache itself: latent_cache.py)
 class CachedLatentsDataset(Dataset):
-    """VAE posteriors cached per image (and its mirror); each item samples latents anew and multiplies them by
-    `vae.config.scaling_factor`, so items are ready to be noised. Captions and flips follow the source dataset."""
+    """Cached VAE posteriors: item i is the posterior (mean, logvar) of its image, or of its mirror when item i is
+    flipped, as `latent_parameters` (2C, h, w). The training step samples it with the generator draws an encode would
+    take (train.batch_inputs), so --cache_latents leaves the numbers of a run as they were. Captions and flips follow
+    the source dataset."""
 
-    def __init__(self, parameters: torch.Tensor, rows: list[int], source: CaptionDataset, scaling_factor: float):
-        self.parameters = parameters  # (num_images, 1 or 2 flips, 2 * C, h, w): posterior mean and logvar
-        self.rows, self.source, self.scaling_factor = rows, source, scaling_factor
+    def __init__(self, parameters, rows: list[int], source: CaptionDataset):
+        self.parameters = parameters  # [row, flip] -> (2C, h, w): posterior mean and logvar
+        self.rows, self.source = rows, source
 
     def __len__(self) -> int:
         return len(self.source)
@@ -158,36 +182,12 @@ class CachedLatentsDataset(Dataset):
         self.source.set_epoch(epoch)
 
     def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index %= len(self)
         src = self.source
-        params = self.parameters[self.rows[index], int(src.flip(index))].float()
-        mean, logvar = params.chunk(2, dim=0)  # (C, h, w) each
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers DiagonalGaussianDistribution's clamp
-        gen = torch.Generator().manual_seed(torch_seed(src.seed, src.epoch, index, _NOISE))
-        latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scaling_factor
-        return {"latents": latents, "caption": src.caption(index), "path": str(src.samples[index].path)}
-
-
-@torch.no_grad()
-def cache_latents(dataset: CaptionDataset, vae, batch_size: int = 8, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32) -> CachedLatentsDataset:
-    """Encode each distinct image once (twice with random_flip: both mirrors, sd-scripts #214); stored on the CPU."""
-    if not isinstance(dataset, CaptionDataset):
-        raise TypeError(f"cache_latents: expected a CaptionDataset, got {type(dataset).__name__}")
-    if not dataset.transform.center_crop:
-        raise ValueError("cache_latents: random crop cannot be cached (each epoch needs a new crop of the full image);"
-                         " use --center_crop or drop --cache_latents")
-    paths = list(dict.fromkeys(s.path for s in dataset.samples))
-    flips = 2 if dataset.transform.random_flip else 1
-    chunks = []
-    for start in range(0, len(paths), batch_size):
-        x = torch.stack([dataset.transform(load_rgb(p)) for p in paths[start:start + batch_size]])  # (B, 3, R, R)
-        if flips == 2:
-            x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): originals, then mirrors
-        params = vae.encode(x.to(device, dtype)).latent_dist.parameters.cpu()  # (F*B, 2C, h, w)
-        chunks.append(params.unflatten(0, (flips, -1)).transpose(0, 1))  # (B, F, 2C, h, w)
-    row_of = {p: i for i, p in enumerate(paths)}
-    rows = [row_of[s.path] for s in dataset.samples]
-    return CachedLatentsDataset(torch.cat(chunks), rows, dataset, float(vae.config.scaling_factor))
+        params = self.parameters[self.rows[index], int(src.flip(index))].float()  # (2C, h, w)
+        return {"latent_parameters": params, "caption": src.caption(index), "path": str(src.samples[index].path)}
 
 
 # loading batches
@@ -214,8 +214,8 @@ class EpochSampler(Sampler[int]):
 
 
 def collate_fn(examples: list[dict]) -> dict:
-    """Stack `pixel_values` (B, 3, R, R) or `latents` (B, 4, h, w); captions and paths as lists."""
-    key = "latents" if "latents" in examples[0] else "pixel_values"
+    """Stack `pixel_values` (B, 3, R, R) or cached `latent_parameters` (B, 2C, h, w); captions and paths as lists."""
+    key = "latent_parameters" if "latent_parameters" in examples[0] else "pixel_values"
     batch = torch.stack([e[key] for e in examples]).to(memory_format=torch.contiguous_format).float()
     return {key: batch, "captions": [e["caption"] for e in examples], "paths": [e["path"] for e in examples]}
 

@@ -21,6 +21,9 @@ WORDNET_PREFIX = re.compile(r"^n\d{8}[-_\s]+")
 # words whose first letter misleads the article: "a university", "an hour"
 CONSONANT_SOUND = ("uni", "use", "usu", "uti", "eu", "ewe", "one", "once", "ubiq", "ufo")
 VOWEL_SOUND = ("hour", "honest", "honor", "honour", "heir")
+# a capital followed by a digit, - or /, or 2-3 capitals alone: read as letters (aircraft variants, car makers)
+INITIALISM = re.compile(r"[A-Z](?:[\d\-/]|[A-Z]{1,2}(?![A-Za-z]))")
+LETTERS_WITH_VOWEL_SOUND = "aefhilmnorsx"  # "an F", "an M", "an S"
 
 
 @dataclass
@@ -44,6 +47,8 @@ class ScanReport:
     skip_bad_images: bool = False
     scan_mode: str = "decode"
     num_decoded: int = 0  # images read at this scan (the rest came from the scan cache)
+    num_listed: int = 0  # samples before --max_train_samples
+    max_train_samples: int | None = None
     dropped: list[str] = field(default_factory=list)  # the first few messages of dropped samples
     derived_captions: dict[str, int] = field(default_factory=dict)  # caption -> samples, when made from folder names
 
@@ -64,14 +69,17 @@ class ScanReport:
         lines = [
             f"dataset {self.kind} at {self.data_dir}",
             f"  captions from {self.source} ({self.columns})",
-            f"  {self.num_samples} samples, {self.num_images} images; {checked.get(self.scan_mode, self.scan_mode)}"
+            f"  {self.num_samples} samples, {self.num_images} images"
+            + (f" (--max_train_samples {self.max_train_samples} of {self.num_listed}, seeded)"
+               if self.max_train_samples is not None and self.max_train_samples < self.num_listed else "")
+            + f"; {checked.get(self.scan_mode, self.scan_mode)}"
             f" ({self.num_decoded} read now, the rest from the scan cache)",
             f"  {self.num_without_caption} without caption, {self.num_unreadable} unreadable images"
             + (" (dropped: --skip_bad_images)" if self.num_without_caption + self.num_unreadable else ""),
         ]
         if self.derived_captions:
             common = sorted(self.derived_captions.items(), key=lambda kv: (-kv[1], kv[0]))
-            lines.append(f"  {len(common)} captions derived from folder names, e.g. "
+            lines.append(f"  {len(common)} captions derived from class names, e.g. "
                          + "; ".join(f"{c!r} x{n}" for c, n in common[:3]))
         return "\n".join(lines + [f"  dropped: {m}" for m in self.dropped])
 
@@ -162,33 +170,14 @@ def fix_articles(text: str) -> str:
 
     def article(match: re.Match) -> str:
         word = match.group(2).lower()
-        vowel = (word[0] in "aeiou" and not word.startswith(CONSONANT_SOUND)) or word.startswith(VOWEL_SOUND)
+        if INITIALISM.match(match.group(2)):  # said letter by letter: "an F-16", "an MD-80", "a DC-9", "an A320"
+            vowel = word[0] in LETTERS_WITH_VOWEL_SOUND
+        else:
+            vowel = (word[0] in "aeiou" and not word.startswith(CONSONANT_SOUND)) or word.startswith(VOWEL_SOUND)
         chosen = "an" if vowel else "a"
         return (chosen.capitalize() if match.group(1)[0].isupper() else chosen) + " " + match.group(2)
 
-    return re.sub(r"\b([Aa]n?) ([A-Za-z]\w*)", article, text)
-
-
-def finegrained_samples(root: Path, template: str, category: str | None, report: ScanReport) -> list[Sample]:
-    if "{category}" in template and not category:
-        raise ValueError(f"template {template!r} uses {{category}}: pass category= (e.g. 'bird', 'flower')")
-    report.source, report.columns = "class folder names", f"template {template!r}"
-    samples = []
-    for folder in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        name = clean_class_name(folder.name)
-        if not name:
-            raise ValueError(f"{folder}: no class name left after removing the numeric prefix; rename the folder")
-        try:
-            caption = fix_articles(template.format(**{"class": name, "category": category}))
-        except (KeyError, IndexError) as err:
-            raise ValueError(
-                f"template {template!r}: unknown placeholder {err}; use {{class}} and {{category}}"
-            ) from err
-        samples += [Sample(p, [caption]) for p in image_files(folder)]
-    if not samples:
-        raise ValueError(f"{root}: no images in class sub-folders. Expected <data_dir>/<class_name>/*"
-                         f" with extensions {', '.join(IMAGE_EXTENSIONS)}")
-    return samples
+    return re.sub(r"\b([Aa]n?) ([A-Za-z][\w\-/]*)", article, text)
 
 
 def _find_metadata(root: Path) -> Path:
@@ -234,9 +223,12 @@ def _as_captions(value) -> list[str]:
 
 def imagefolder_samples(root: Path, caption_column: str, image_column: str, report: ScanReport) -> list[Sample]:
     meta = _find_metadata(root)
+    rows = _metadata_rows(meta)
+    if rows and image_column == "image" and "image" not in rows[0][1] and "file_name" in rows[0][1]:
+        image_column = "file_name"  # HF imagefolder loads file_name as "image": diffusers' --image_column image
     report.source, report.columns = str(meta), f"image={image_column!r}, caption={caption_column!r}"
     samples, listed = [], set()
-    for n, row in _metadata_rows(meta):
+    for n, row in rows:
         for what, col in (("caption_column", caption_column), ("image_column", image_column)):
             if col not in row:
                 raise ValueError(f"{meta}: line {n} has no column {col!r}; columns present: {sorted(row)}. "

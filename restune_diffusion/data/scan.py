@@ -19,22 +19,20 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ..weights import atomic_write_text
 from .demo import make_demo_dataset
-from .formats import (
-    DEFAULT_TEMPLATE,
-    Sample,
-    ScanReport,
-    coco_samples,
-    detect_kind,
-    finegrained_samples,
-    imagefolder_samples,
-)
+from .finegrained import NAMES as FINEGRAINED_SETS
+from .finegrained import finegrained_samples
+from .formats import Sample, ScanReport, coco_samples, detect_kind, imagefolder_samples
+from .hf import export_images
 from .images import SKIP_HINT, image_problem
 
-KINDS = ("auto", "coco2017", "finegrained", "imagefolder", "demo")
+# "hf": a Hugging Face datasets data set (data_dir = its folder or hub id); the fine-grained sets by name
+KINDS = ("auto", "coco2017", "finegrained", "imagefolder", "demo", "hf", *FINEGRAINED_SETS)
+FINEGRAINED_KINDS = ("finegrained", *FINEGRAINED_SETS)
 CAPTION_MODES = ("random", "all", "first")
 SCAN_MODES = ("decode", "header")
 CACHE_DIR = ".restune_cache"
@@ -112,37 +110,63 @@ def check_images(paths: list[Path], root: Path, mode: str, scan_cache=True, prog
     return problems, decoded
 
 
+def subset(samples: list[Sample], count: int | None, seed: int) -> list[Sample]:
+    """--max_train_samples: the first `count` after a shuffle seeded by `seed` (diffusers), kept in data set order."""
+    if count is None:
+        return samples
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        raise ValueError(f"max_train_samples must be a positive integer, got {count!r}")
+    if count >= len(samples):
+        return samples
+    keep = np.random.default_rng(seed).permutation(len(samples))[:count]
+    return [samples[i] for i in sorted(keep.tolist())]
+
+
 def scan_samples(kind: str, data_dir: str | os.PathLike, *, split: str = "train", caption_mode: str = "random",
-          caption_column: str = "text", image_column: str = "file_name", template: str = DEFAULT_TEMPLATE,
-          category: str | None = None, skip_bad_images: bool = False, scan_mode: str = "decode",
-          scan_cache: bool | str | os.PathLike = True, progress: bool = True, demo_num_images: int = 64,
-          demo_resolution: int = 64, demo_seed: int = 0) -> tuple[list[Sample], ScanReport]:
+                 caption_column: str = "text", image_column: str = "file_name", template: str | None = None,
+                 category: str | None = None, class_names: str | os.PathLike | None = None,
+                 dataset_config_name: str | None = None, max_train_samples: int | None = None, seed: int = 0,
+                 skip_bad_images: bool = False, scan_mode: str = "decode",
+                 scan_cache: bool | str | os.PathLike = True, progress: bool = True, demo_num_images: int = 64,
+                 demo_resolution: int = 64, demo_seed: int = 0) -> tuple[list[Sample], ScanReport]:
     """(usable samples, report) of a data set; see `load_dataset` for the options, the module doc for scan_mode."""
     root = Path(data_dir)
     if kind not in KINDS:
         raise ValueError(f"dataset kind: expected one of {KINDS}, got {kind!r}")
     if scan_mode not in SCAN_MODES:
         raise ValueError(f"scan_mode: expected one of {SCAN_MODES}, got {scan_mode!r}")
+    source = None
     if kind == "demo":
         make_demo_dataset(root, demo_num_images, demo_resolution, demo_seed)
+    elif kind == "hf":  # rows written out once as an image folder (hf.py)
+        root, rows = export_images(str(data_dir), split, dataset_config_name, image_column, caption_column)
+        source, image_column, caption_column = f"{data_dir} (split {split}, {rows} rows, exported to {root})", \
+            "file_name", "text"
     elif kind == "auto":
         kind = detect_kind(root)
     elif not root.is_dir():
         raise FileNotFoundError(f"{root}: dataset folder not found")
+    if split != "train" and kind in ("imagefolder", "demo"):
+        raise ValueError(f"--split {split}: an image folder has no splits ({root}); drop --split")
     report = ScanReport(kind, str(root), skip_bad_images=skip_bad_images, scan_mode=scan_mode)
     if kind == "coco2017":
         samples = coco_samples(root, split, report)
-    elif kind == "finegrained":
-        samples = finegrained_samples(root, template, category, report)
+    elif kind in FINEGRAINED_KINDS:
+        samples = finegrained_samples(root, split, kind, template, category, class_names, report)
     else:
         samples = imagefolder_samples(root, caption_column, image_column, report)
+    if source:
+        report.source = f"{source}: {report.source}"
+    samples = _apply_caption_mode(samples, caption_mode)
+    report.num_listed, report.max_train_samples = len(samples), max_train_samples
+    samples = subset(samples, max_train_samples, seed)  # before the image check: a subset reads only its images
     problems, report.num_decoded = check_images(list(dict.fromkeys(s.path for s in samples)), root, scan_mode,
                                                 scan_cache, progress)
     for path, problem in problems.items():
         report.flag("image", f"{path}: cannot read image ({problem}). {SKIP_HINT}")
-    samples = _apply_caption_mode([s for s in samples if s.path not in problems], caption_mode)
+    samples = [s for s in samples if s.path not in problems]
     report.num_samples, report.num_images = len(samples), len({s.path for s in samples})
-    if kind == "finegrained":
+    if kind in FINEGRAINED_KINDS:
         report.derived_captions = dict(Counter(c for s in samples for c in s.captions))
     if not samples:
         raise ValueError(f"{root}: no usable samples.\n{report.summary()}")
