@@ -164,6 +164,6 @@ def check_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> None:
             whose, what = FOREIGN[flag]
             raise ValueError(f"{flag} is a {whose} flag that train_t2i.py does not take: {what}")
         if not any(o.startswith(flag) for o in ours):  # argparse takes unique prefixes (e.g. --resume)
-            close = difflib.get_close_matches(flag, ours, n=3, cutoff=0.6)
+            close = difflib.get_close_matches(flag, ours, n=2, cutoff=0.7)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise ValueError(f"unknown flag {flag}{hint} (`{parser.prog} --help` lists the flags)")
