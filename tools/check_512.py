@@ -7,11 +7,13 @@ v1.5 UNet (random weights) at 64x64 latents with 77x768 text states, in fp32 and
     python tools/check_512.py --quick --out /tmp/check          # tiny UNet, 8x8 latents, two configs: seconds (CI)
 
 Per config and precision, on batch 1:
-- training, as train.py does it (diffusion_loss on noised latents, backward, AdamW, zero_grad): every step's loss is
-  finite; after step 1 every trainable tensor has a finite gradient and some are non-zero (zero-initialised last
-  layers, LoRA's B, Res-Prompt's lambda = 0, leave the tensors before them with an exactly zero gradient at step 1);
-  after the first update every trainable tensor gets a non-zero gradient; trainables stay fp32. bf16: the frozen UNet
-  in bf16 under bf16 autocast (full fine-tuning keeps the UNet fp32), as accelerate's mixed precision sets it up.
+- training, as train.py does it (diffusion_loss on noised latents, backward, AdamW, zero_grad), for at least 2 steps
+  and until every trainable tensor has had a non-zero gradient: every loss finite, every gradient present and
+  finite, some non-zero at step 1, each tensor non-zero by the last step, trainables fp32. A zero-initialised last
+  layer (LoRA's B, an adapter's up-projection, Res-Prompt's lambda = 0) gives the tensors before it an exactly zero
+  gradient until its first update, so step 1 reaches only part of them; the bypass chains such adapters stem after
+  stem and needs one update per stem (6 steps on SD v1.5). bf16: the frozen UNet in bf16 under bf16 autocast (full
+  fine-tuning keeps the UNet fp32), as accelerate's mixed precision sets it up.
 - generation, as generate.py does it: one DDIM step with classifier-free guidance (batch 2: unconditional +
   conditional rows) under no_grad, the UNet in the precision's dtype and the trained tuners attached: the noise
   prediction (2, 4, S, S) and the next latents (1, 4, S, S) are finite, and they differ from the base UNet's (the
