@@ -1,6 +1,8 @@
 """What train_t2i.py says to a flag it does not take: one line naming our equivalent, or why the flag does not apply
 here, instead of argparse's usage block (issue 17). The flags are those of diffusers' train_text_to_image(_lora).py /
-train_dreambooth_lora.py and kohya's sd-scripts (train_network.py and library/train_util.py) that users bring.
+train_dreambooth_lora.py and kohya's sd-scripts (train_network.py and library/train_util.py) that users bring. The few
+of diffusers' README commands that change nothing here (--push_to_hub, --hub_model_id, ...) are named in one line and
+dropped, so those commands run as they are.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ _PRIOR = ("prior preservation (class images) is not implemented: train on captio
 _NOISE = "not implemented; --noise_offset is (diffusers' offset noise)"
 _BUCKETS = "aspect-ratio buckets are not implemented: images are resized and cropped to --resolution"
 
+# flags of diffusers' README commands that change nothing we do: said in one line and dropped, so the command runs
+# (flag -> (how many values it takes, why it does not apply))
+IGNORED: dict[str, tuple[int, str]] = {
+    "--push_to_hub": (0, _UPLOAD),
+    "--hub_model_id": (1, _UPLOAD),
+    "--hub_token": (1, _UPLOAD),
+    "--logging_dir": (1, "tracker logs go to OUTPUT_DIR/logs, the loss per step to OUTPUT_DIR/train_log.jsonl"),
+    "--local_rank": (1, "the process rank comes from the launcher (torchrun, accelerate launch: LOCAL_RANK)"),
+}
+
 # flag -> (whose, what to do here)
 FOREIGN: dict[str, tuple[str, str]] = {
     # diffusers train_text_to_image(_lora).py, train_dreambooth_lora.py
@@ -31,13 +43,8 @@ FOREIGN: dict[str, tuple[str, str]] = {
     "--use_dora": (D, "DoRA is not implemented; the tuners are in restune_diffusion/tuners/"),
     "--lr_num_cycles": (D, _CYCLES),
     "--lr_power": (D, _CYCLES),
-    "--push_to_hub": (D, _UPLOAD),
-    "--hub_token": (D, _UPLOAD),
-    "--hub_model_id": (D, _UPLOAD),
     "--cache_dir": (D, "models are read offline from the Hugging Face cache: set HF_HUB_CACHE=DIR (or HF_HOME)"),
-    "--logging_dir": (D, "tracker logs go to OUTPUT_DIR/logs, the loss per step to OUTPUT_DIR/train_log.jsonl"),
     "--tracker_project_name": (D, "the tracker project is 'restune-diffusion' (set WANDB_PROJECT for wandb)"),
-    "--local_rank": (D, "start processes with torchrun or accelerate launch (they set LOCAL_RANK); no flag needed"),
     "--non_ema_revision": (D, f"{_EMA_SMALL}; the base loads from --revision"),
     "--offload_ema": (D, f"nothing to offload: {_EMA_SMALL}"),
     "--foreach_ema": (D, f"not needed: {_EMA_SMALL}"),
@@ -150,10 +157,28 @@ def option_names(parser: argparse.ArgumentParser) -> list[str]:
     return [s for action in parser._actions for s in action.option_strings]
 
 
-def check_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> None:
+def drop_ignored(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(argv without the IGNORED flags and their values, one line per flag saying why it changes nothing here)."""
+    kept, notes, skip = [], [], 0
+    for token in argv:
+        if skip:
+            skip -= 1
+            continue
+        flag, has_value = token.split("=", 1)[0], "=" in token
+        if flag in IGNORED:
+            count, why = IGNORED[flag]
+            skip = 0 if has_value else count
+            notes.append(f"{flag}: ignored, {why}")  # never the value: --hub_token is a secret
+            continue
+        kept.append(token)
+    return kept, notes
+
+
+def check_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
     """A flag of diffusers' or kohya's scripts that we do not take: one line naming our equivalent or why it does not
-    apply; any other unknown flag: one line with the closest flags we do take."""
+    apply; any other unknown flag: one line with the closest flags we do take. Returns drop_ignored(argv)."""
     ours = option_names(parser)
+    argv, notes = drop_ignored(argv)
     for token in argv:
         if not token.startswith("--"):
             continue
@@ -167,3 +192,4 @@ def check_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> None:
             close = difflib.get_close_matches(flag, ours, n=2, cutoff=0.7)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise ValueError(f"unknown flag {flag}{hint} (`{parser.prog} --help` lists the flags)")
+    return argv, notes

@@ -312,7 +312,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Defaults < the YAML's train:/data: < flags given on the command line. Several --config or a sweep: a joint
     run, `args.tasks` holds one entry per bypass (joint_tasks)."""
     parser = build_parser()
-    check_flags(sys.argv[1:] if argv is None else argv, parser)  # a diffusers/kohya flag: one line naming ours
+    argv, notes = check_flags(sys.argv[1:] if argv is None else argv, parser)  # a diffusers/kohya flag: one line
+    for note in notes:
+        print(note)
     defaults = vars(parser.parse_args([]))
     explicit = build_parser()
     for action in explicit._actions:

@@ -19,8 +19,8 @@ from restune_diffusion.flags import FOREIGN, option_names
 @pytest.mark.parametrize("flag,says", [
     ("--rank", "set `rank:` of the lora tuner in the YAML's tuners: list (configs/lora.yaml"),
     ("--lr_num_cycles", "cosine_with_restarts runs diffusers' default 1 cycle"),
-    ("--push_to_hub", "nothing is uploaded from here (offline)"),
-    ("--hub_token", "nothing is uploaded from here"),
+    ("--optimizer_type", "AdamW is the optimizer"),
+    ("--use_dora", "DoRA is not implemented"),
     ("--network_dim", "set `rank:` of the lora tuner (`dim:` of an adapter)"),
     ("--network_alpha", "set `alpha:` of the lora tuner"),
     ("--network_module", "pick the tuner with `type:`"),
@@ -46,6 +46,18 @@ def test_an_unknown_flag_is_one_line_with_the_closest_flags(capsys):
     assert T.main(["--seed", "abc"]) == 2  # argparse's own errors are one line too
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "argument --seed: invalid int value: 'abc'" in err
+
+
+def test_the_hub_upload_flags_of_diffusers_readme_commands_are_named_and_dropped(tmp_path, capsys):
+    argv = ["--pretrained_model_name_or_path", "tiny-random", "--dataset", "demo", "--output_dir", str(tmp_path),
+            "--no-world_report",
+            "--push_to_hub", "--hub_model_id=me/lora", "--hub_token", "hf_secret", "--local_rank", "0", "--seed", "3"]
+    args = T.parse_args(argv)
+    out = capsys.readouterr().out
+    assert args.seed == 3 and not hasattr(args, "push_to_hub")
+    for flag in ("--push_to_hub", "--hub_model_id", "--hub_token", "--local_rank"):
+        assert f"{flag}: ignored, " in out
+    assert "nothing is uploaded from here (offline)" in out and "hf_secret" not in out
 
 
 def test_the_cli_prints_one_line_for_a_foreign_flag():
