@@ -59,6 +59,44 @@ def read_images(paths: list[Path]):
     return world.to_uint8(images)  # (N, 3, 32, 32) uint8
 
 
+def check_settings(world_name: str, num_samples: int | None, steps: int | None, batch_size: int | None,
+                   mixed_precision: str, scheduler: str) -> tuple[int, int, int]:
+    """(N, steps, batch size) with the world's defaults; named errors for bad values."""
+    if world_name not in WORLDS:
+        raise ValueError(f"--world: expected one of {WORLDS}, got {world_name!r}")
+    n = world.EVAL_REPEATS * PROMPTS_PER_ROUND if num_samples is None else num_samples
+    if not isinstance(n, int) or n < PROMPTS_PER_ROUND or n % PROMPTS_PER_ROUND:
+        raise ValueError(f"--num_samples: the tiny world asks every colour x background of the concept equally often; "
+                         f"expected a positive multiple of {PROMPTS_PER_ROUND}, got {n!r}")
+    if mixed_precision not in DTYPES:
+        raise ValueError(f"--mixed_precision: expected one of {sorted(DTYPES)}, got {mixed_precision!r}")
+    steps = world.SAMPLING_STEPS if steps is None else steps
+    batch_size = WORLD_BATCH if batch_size is None else batch_size
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name}: expected a positive integer, got {value!r}")
+    sampler_key(scheduler)
+    return n, steps, batch_size
+
+
+def generate_sets(state, pipe, prompt_sets: dict[str, list[str]], folder: Path, record: dict, progress: bool) -> dict:
+    """Each prompt set's images under folder/<set>/ (split over processes, resumable): {set: uint8 (N, 3, 32, 32)} on
+    the main process, {set: None} on the others."""
+    images = {}
+    for part, prompts in prompt_sets.items():
+        if state.is_main_process:
+            check_generation_record(folder / part, {
+                **record, "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()})
+        state.wait_for_everyone()
+        paths = generate_by_index(pipe, prompts, folder / part, seed=record["seed"], steps=record["steps"],
+                                  guidance_scale=record["guidance_scale"], resolution=world.RESOLUTION,
+                                  batch_size=record["batch_size"], rank=state.process_index,
+                                  world=state.num_processes, progress=progress)
+        state.wait_for_everyone()
+        images[part] = read_images(paths) if state.is_main_process else None
+    return images
+
+
 def evaluate_world(pretrained_model_name_or_path: str, output_dir: str | os.PathLike, *, world_name: str = "concept",
                    tuners: list[str] | None = None, base: bool = False, guidance_scales: list[float] | None = None,
                    num_samples: int | None = None, seed: int = 0, steps: int | None = None,
@@ -70,20 +108,7 @@ def evaluate_world(pretrained_model_name_or_path: str, output_dir: str | os.Path
     N 96, world.SAMPLING_STEPS steps, guidance world.GUIDANCE_SCALE, batch 64 (world.generate's: a batch's
     composition moves pixels by one level, so equal numbers need equal batches)."""
     started = time.perf_counter()
-    steps = world.SAMPLING_STEPS if steps is None else steps
-    batch_size = WORLD_BATCH if batch_size is None else batch_size
-    if world_name not in WORLDS:
-        raise ValueError(f"--world: expected one of {WORLDS}, got {world_name!r}")
-    n = world.EVAL_REPEATS * PROMPTS_PER_ROUND if num_samples is None else num_samples
-    if not isinstance(n, int) or n < PROMPTS_PER_ROUND or n % PROMPTS_PER_ROUND:
-        raise ValueError(f"--num_samples: the tiny world asks every colour x background of the concept equally often; "
-                         f"expected a positive multiple of {PROMPTS_PER_ROUND}, got {n!r}")
-    if mixed_precision not in DTYPES:
-        raise ValueError(f"--mixed_precision: expected one of {sorted(DTYPES)}, got {mixed_precision!r}")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name}: expected a positive integer, got {value!r}")
-    sampler_key(scheduler)
+    n, steps, batch_size = check_settings(world_name, num_samples, steps, batch_size, mixed_precision, scheduler)
     scales = [float(s) for s in (guidance_scales or [world.GUIDANCE_SCALE])]
     rows = model_rows(tuners, base)
     state, device = process_state(device)
@@ -92,7 +117,6 @@ def evaluate_world(pretrained_model_name_or_path: str, output_dir: str | os.Path
     sd = load_model(pretrained_model_name_or_path, dtype=DTYPES[mixed_precision], device=device)
     pipe = build_pipeline(sd)
     pipe.scheduler = make_scheduler(scheduler, sd.noise_scheduler.config)
-
     asked, real = world.concept_eval_set(n // PROMPTS_PER_ROUND)
     pretrain = world.prompt_grid(world.PRETRAIN_SHAPES)
     prompt_sets = {"concept": [a.caption for a in asked], "pretrain": [a.caption for a in pretrain]}
@@ -109,21 +133,10 @@ def evaluate_world(pretrained_model_name_or_path: str, output_dir: str | os.Path
         try:
             for scale in scales:
                 folder = out / row.name / f"cfg{scale:g}"
-                images = {}
-                for part, prompts in prompt_sets.items():
-                    record = {"model": str(pretrained_model_name_or_path), "tuners_sha256": tuners_sha, "seed": seed,
-                              "steps": steps, "guidance_scale": scale, "scheduler": scheduler, "batch_size": batch_size,
-                              "mixed_precision": mixed_precision, "protocol": PROTOCOL_VERSION,
-                              "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
-                    if state.is_main_process:
-                        check_generation_record(folder / part, record)
-                    state.wait_for_everyone()
-                    paths = generate_by_index(pipe, prompts, folder / part, seed=seed, steps=steps,
-                                              guidance_scale=scale, resolution=world.RESOLUTION,
-                                              batch_size=batch_size, rank=state.process_index,
-                                              world=state.num_processes, progress=progress)
-                    state.wait_for_everyone()
-                    images[part] = read_images(paths) if state.is_main_process else None
+                record = {"model": str(pretrained_model_name_or_path), "tuners_sha256": tuners_sha, "seed": seed,
+                          "steps": steps, "guidance_scale": scale, "scheduler": scheduler, "batch_size": batch_size,
+                          "mixed_precision": mixed_precision, "protocol": PROTOCOL_VERSION}
+                images = generate_sets(state, pipe, prompt_sets, folder, record, progress)
                 if state.is_main_process:
                     results.append({
                         "model": row.name, "tuners": str(row.tuners) if row.tuners else None,
