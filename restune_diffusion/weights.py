@@ -2,7 +2,10 @@
 in the header (k-diffusion / diffusers keep the config there too). Written atomically (tmp file + os.replace).
 
 Header keys: `format` ("restune-diffusion/1"), `tuners` (JSON list of tuner configs), `name`, `base_fingerprint`,
-`cross_attention_dim`, `block_out_channels`, `package_version`, `num_tensors`.
+`cross_attention_dim`, `block_out_channels`, `package_version`, `num_tensors`. A training run's files add how they
+were made (train.header_facts, issue 17): `base_model` (name, path or hub id), `base_model_revision`,
+`base_model_variant`, `base_model_fingerprint` (its weights), `global_step`, `dataset`, `data_dir`,
+`num_train_samples`, `data_fingerprint`; an EMA file (ema.py) also `ema_decay` and `ema_updates`.
 
 A file from a stranger cannot hang, exhaust or silently break anything (issue 13, items 6-9):
 - `blocks` is stored as the exact block names the set was attached to, never as a pattern; a pattern read from a file

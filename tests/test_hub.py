@@ -130,3 +130,41 @@ def test_shard_and_variant_names():
     assert hub.variant_of("diffusion_pytorch_model.safetensors") is None
     assert hub.variant_of("model.fp16-00001-of-00002.safetensors") == "fp16"
     assert hub.variant_of("model-00001-of-00002.safetensors") is None
+
+
+def test_train_and_generate_take_a_cached_hub_id_with_revision_and_variant(tmp_path, clean_env, two_bases):
+    from test_train import cli_args
+
+    from restune_diffusion import train as T
+    from restune_diffusion.data import make_demo_dataset
+    from restune_diffusion.weights import read_tuner_header
+
+    clean_env.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    write_cache(tmp_path / "cache", snapshots={COMMIT_A: (two_bases[0], "fp16")}, refs={"v1": COMMIT_A})
+    data = make_demo_dataset(tmp_path / "data", num_images=4, resolution=32)
+    argv = cli_args(tmp_path, data, "--max_train_steps", "1", "--checkpointing_steps", "0")
+    argv[argv.index("tiny-random")] = REPO_ID
+    argv.remove("--resolution")
+    argv.remove("32")  # read from the cached snapshot's configs
+    args = T.parse_args(argv + ["--revision", "v1", "--variant", "fp16"])
+    assert args.resolution == 32
+    try:
+        summary = T.train(args)
+    finally:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert summary["base_model"] == {"name": REPO_ID, "revision": "v1", "variant": "fp16",
+                                     "fingerprint": summary["base_model"]["fingerprint"]}
+    _, meta = read_tuner_header(tmp_path / "out" / "tuners.safetensors")
+    assert (meta["base_model"], meta["base_model_revision"], meta["base_model_variant"]) == (REPO_ID, "v1", "fp16")
+    assert f"load_pipeline('{REPO_ID}', " in (tmp_path / "out" / "README.md").read_text()
+    assert "revision='v1', variant='fp16')" in (tmp_path / "out" / "README.md").read_text()
+
+    import generate
+
+    generate.main(["--pretrained_model_name_or_path", REPO_ID, "--revision", "v1", "--variant", "fp16", "--tuners",
+                   str(tmp_path / "out" / "tuners.safetensors"), "--prompt", "a red circle", "--num_images", "1",
+                   "--steps", "2", "--out", str(tmp_path / "samples")])
+    assert len(list((tmp_path / "samples").glob("*.png"))) >= 1
