@@ -36,7 +36,10 @@ DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.bfloat16: "b
 
 def vae_fingerprint(vae) -> str:
     """SHA-256 over the VAE config and its encoder-side weights (what the cached posteriors depend on)."""
-    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    # private keys are diffusers' bookkeeping; `_use_default_values` is a list made from a set, so its order changes
+    # with the process's hash seed and two processes of one run would key different caches
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         if name.startswith(("encoder.", "quant_conv.")):
             digest.update(name.encode())

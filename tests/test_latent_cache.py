@@ -76,6 +76,17 @@ def test_each_image_is_encoded_once_when_it_has_several_samples(tmp_path, vae, m
     assert data.collate_fn([cached[0], cached[1]])["latent_parameters"].shape == (2, 8, 8, 8)
 
 
+def test_the_vae_fingerprint_does_not_depend_on_the_hash_seed(vae):
+    from diffusers.configuration_utils import FrozenDict
+
+    from restune_diffusion.latent_cache import vae_fingerprint
+
+    before = vae_fingerprint(vae)
+    order = vae.config["_use_default_values"]  # a list made from a set: its order follows PYTHONHASHSEED
+    vae._internal_dict = FrozenDict({**vae.config, "_use_default_values": list(reversed(order))})
+    assert len(order) > 1 and vae_fingerprint(vae) == before
+
+
 def test_random_crop_is_refused(tmp_path, vae):
     write_imagefolder(tmp_path / "d", ["a"])
     ds = data.load_dataset("imagefolder", tmp_path / "d", resolution=16, center_crop=False)
@@ -138,3 +149,21 @@ def test_latent_cache_dir_and_random_crop_in_a_run(tmp_path, shapes, capsys):
     assert len(list((tmp_path / "latents").iterdir())) == 1 and not (shapes / ".restune_cache" / "latents").exists()
     assert T.main(cli_args(tmp_path / "b", shapes, "--cache_latents", "--no-center_crop")) == 2
     assert "--cache_latents: random crop cannot be cached" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_share_the_encoding_and_match_the_uncached_run(tmp_path, shapes):
+    import subprocess
+    import sys
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_t2i.py"]
+    losses = {}
+    for name, extra in (("cached", ["--cache_latents"]), ("plain", [])):
+        argv = cli_args(tmp_path / name, shapes, "--max_train_steps", "3", "--checkpointing_steps", "0", *extra)
+        done = subprocess.run([*torchrun, *argv], cwd=T.__file__.rsplit("/restune_diffusion/", 1)[0],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses[name] = [r["loss"] for r in T.read_log(tmp_path / name / "out")]
+    (folder,) = (shapes / ".restune_cache" / "latents").iterdir()
+    assert (folder / "done.bin").read_bytes() == b"\x01" * 8  # both ranks' shares written
+    torch.testing.assert_close(torch.tensor(losses["cached"]), torch.tensor(losses["plain"]), rtol=1e-5, atol=1e-6)
