@@ -1,0 +1,512 @@
+"""The paper's SD v1.5 table in one command (arXiv 2310.19859, SD v1.5 on COCO2017; issue 16): every row trained by
+train.train with the same data, steps, batch, seed and precision, then all rows and the untuned base evaluated by one
+evaluation.runner.evaluate call (same captions, seeds and cached real statistics) -> table.md (ours beside the
+paper's numbers, and each as a ratio to Full), table.json, table.png (FID vs training memory).
+
+Layout: `<output_dir>/<row>/` is each row's training run, `<output_dir>/eval/` the evaluation. Resumable at every
+level: a finished row (summary.json at the requested step, trained with this table's settings) is kept; any other row
+is trained with `--resume_from_checkpoint latest` (a fresh run when it has no checkpoint); the evaluation skips the
+images already on disk. Under `accelerate launch` / `torchrun` every process runs this; training and evaluation use
+them all, the table files are written by the main process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from restune_diffusion import train as T
+from restune_diffusion.evaluation.clip_score import resolve_clip_folder
+from restune_diffusion.evaluation.coco import read_captions
+from restune_diffusion.evaluation.inception import file_sha256, resolve_inception_weights
+from restune_diffusion.evaluation.runner import evaluate
+from restune_diffusion.tuners import parse_tuner_configs
+from restune_diffusion.weights import atomic_write, atomic_write_text
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the paper's rows, one YAML each
+BASE = "base"
+PAPER_ROWS = ("full", "lora", "adapter", "prefix", "prompt", "res_tuning", "res_tuning_bypass")
+DEFAULT_ROWS = (BASE, *PAPER_ROWS)
+LABELS = {BASE: "SD v1.5", "full": "Full", "lora": "LoRA", "adapter": "Adapter", "prefix": "Prefix",
+          "prompt": "Prompt", "res_tuning": "Res-Tuning", "res_tuning_bypass": "Res-Tuning-Bypass",
+          "sc_tuner": "SC-Tuner"}
+# The paper's SD v1.5 / COCO2017 table (arXiv 2310.19859): FID, trainable params (M), training memory (GB),
+# hours per epoch. One copy for the library; bench/efficiency.py and bench/quality_tiny.py hold their own.
+PAPER = {
+    BASE: {"fid": 15.48, "params_m": None, "memory_gb": None, "hours_per_epoch": None},
+    "full": {"fid": 14.85, "params_m": 862.0, "memory_gb": 72.77, "hours_per_epoch": 1.98},
+    "lora": {"fid": 14.50, "params_m": 9.96, "memory_gb": 61.03, "hours_per_epoch": 1.42},
+    "adapter": {"fid": 14.73, "params_m": 2.51, "memory_gb": 54.30, "hours_per_epoch": 1.30},
+    "prefix": {"fid": 15.36, "params_m": 4.99, "memory_gb": 64.91, "hours_per_epoch": 2.20},
+    "prompt": {"fid": 14.90, "params_m": 1.25, "memory_gb": 63.70, "hours_per_epoch": 2.17},
+    "res_tuning": {"fid": 13.96, "params_m": 2.54, "memory_gb": 54.49, "hours_per_epoch": 1.38},
+    "res_tuning_bypass": {"fid": 14.89, "params_m": 3.76, "memory_gb": 21.35, "hours_per_epoch": 0.82},
+}
+PAPER_SOURCE = "arXiv 2310.19859 (Res-Tuning), Stable Diffusion v1.5 fine-tuned on COCO2017"
+METRICS = ("fid", "params_m", "memory_gb", "hours_per_epoch")  # the paper's columns, each also as a ratio to Full
+GB = 1e9
+EVAL_DIR = "eval"
+DEMO_DIR = "demo_data"
+RESERVED = (BASE, EVAL_DIR, DEMO_DIR)
+# the table owns these train_t2i.py flags: rows come from --rows, folders from --output_dir, resume is automatic
+OWNED_FLAGS = {"--config": "give rows with --rows (config names or YAML paths)",
+               "--output_dir": "each row trains into <--output_dir>/<row>",
+               "--resume_from_checkpoint": "the table resumes every unfinished row from its latest checkpoint",
+               "--sweep_learning_rate": "a sweep is a joint run (train_t2i.py), not a table row",
+               "--sweep_seed": "a sweep is a joint run (train_t2i.py), not a table row"}
+# settings a finished row may have been trained with differently and still be reused (they change no number)
+BOOKKEEPING = ("checkpointing_steps", "checkpoints_total_limit", "validation_prompt", "num_validation_images",
+               "validation_steps", "validation_epochs", "report_to", "output_dir", "dataloader_num_workers")
+# what every row must share: the same data, steps, batch, seed and precision (a row YAML's train:/data: may not
+# change them); learning rate and optimizer settings may differ per row
+SHARED = (*T.DATA_KEYS, "pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps",
+          "max_train_steps", "num_train_epochs", "seed", "mixed_precision", "gradient_checkpointing",
+          "prediction_type", "noise_offset")
+
+
+class TableParser(argparse.ArgumentParser):
+    """argparse whose errors are ValueErrors: one line through cli.run_cli, no usage block."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} (`{self.prog} --help` lists the table's flags; every train_t2i.py flag is "
+                         "taken too)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = TableParser(prog="reproduce_table.py", allow_abbrev=False,
+                    description="The paper's SD v1.5 table: train every row, evaluate them and the base together, "
+                    "write table.md / table.json / table.png. Every other flag goes to train_t2i.py, the same for "
+                    "every row (python train_t2i.py --help).")
+    p.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS),
+                   help=f"'base' (the untuned model), names of configs/<name>.yaml, or YAML paths (the row is the "
+                   f"file stem); default: {' '.join(DEFAULT_ROWS)}")
+    p.add_argument("--output_dir", default=os.path.join("outputs", "table"),
+                   help="<row>/ per training run, eval/, table.md, table.json, table.png")
+    e = p.add_argument_group("evaluation (eval_fid.py's COCO protocol)")
+    e.add_argument("--coco_dir", required=True, help="COCO root: annotations/captions_val2017.json, val2017/")
+    e.add_argument("--num_samples", type=int, help="N captions (default 5000 = all of val2017; 64 for tiny)")
+    e.add_argument("--guidance_scale", type=float, default=7.5)
+    e.add_argument("--eval_steps", type=int, default=50, help="denoising steps")
+    e.add_argument("--scheduler", default="ddim", help="sampler (eval_fid.py --scheduler)")
+    e.add_argument("--eval_batch_size", type=int, default=8, help="generation and feature batch")
+    e.add_argument("--eval_mixed_precision", choices=("no", "fp16", "bf16"), default="no",
+                   help="dtype of the generating model; the Inception and CLIP run in fp32")
+    e.add_argument("--inception_weights", help="pt_inception-2015-12-05-6726825d.pth (or $RESTUNE_FID_INCEPTION)")
+    e.add_argument("--clip_model", help="local CLIP folder: adds the CLIP score column (or $RESTUNE_CLIP_MODEL)")
+    e.add_argument("--stats_cache_dir", help="real-feature cache (default ~/.cache/restune_diffusion/fid_stats)")
+    return p
+
+
+@dataclass
+class Row:
+    name: str
+    config: Path | None  # None: the untuned base
+    args: argparse.Namespace | None = None  # train.parse_args of the row
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.name, self.name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rows and their settings
+def row_config(spec: str) -> tuple[str, Path | None]:
+    """--rows entry -> (row name, YAML): 'base', a shipped config name, or a YAML path (named by its stem)."""
+    if spec == BASE:
+        return BASE, None
+    if spec.endswith((".yaml", ".yml")):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"--rows {spec}: no such YAML file")
+        return path.stem, path
+    path = CONFIG_DIR / f"{spec}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+        raise ValueError(f"--rows {spec}: expected 'base', a config name ({', '.join(shipped) or 'none shipped'}) or "
+                         "a path to a YAML with a tuners: list")
+    return spec, path
+
+
+def check_train_flags(train_argv: list[str]) -> None:
+    for token in train_argv:
+        flag = token.split("=", 1)[0]
+        if flag in OWNED_FLAGS:
+            raise ValueError(f"{flag}: not taken by reproduce_table.py: {OWNED_FLAGS[flag]}")
+
+
+def plan_rows(specs: list[str], train_argv: list[str], output_dir: Path) -> list[Row]:
+    """Each row's train_t2i.py arguments: the row's YAML, the table's train flags, <output_dir>/<row>, resume latest.
+    Named errors (a bad flag, an unknown row, rows that would not share data/steps/batch/seed/precision) before any
+    model loads."""
+    check_train_flags(train_argv)
+    rows = [Row(*row_config(spec)) for spec in specs]
+    names = [r.name for r in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--rows: each row needs its own name (config names / YAML stems), got {names}")
+    for row in rows:
+        if row.config is not None and row.name in RESERVED:
+            raise ValueError(f"--rows {row.config}: the row name {row.name!r} is reserved for the table's "
+                             f"{row.name}/ entry; rename the file")
+    if all(r.config is None for r in rows):
+        raise ValueError("--rows: expected at least one row to train (the base alone: eval_fid.py --base)")
+    for row in rows:
+        if row.config is None:
+            continue
+        row.args = T.parse_args(["--config", str(row.config), *train_argv, "--output_dir",
+                                 str(output_dir / row.name), "--resume_from_checkpoint", "latest"])
+        if getattr(row.args, "tasks", None):
+            raise ValueError(f"--rows {row.config}: a joint config (tasks: list) is not a table row; give each "
+                             "tuner set its own YAML")
+        if row.args.dataset == "demo" and Path(row.args.data_dir) == output_dir / row.name / DEMO_DIR:
+            row.args.data_dir = str(output_dir / DEMO_DIR)  # one demo data set for every row
+    trained = [r for r in rows if r.args is not None]
+    for row in trained[1:]:
+        first = trained[0]
+        for key in SHARED:
+            a, b = getattr(first.args, key, None), getattr(row.args, key, None)
+            if a != b:
+                raise ValueError(f"--rows {row.config}: {key} is {b!r} where {first.config} has {a!r}; every row "
+                                 f"of the table trains with the same data, steps, batch, seed and precision. Set "
+                                 f"it with a flag (or remove it from the YAML's train:/data:)")
+    return rows
+
+
+def comparable(config: dict) -> dict:
+    """The settings of a resolved config (train.resolved_config or a run's train_config.yaml) that change numbers."""
+    flat = {**(config.get("train") or {}), **(config.get("data") or {}), "tuners": config.get("tuners")}
+    return {k: v for k, v in flat.items() if k not in BOOKKEEPING}
+
+
+def steps_per_epoch(summary: dict) -> int | None:
+    """Optimizer steps in one pass over the training data, from the run's summary (as train.prepare_run counts)."""
+    data, training = summary.get("data") or {}, summary.get("training") or {}
+    n, batch = data.get("num_train_samples"), training.get("train_batch_size")
+    procs, accum = training.get("num_processes"), training.get("gradient_accumulation_steps")
+    if not all(isinstance(v, int) and v > 0 for v in (n, batch, procs, accum)):
+        return None
+    return math.ceil(math.ceil(math.ceil(n / batch) / procs) / accum)
+
+
+def requested_steps(args: argparse.Namespace, summary: dict) -> int | None:
+    if args.max_train_steps:
+        return args.max_train_steps
+    per_epoch = steps_per_epoch(summary)
+    return args.num_train_epochs * per_epoch if per_epoch else None
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable ({err}); delete it (the row is then trained again)") from None
+    return value if isinstance(value, dict) else None
+
+
+def row_finished(row: Row) -> bool:
+    """True when the row's run ended at the requested step with this table's settings; a finished row trained with
+    other settings is an error naming them (reusing it would put another experiment in the table)."""
+    out = Path(row.args.output_dir)
+    summary = read_json(out / "summary.json")
+    if summary is None or not (out / T.TUNERS_FILE).is_file():
+        return False
+    if summary.get("global_step") != requested_steps(row.args, summary):
+        return False
+    saved_path = out / T.CONFIG_FILE
+    saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{saved_path}: missing or unreadable; cannot tell which settings trained row {row.name}. "
+                         f"Delete {out} to train the row again")
+    now = comparable(yaml.safe_load(yaml.safe_dump(T.resolved_config(row.args), sort_keys=False)))
+    then = comparable(saved)
+    differ = [f"{k}: {then.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(now) | set(then))
+              if then.get(k) != now.get(k)]
+    if differ:
+        raise ValueError(f"{out}: row {row.name} finished with other settings than this table's "
+                         f"({'; '.join(differ)}). Delete {out} to train it again, or rerun with its settings")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# processes and memory
+def process_state():
+    """accelerate's process state, set up as train.make_accelerator does (torchrun on CPU: gloo)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=int(os.environ.get("LOCAL_RANK", -1)) != -1 and not torch.cuda.is_available())
+
+
+@contextlib.contextmanager
+def process_group_kept():
+    """train.train ends with accelerator.end_training(), which destroys the process group; joining the same
+    torchrun/accelerate store again reuses its stale rendezvous keys (measured here: 3 of 4 two-process runs failed
+    to connect). accelerate skips the destroy when FORK_LAUNCHED is set (read at every PartialState()), so the group
+    lives from the first row to the table; it is destroyed once, at the end."""
+    before = os.environ.get("FORK_LAUNCHED")
+    os.environ["FORK_LAUNCHED"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FORK_LAUNCHED", None)
+        else:
+            os.environ["FORK_LAUNCHED"] = before
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start the peak that train's summary reports from what is in use now, so each row's training memory is its own
+    (rows run one after another in this process): CUDA's peak counter; on CPU (Linux) the resident-set high-water mark
+    that getrusage reports (proc(5) clear_refs). False where it cannot be reset (the peak includes earlier rows)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS, so the resident set is what is live
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def broadcast(state, value):
+    """The main process's value on every process (decisions made from files the main process reads)."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def trains_the_unet(row: Row) -> bool:
+    """Full fine-tuning: loading its file copies every UNet weight in place, and detaching it does not copy them back,
+    so a tuner file evaluated after it in the same evaluate() call would sit on the fine-tuned UNet. Such rows go
+    last (each of them sets every weight, so they do not affect one another)."""
+    return any(c.type == "full" for c in parse_tuner_configs(row.args.tuners))
+
+
+def remove_stale_images(eval_dir: Path, row: Row, say) -> None:
+    """A row trained again after an earlier evaluation: its images there came from other weights; remove them."""
+    sha = file_sha256(Path(row.args.output_dir) / T.TUNERS_FILE)
+    for record in sorted((eval_dir / row.name).glob("cfg*/generation.json")):
+        if (read_json(record) or {}).get("tuners_sha256") != sha:
+            shutil.rmtree(record.parent)
+            say(f"{record.parent}: images of earlier weights of row {row.name} removed")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the table
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def table_rows(rows: list[Row], result: dict, guidance_scale: float) -> list[dict]:
+    """One dict per row: our numbers (summary.json + the evaluation), the paper's, and both as ratios to Full."""
+    measured = {r["model"]: r for r in result["rows"] if r["guidance_scale"] == guidance_scale}
+    out = []
+    for row in rows:
+        ev = measured[row.name]
+        entry = {"row": row.name, "label": row.label, "config": str(row.config) if row.config else None,
+                 "learning_rate": row.args.learning_rate if row.args else None,
+                 "fid": ev["fid"], "kid_mean": ev["kid_mean"], "clip_score": ev["clip_score"], "n": ev["n"],
+                 "images": ev["images"], "params": 0, "params_m": None, "params_percent": None, "memory_gb": None,
+                 "hours_per_epoch": None}
+        if row.args is not None:
+            summary = read_json(Path(row.args.output_dir) / "summary.json")
+            per_epoch = steps_per_epoch(summary)
+            seconds_per_step = summary["train_seconds"] / summary["steps_run"] if summary["steps_run"] else None
+            entry.update({
+                "params": summary["trainable_params"], "params_m": summary["trainable_params"] / 1e6,
+                "params_percent": summary["trainable_percent"], "unet_params": summary["unet_params"],
+                "memory_gb": summary["peak_memory_bytes"] / GB, "memory_kind": summary["peak_memory_kind"],
+                "train_seconds": summary["train_seconds"], "steps_run": summary["steps_run"],
+                "global_step": summary["global_step"], "steps_per_epoch": per_epoch,
+                "seconds_per_step": seconds_per_step,
+                "hours_per_epoch": seconds_per_step * per_epoch / 3600 if seconds_per_step and per_epoch else None,
+                "tuners": str(Path(row.args.output_dir) / T.TUNERS_FILE), "tuners_sha256": ev["tuners_sha256"]})
+        entry["paper"] = dict(PAPER[row.name]) if row.name in PAPER else None
+        out.append(entry)
+    full = next((e for e in out if e["row"] == "full"), None)
+    for entry in out:
+        entry["vs_full"] = {m: ratio(entry[m], full[m] if full else None) for m in METRICS}
+        if entry["paper"] is not None:
+            entry["paper"]["vs_full"] = {m: ratio(entry["paper"][m], PAPER["full"][m]) for m in METRICS}
+    return out
+
+
+def _cell(value, fmt: str = ".2f") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def markdown(table: dict) -> str:
+    rows, ev, tr = table["rows"], table["eval"], table["train"]
+    with_clip = any(r["clip_score"] is not None for r in rows)
+    kind = next((r["memory_kind"] for r in rows if r.get("memory_kind")), "–")
+    lines = [
+        "# The paper's SD v1.5 table, reproduced", "",
+        f"Ours: {tr['pretrained_model_name_or_path']}, data {tr['dataset']} ({tr['data_dir']}), {tr['steps']} steps "
+        f"at batch {tr['train_batch_size']} x {tr['num_processes']} processes x {tr['gradient_accumulation_steps']} "
+        f"accumulation, seed {tr['seed']}, mixed precision {tr['mixed_precision']}, {tr['resolution']} px. "
+        f"FID on N = {ev['n']} COCO{ev['coco']['year']} {ev['coco']['split']} captions, guidance "
+        f"{ev['guidance_scale']:g}, {ev['steps']} {ev['scheduler']} steps, seed {ev['seed']}.",
+        f"Paper: {PAPER_SOURCE}.", "",
+        "| Method | FID ↓ | paper FID |" + (" CLIP score ↑ |" if with_clip else "") + " Params (M) | % of UNet | "
+        "paper params (M) | Memory (GB) | paper memory (GB) | Hours/epoch | paper hours/epoch |",
+        "|---|---|---|" + ("---|" if with_clip else "") + "---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["paper"] or {}
+        clip = f" {_cell(r['clip_score'])} |" if with_clip else ""
+        lines.append(f"| {r['label']} | {r['fid']:.2f} | {_cell(p.get('fid'))} |{clip} {_cell(r['params_m'], '.4g')} | "
+                     f"{_cell(r['params_percent'], '.3g')} | {_cell(p.get('params_m'), 'g')} | "
+                     f"{_cell(r['memory_gb'], '.3g')} | {_cell(p.get('memory_gb'))} | "
+                     f"{_cell(r['hours_per_epoch'], '.3g')} | {_cell(p.get('hours_per_epoch'))} |")
+    lines += ["", "Each as a ratio to Full (ours, paper):", "",
+              "| Method | FID | paper | Params | paper | Memory | paper | Hours/epoch | paper |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours, paper = r["vs_full"], (r["paper"] or {}).get("vs_full") or {}
+        lines.append(f"| {r['label']} | " + " | ".join(f"{_cell(ours[m], '.3g')} | {_cell(paper.get(m), '.3g')}"
+                                                         for m in METRICS) + " |")
+    lines += ["", "Columns: FID (and CLIP score) from one evaluation of every row (eval/eval.json); params = "
+              "trainable tensors of the row's tuners, % of the UNet's parameters; memory = peak during the row's "
+              f"training ({kind}), hours/epoch = seconds per step of the row's training x steps per epoch "
+              "(training data / batch / processes / accumulation), both from <row>/summary.json. The paper's memory "
+              "and time were measured on its GPUs at 512 px and COCO2017's 118k images: compare the ratios."]
+    untimed = [r["label"] for r in rows if r.get("steps_run") == 0]
+    if untimed:
+        lines.append(f"- No time for {', '.join(untimed)}: its last session resumed at the final step and ran none; "
+                     "delete the row's folder and rerun to time it.")
+    if not table["memory_reset"]:
+        lines.append("- The peak memory could not be reset between rows here (not Linux): each row's peak includes "
+                     "the rows trained before it in the same process.")
+    lines += [f"- {w}" for w in ev["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, path: Path) -> Path:
+    """FID vs training memory, one point per method: ours (left) and the paper's (right); the base as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, title, get in ((axes[0], "ours", lambda r: r), (axes[1], "paper", lambda r: r["paper"])):
+        for i, r in enumerate(table["rows"]):
+            values = get(r)
+            if not values or values["fid"] is None:
+                continue
+            color = colors[i % len(colors)]
+            if values["memory_gb"] is None:  # the base: no training
+                ax.axhline(values["fid"], color=color, linestyle="--", label=f"{r['label']} (no training)")
+                continue
+            ax.scatter([values["memory_gb"]], [values["fid"]], color=color, label=r["label"])
+            ax.annotate(r["label"], (values["memory_gb"], values["fid"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel("peak training memory (GB)")
+        ax.set_ylabel("FID")
+        ax.set_title(title if title == "paper" else f"ours (N={table['eval']['n']})")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("FID vs training memory")
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def write_table(rows: list[Row], result: dict, opts: argparse.Namespace, memory_reset: bool, out: Path) -> dict:
+    first = next(r for r in rows if r.args is not None)
+    summary = read_json(Path(first.args.output_dir) / "summary.json")
+    training = summary.get("training") or {}
+    train = {**{k: getattr(first.args, k, None) for k in SHARED}, "steps": summary["global_step"],
+             "num_processes": training.get("num_processes"),
+             "mixed_precision": training.get("mixed_precision", first.args.mixed_precision)}
+    keep = ("n", "num_real", "seed", "steps", "scheduler", "resolution", "batch_size", "mixed_precision", "coco",
+            "inception_sha256", "clip_model", "num_processes", "warnings", "protocol", "protocol_version")
+    table = {"rows": table_rows(rows, result, opts.guidance_scale), "train": train,
+             "eval": {**{k: result.get(k) for k in keep}, "guidance_scale": opts.guidance_scale,
+                      "eval_json": str(out / EVAL_DIR / "eval.json")},
+             "memory_reset": memory_reset, "paper_source": PAPER_SOURCE}
+    atomic_write_text(out / "table.json", json.dumps(table, indent=2) + "\n")
+    atomic_write_text(out / "table.md", markdown(table))
+    plot(table, out / "table.png")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def check_eval_inputs(opts: argparse.Namespace) -> None:
+    """Named errors for the evaluation's inputs before hours of training."""
+    read_captions(opts.coco_dir)
+    resolve_inception_weights(opts.inception_weights)
+    resolve_clip_folder(opts.clip_model)
+    for name in ("num_samples", "eval_steps", "eval_batch_size"):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name}: expected a positive integer, got {value}")
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Train every row, evaluate every row and the base in one call, write the table. Returns the table on the main
+    process, None on the others."""
+    opts, train_argv = build_parser().parse_known_args(argv)
+    out = Path(opts.output_dir)
+    rows = plan_rows(opts.rows, train_argv, out)
+    check_eval_inputs(opts)
+    trained = [r for r in rows if r.args is not None]
+    with process_group_kept():
+        state = process_state()
+        try:
+            finished = [row_finished(r) for r in trained] if state.is_main_process else None
+        except ValueError as err:  # every process stops with the same message
+            finished = str(err)
+        finished = broadcast(state, finished)
+        if isinstance(finished, str):
+            raise ValueError(finished)
+        memory_reset = True
+        for row, done in zip(trained, finished):
+            if done:
+                state.print(f"row {row.name}: finished, kept ({row.args.output_dir})")
+                continue
+            state.print(f"row {row.name}: training into {row.args.output_dir} (from its latest checkpoint, if any)")
+            memory_reset = reset_peak_memory(state.device) and memory_reset
+            T.train(row.args)
+            state.wait_for_everyone()
+        if state.is_main_process:
+            for row in trained:
+                remove_stale_images(out / EVAL_DIR, row, state.print)
+        state.wait_for_everyone()
+        first = trained[0].args
+        result = evaluate(
+            first.pretrained_model_name_or_path, opts.coco_dir, out / EVAL_DIR,
+            tuners=[str(Path(r.args.output_dir) / T.TUNERS_FILE) for r in sorted(trained, key=trains_the_unet)],
+            base=any(r.name == BASE for r in rows), guidance_scales=[opts.guidance_scale],
+            num_samples=opts.num_samples, seed=first.seed, steps=opts.eval_steps, scheduler=opts.scheduler,
+            resolution=first.resolution, batch_size=opts.eval_batch_size, inception_weights=opts.inception_weights,
+            clip_model=opts.clip_model, stats_cache_dir=opts.stats_cache_dir,
+            mixed_precision=opts.eval_mixed_precision)
+        table = None
+        if state.is_main_process:
+            table = write_table(rows, result, opts, memory_reset, out)
+            state.print(markdown(table))
+            state.print(f"-> {out / 'table.md'}, table.json, table.png")
+        state.wait_for_everyone()
+    return table
