@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="local diffusers SD v1.5 folder, or 'tiny' for the built-in tiny model (--world: default tiny)")
+    p.add_argument("--revision", help="hub id in the local Hugging Face cache: a branch, tag or commit (default main)")
+    p.add_argument("--variant", help="weight files of this variant, e.g. fp16")
     p.add_argument("--world", default=None, choices=["concept"],
                    help="tiny-world mode: prompt accuracy and domain FID (the shipped attribute classifier) on the "
                         "held-out concept's prompts; no COCO, Inception or CLIP")
@@ -118,7 +120,8 @@ def main(argv=None) -> dict | None:
         split=args.split, seed=args.seed, steps=args.steps, scheduler=args.scheduler, resolution=args.resolution,
         batch_size=args.batch_size, inception_weights=args.inception_weights, clip_model=args.clip_model,
         stats_cache_dir=args.stats_cache_dir, device=args.device, mixed_precision=args.mixed_precision,
-        kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, skip_bad_images=args.skip_bad_images)
+        kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, skip_bad_images=args.skip_bad_images,
+        revision=args.revision, variant=args.variant)
     if result is not None:  # the main process
         for row in result["rows"]:
             clip = f" CLIP {row['clip_score']:.2f}" if row["clip_score"] is not None else ""

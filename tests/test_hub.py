@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_fid import weights  # noqa: F401 (the random-Inception fixture)
 
 from restune_diffusion import hub
 from restune_diffusion.models import build_tiny_sd, load_model, resolve_model
@@ -168,3 +169,24 @@ def test_train_and_generate_take_a_cached_hub_id_with_revision_and_variant(tmp_p
                    str(tmp_path / "out" / "tuners.safetensors"), "--prompt", "a red circle", "--num_images", "1",
                    "--steps", "2", "--out", str(tmp_path / "samples")])
     assert len(list((tmp_path / "samples").glob("*.png"))) >= 1
+
+
+def test_eval_fid_passes_revision_and_variant_to_the_model_loader(tmp_path, monkeypatch, weights):  # noqa: F811
+    from test_fid import _coco
+
+    import eval_fid
+    from restune_diffusion.evaluation import runner
+
+    class Loaded(Exception):
+        pass
+
+    def load(name, **kwargs):
+        raise Loaded(name, kwargs["revision"], kwargs["variant"])
+
+    monkeypatch.setattr(runner, "load_model", load)
+    coco_dir = _coco(tmp_path / "coco", n=2)
+    with pytest.raises(Loaded) as got:
+        eval_fid.main(["--pretrained_model_name_or_path", REPO_ID, "--revision", "v1", "--variant", "fp16",
+                       "--coco_dir", str(coco_dir), "--num_samples", "2", "--inception_weights", str(weights),
+                       "--output_dir", str(tmp_path / "eval")])
+    assert got.value.args == (REPO_ID, "v1", "fp16")

@@ -186,8 +186,10 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
              inception_weights: str | os.PathLike | None = None, clip_model: str | os.PathLike | None = None,
              stats_cache_dir: str | os.PathLike | None = None, device: str | None = None,
              mixed_precision: str = "no", kid_subsets: int = 100, kid_subset_size: int = 1000,
-             skip_bad_images: bool = False, progress: bool = True) -> dict | None:
+             skip_bad_images: bool = False, progress: bool = True, revision: str | None = None,
+             variant: str | None = None) -> dict | None:
     """Every model x guidance scale on one COCO draw; writes eval.json / eval.md / fid_vs_clip.png (main process).
+    `revision`/`variant`: of a hub id in the local Hugging Face cache (models.load_model).
 
     num_samples None: 5,000 (the val2017 protocol), or 64 for the tiny model; resolution None: the model's native
     size (512 for SD v1.5, 32 for tiny). Returns the eval.json content on the main process, None on the others.
@@ -207,7 +209,8 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
     tiny = pretrained_model_name_or_path in TINY_NAMES
     n = num_samples if num_samples is not None else (TINY_NUM_SAMPLES if tiny else COCO_FULL_N)
     draw = coco.draw(coco_dir, n, seed, coco_year, split)
-    sd = load_model(pretrained_model_name_or_path, dtype=DTYPES[mixed_precision], device=device)
+    sd = load_model(pretrained_model_name_or_path, dtype=DTYPES[mixed_precision], device=device, revision=revision,
+                    variant=variant)
     pipe = build_pipeline(sd)
     pipe.scheduler = make_scheduler(scheduler, sd.noise_scheduler.config)
     resolution = resolution or native_resolution(pipe)
