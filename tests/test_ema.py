@@ -132,7 +132,7 @@ def test_resume_refuses_to_turn_ema_on_or_off(tmp_path, data_dir):  # noqa: F811
                                       "--resume_from_checkpoint", "latest")))
 
 
-def test_a_joint_run_keeps_one_ema_per_bypass(tmp_path, data_dir):  # noqa: F811
+def test_a_joint_run_keeps_one_ema_and_one_heldout_loss_per_bypass(tmp_path, data_dir):  # noqa: F811
     import yaml
 
     from restune_diffusion.joint import train_joint
@@ -143,11 +143,14 @@ def test_a_joint_run_keeps_one_ema_per_bypass(tmp_path, data_dir):  # noqa: F811
         path.write_text(yaml.safe_dump({"tuners": [{"type": "bypass", "groups": groups}]}))
         configs += ["--config", str(path)]
     argv = configs + cli_args(tmp_path, data_dir, "--max_train_steps", "2", "--checkpointing_steps", "2",
-                              "--use_ema", "--learning_rate", "1e-2")[2:]
-    train_joint(T.parse_args(argv))
+                              "--use_ema", "--learning_rate", "1e-2", "--validation_split", "0.25")[2:]
+    summaries = train_joint(T.parse_args(argv))
     for task in ("one", "two"):
         out = tmp_path / "out" / task
         _, meta = read_tuner_file(out / EMA_FILE)
         assert meta["ema_updates"] == "2"
         assert (tmp_path / "out" / "checkpoint-2" / task / EMA_FILE).is_file()
         load_tuners(build_tiny_sd().unet, out / EMA_FILE)
+        assert summaries[task]["data"]["num_heldout_samples"] == 4
+    held = [T.read_log(tmp_path / "out" / task)[-1]["val_loss"] for task in ("one", "two")]
+    assert held[0] != held[1]  # each bypass scored alone (--validation_split 0.25: 4 of the 16 images)
