@@ -65,7 +65,7 @@ from restune_diffusion.data import (
     write_caption_set,
 )
 from restune_diffusion.ema import DEFAULT_DECAY, EMA_FILE, TunerEMA
-from restune_diffusion.exports import DIFFUSERS_LORA_FILE, save_diffusers_lora
+from restune_diffusion.exports import DIFFUSERS_LORA_FILE, save_diffusers_lora, save_kohya_lora
 from restune_diffusion.flags import OneLineParser, check_flags
 from restune_diffusion.generate import make_grid, native_resolution
 from restune_diffusion.latent_cache import build_latent_cache, open_latent_cache
@@ -127,6 +127,7 @@ CONFIG_FILE = "train_config.yaml"  # the resolved config: `--config` on it repea
 NOT_IN_CONFIG = ("config", "config_name", "tuners", "resume_from_checkpoint", "tasks", "sweep_learning_rate",
                  "sweep_seed")
 LORA_FILE = DIFFUSERS_LORA_FILE
+KOHYA_LORA_FILE = "lora_kohya.safetensors"  # A1111/ComfyUI/kohya naming
 LOG_FILE = "train_log.jsonl"
 VALIDATION_INFERENCE_STEPS = 30  # as diffusers' LoRA script
 HELDOUT_TIMESTEPS = 4  # each held-out sample is scored at t = (k + 1/2)·T/4: 125, 375, 625, 875 for T = 1000
@@ -1153,7 +1154,7 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
 
 
 def export(run: Run, seconds: float, steps_run: int) -> dict:
-    """Final tuners (+ diffusers LoRA file), sample grid, loss curve and summary; main process after a barrier."""
+    """Final tuners (+ diffusers and kohya LoRA files), sample grid, loss curve and summary; main process after a barrier."""
     a, out = run.accelerator, run.output_dir
     a.wait_for_everyone()
     if run.validated_at != run.global_step:
@@ -1167,6 +1168,8 @@ def export(run: Run, seconds: float, steps_run: int) -> dict:
         files["tuners_ema"] = str(run.ema.save(out / EMA_FILE, header))
     if any(c.type == "lora" for c in handle.configs):
         files["lora"] = str(save_diffusers_lora(out, handle))
+        files["lora_kohya"] = str(save_kohya_lora(out / KOHYA_LORA_FILE, handle,
+                                                  base_model=run.args.pretrained_model_name_or_path))
     grid = out / "validation" / f"step-{run.global_step}.png"
     if grid.is_file():
         files["samples"] = str(atomic_write(out / "samples.png", lambda tmp: shutil.copyfile(grid, tmp)))

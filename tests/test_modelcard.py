@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from test_train import SMALL, cli_args, data_dir, fresh_accelerate_state  # noqa: F401 (fixtures)
 
 from conftest import run_unet
@@ -116,3 +117,20 @@ def test_the_diffusers_lora_file_of_a_training_run_loads_with_load_lora_weights(
     theirs = run_unet(pipe.unet, unet_inputs)
     assert handle.num_parameters() and (ours - base).abs().max() > 1e-4  # one step changed the output
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_a_lora_run_also_writes_the_kohya_file_a1111_loads(lora_run, unet_inputs):
+    pytest.importorskip("peft")
+    out, summary = lora_run
+    kohya = out / T.KOHYA_LORA_FILE
+    assert summary["files"]["lora_kohya"] == str(kohya)
+    _, meta = read_tuner_header(out / T.TUNERS_FILE)
+    with safe_open(str(kohya), "pt") as f:
+        keys, kmeta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys) and kmeta["ss_sd_model_name"] == "tiny-random"
+    ours_sd = build_tiny_sd()
+    load_tuners(ours_sd.unet, out / T.TUNERS_FILE)
+    ours = run_unet(ours_sd.unet, unet_inputs)
+    pipe = build_pipeline(build_tiny_sd())
+    pipe.load_lora_weights(str(out), weight_name=kohya.name)  # diffusers reads kohya files as A1111 users share them
+    torch.testing.assert_close(run_unet(pipe.unet, unet_inputs), ours, rtol=0, atol=1e-5)
