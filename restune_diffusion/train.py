@@ -1154,7 +1154,7 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
 
 
 def export(run: Run, seconds: float, steps_run: int) -> dict:
-    """Final tuners (+ diffusers and kohya LoRA files), sample grid, loss curve and summary; main process after a barrier."""
+    """Final tuners (+ diffusers and kohya LoRA files), sample grid, loss curve and summary; main process, barrier."""
     a, out = run.accelerator, run.output_dir
     a.wait_for_everyone()
     if run.validated_at != run.global_step:
