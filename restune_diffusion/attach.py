@@ -140,6 +140,7 @@ class TunerHandle:
         self._hooks: list = []
         self._attn: list[tuple[nn.Module, TunedAttnProcessor, nn.Module]] = []
         self._requires_grad = {n: p.requires_grad for n, p in unet.named_parameters()}
+        self._base_weights: dict[str, torch.Tensor] | None = None  # keep_base_weights(): restored by detach
 
     # -- installing (used by the tuner files) --------------------------------------------------------------------
     def add_module(self, path: str, module: nn.Module) -> nn.Module:
@@ -223,8 +224,20 @@ class TunerHandle:
         finally:
             self.enabled = was
 
+    def keep_base_weights(self) -> None:
+        """Full fine-tuning sets write into the UNet's own weights: keep a CPU copy so `detach` puts the base back
+        (load_tuners does this before loading a full file, so the next set evaluated on the UNet sits on the base)."""
+        if self.full_unet and self._base_weights is None:
+            self._base_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.unet.state_dict().items()}
+
     def detach(self) -> None:
-        """Remove every hook and processor of this set and restore requires_grad: the UNet is as before attach."""
+        """Remove every hook and processor of this set and restore requires_grad (and, after keep_base_weights, the
+        UNet's weights): the UNet is as before attach."""
+        if self._base_weights is not None:
+            with torch.no_grad():
+                for key, value in self.unet.state_dict().items():
+                    value.copy_(self._base_weights[key])
+            self._base_weights = None
         for handle in self._hooks:
             handle.remove()
         for attn, processor, tuner in self._attn:

@@ -268,6 +268,7 @@ def load_tuners(unet, path: str | os.PathLike, name: str | None = None, device=N
         raise ValueError(f"{reason}\n{err}" if reason else str(err)) from None
     tensors, meta = read_tuner_file(path, allow_nonfinite)
     handle = attach(unet, configs, name=name or meta.get("name", "default"))
+    handle.keep_base_weights()  # a full fine-tuning file overwrites the UNet: detach() puts the base back
     try:
         count = handle.load_state_dict(tensors, strict=True, source=str(path))
     except Exception:

@@ -234,3 +234,24 @@ def test_clean_stale_temps_removes_only_dead_or_old_writers(tmp_path):
     assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == sorted(k for k, v in files.items() if not v)
     assert all((tmp_path / name).exists() == keep for name, keep in files.items())
     assert clean_stale_temps(tmp_path / "missing") == []
+
+
+def test_detaching_a_loaded_full_fine_tuning_file_puts_the_base_weights_back(unet, unet_inputs, tmp_path):
+    """A full file overwrites the UNet's own weights: after detach the next set evaluated sits on the base (the
+    evaluation runner loads rows one after another on one UNet)."""
+    base_state = {k: v.clone() for k, v in unet.state_dict().items()}
+    base_out = run_unet(unet, unet_inputs)
+    handle = attach(unet, {"type": "full"})
+    with torch.no_grad():
+        for p in handle.trainable_parameters():
+            p.add_(0.05)
+    path = save_tuners(tmp_path / "full.safetensors", handle)
+    handle.detach()
+    with torch.no_grad():  # a fresh base, as the runner has
+        for k, v in unet.state_dict().items():
+            v.copy_(base_state[k])
+    loaded = load_tuners(unet, path)
+    assert not torch.allclose(run_unet(unet, unet_inputs), base_out)
+    loaded.detach()
+    assert all(torch.equal(v, base_state[k]) for k, v in unet.state_dict().items())
+    torch.testing.assert_close(run_unet(unet, unet_inputs), base_out, rtol=0, atol=0)
