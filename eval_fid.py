@@ -97,7 +97,7 @@ def main(argv=None) -> dict | None:
             args.pretrained_model_name_or_path, args.output_dir, world_name=args.world, tuners=args.tuners,
             base=args.base, guidance_scales=args.guidance_scale, num_samples=args.num_samples, seed=args.seed,
             steps=args.steps, scheduler=args.scheduler, batch_size=args.batch_size, device=args.device,
-            mixed_precision=args.mixed_precision)
+            mixed_precision=args.mixed_precision, revision=args.revision, variant=args.variant)
         if result is not None:
             for row in result["rows"]:
                 print(f"{row['model']} cfg {row['guidance_scale']:g}: concept accuracy "

@@ -101,7 +101,8 @@ def evaluate_world(pretrained_model_name_or_path: str, output_dir: str | os.Path
                    tuners: list[str] | None = None, base: bool = False, guidance_scales: list[float] | None = None,
                    num_samples: int | None = None, seed: int = 0, steps: int | None = None,
                    scheduler: str = "ddim", batch_size: int | None = None, device: str | None = None,
-                   mixed_precision: str = "no", progress: bool = True) -> dict | None:
+                   mixed_precision: str = "no", progress: bool = True, revision: str | None = None,
+                   variant: str | None = None) -> dict | None:
     """Every model x guidance scale on the held-out concept's prompts; writes eval.json, eval.md and
     fid_vs_accuracy.png (+ fid_vs_step.png for checkpoints) on the main process and returns eval.json's content
     (None on the other processes). Generation is split over processes by image index, resumable. Defaults (None):
@@ -114,7 +115,8 @@ def evaluate_world(pretrained_model_name_or_path: str, output_dir: str | os.Path
     state, device = process_state(device)
     classifier_dir = classifier_folder(pretrained_model_name_or_path)
     classifier = world.load_classifier(classifier_dir)
-    sd = load_model(pretrained_model_name_or_path, dtype=DTYPES[mixed_precision], device=device)
+    sd = load_model(pretrained_model_name_or_path, dtype=DTYPES[mixed_precision], device=device, revision=revision,
+                    variant=variant)
     pipe = build_pipeline(sd)
     pipe.scheduler = make_scheduler(scheduler, sd.noise_scheduler.config)
     asked, real = world.concept_eval_set(n // PROMPTS_PER_ROUND)
