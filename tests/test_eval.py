@@ -199,7 +199,7 @@ def _cli(out: Path, root: Path, weights: Path, clip_dir: Path, launcher: list[st
 def test_two_processes_give_the_one_process_result(tmp_path, weights, clip_dir):  # noqa: F811
     root = _coco(tmp_path / "coco", n=6)
     one = _cli(tmp_path / "one", root, weights, clip_dir, [sys.executable])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     two = _cli(tmp_path / "two", root, weights, clip_dir, torchrun)
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
     for a, b in zip(one["rows"], two["rows"], strict=True):

@@ -140,7 +140,7 @@ def test_kill_9_then_resume_of_a_joint_run_equals_the_uninterrupted_one(tmp_path
 def test_torchrun_with_two_processes_trains_a_joint_run(tmp_path, data_dir):  # noqa: F811
     argv = joint_argv(tmp_path, data_dir, "--max_train_steps", "4", "--checkpointing_steps", "2",
                       names=("wide", "narrow"))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(REPO / "train_t2i.py"), *argv], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -156,7 +156,7 @@ def test_torchrun_two_processes_share_the_encoding_and_match_the_uncached_run(tm
     import subprocess
     import sys
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_t2i.py"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_t2i.py"]
     losses = {}
     for name, extra in (("cached", ["--cache_latents"]), ("plain", [])):
         argv = cli_args(tmp_path / name, shapes, "--max_train_steps", "3", "--checkpointing_steps", "0", *extra)

@@ -189,7 +189,7 @@ def test_torchrun_with_two_processes_writes_the_table_once_and_reruns_keep_every
     out, argv, result, _ = full_table
     out2 = tmp_path / "table"
     argv2 = [a if a != str(out) else str(out2) for a in argv] + ["--rows", "base", "lora", "res_tuning_bypass"]
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     done = cli(argv2, tmp_path, torchrun)
     assert done.returncode == 0, done.stderr[-3000:]
     table = json.loads((out2 / "table.json").read_text())

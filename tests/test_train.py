@@ -429,7 +429,7 @@ def test_torchrun_with_two_processes_trains_synchronised_tuners_and_resumes_exac
         "T.export = checked\n"
         "sys.exit(T.main(sys.argv[2:]))\n")
     argv = cli_args(tmp_path, data_dir, "--max_train_steps", "6", "--checkpointing_steps", "2")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe),
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe),
                 str(tmp_path / "ranks.txt")]
     done = subprocess.run([*torchrun, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -179,8 +179,8 @@ def _world_cli(out: Path, launcher: list[str]) -> dict:
 @pytest.mark.slow  # three processes load the tiny base
 def test_world_mode_two_processes_give_the_one_process_result(tmp_path):
     one = _world_cli(tmp_path / "one", [sys.executable])
-    two = _world_cli(tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                        "--master_port", "29523"])
+    two = _world_cli(tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node", "2"])
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
     for field in ("concept_accuracy", "pretrain_accuracy", "domain_fid", "n"):
         assert one["rows"][0][field] == two["rows"][0][field], field
