@@ -112,10 +112,18 @@ def method_row(method: str, args, data_dir: Path, classifier) -> dict:
             "sweep": [{"lr": r["lr"], **r["validation"]} for r in sweep]}
 
 
+def rank_cell(method: str, ours: dict, paper: dict) -> str:
+    """'2 / 5': the method's place by domain FID among the paper's rows, and by the paper's FID ('-' off the table)."""
+    return f"{ours[method]} / {paper[method]}" if method in ours else "-"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     def pm(pair: tuple[float, float], digits: int) -> str:
         return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
+    ranked = [r for r in rows if r["paper_fid"] is not None]
+    ours = {r["method"]: i + 1 for i, r in enumerate(sorted(ranked, key=lambda r: r["domain_fid"][0]))}
+    paper = {r["method"]: i + 1 for i, r in enumerate(sorted(ranked, key=lambda r: r["paper_fid"]))}
     lines = ["# Quality in the tiny world (issue 14)", "", f"Command: `{meta['command']}`", "",
              f"Held-out concept '{world.CONCEPT}': {meta['repeats'] * 12} images per run (every colour x background, "
              f"{meta['repeats']} seeds each), {meta['steps']} steps at batch 8 on {world.CONCEPT_TRAIN_N} training "
@@ -123,8 +131,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"score. Mean ± standard deviation over seeds. Domain FID: the attribute classifier's "
              f"{meta['feature_dim']}-d penultimate features, torchmetrics FID. Paper: SD v1.5 on COCO2017.", "",
              "| method | LR | params | concept accuracy | domain FID | pretraining-prompt accuracy | peak memory "
-             "(GiB) | s/step | paper FID | paper params (M) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(GiB) | s/step | paper FID | paper params (M) | FID rank: ours / paper |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] else "-"
         speed = f"{r['seconds_per_step']:.3f}" if r["seconds_per_step"] else "-"
@@ -132,7 +140,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {r['method']} | {lr} | {r['params']:,} | {pm(r['concept_accuracy'], 3)} | "
                      f"{pm(r['domain_fid'], 2)} | {pm(r['pretrain_accuracy'], 3)} | {memory} | {speed} | "
                      f"{r['paper_fid'] if r['paper_fid'] is not None else '-'} | "
-                     f"{r['paper_params_m'] if r['paper_params_m'] is not None else '-'} |")
+                     f"{r['paper_params_m'] if r['paper_params_m'] is not None else '-'} | "
+                     f"{rank_cell(r['method'], ours, paper)} |")
+    if meta.get("note"):
+        lines += ["", meta["note"]]
     lines += ["", "A miniature world ranks methods at equal budget on a task where quality is measurable; it says "
               "nothing about SD v1.5's absolute FID (other model, data, feature network and N)."]
     return "\n".join(lines) + "\n"
@@ -147,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--repeats", type=int, default=world.EVAL_REPEATS, help="images per concept prompt")
     p.add_argument("--quick", action="store_true", help="res_tuning + base, 2 steps, one seed and LR, 1 image each")
+    p.add_argument("--note", default="", help="a line for the table (e.g. how the machine was shared while timing)")
     args = p.parse_args(argv)
     if args.quick:
         args.methods, args.learning_rates, args.seeds, args.steps, args.repeats = (
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [method_row(m, args, data_dir, classifier) for m in args.methods]
     meta = {"command": " ".join(["python bench/quality_tiny.py", *(argv if argv is not None else sys.argv[1:])]),
             "steps": args.steps, "seeds": args.seeds, "learning_rates": args.learning_rates, "repeats": args.repeats,
-            "feature_dim": classifier.width, "seconds": round(time.time() - start)}
+            "feature_dim": classifier.width, "seconds": round(time.time() - start), "note": args.note}
     atomic_write_text(out / "quality-tiny.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = markdown(rows, meta)
     atomic_write_text(out / "quality-tiny.md", text)
