@@ -4,7 +4,9 @@ A bypass reads only detached backbone features (tuners/bypass.py), so K bypasses
 captions, noise and timesteps) can share ONE frozen backbone forward: `route_bypasses(..., broadcast=True)` runs the
 backbone on B rows and each bypass k turns the same features into rows k·B..(k+1)·B of the target's input; only
 conv_norm_out/conv_out run on K·B rows. Task k's loss is the mean over its rows, and the K losses are summed for one
-backward: the bypasses share no parameter, so each gets exactly the gradient it would get alone.
+backward: the bypasses share no parameter, so each gets exactly the gradient it would get alone. Each bypass's
+activations are recomputed in the backward from its detached features (tuners/bypass.py `_routed_output`), so
+K bypasses keep about one bypass's activations, not K (at 512 px, K=8: see bench/results/cpu-512.md).
 
 Each task has its own optimizer state, learning rate, schedule, clipping and min-SNR weighting (one AdamW param
 group and one LambdaLR lambda each: one optimizer object, so the fp16 grad scaler unscales once per step), its own

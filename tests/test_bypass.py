@@ -285,3 +285,35 @@ def test_generate_multitask_separate_passes_agree_and_returns_pil(tiny_sd):
         np.testing.assert_allclose(shared[name], separate[name], rtol=0, atol=1e-5)
     pil = generate_multitask(pipe, {"a": a}, "a cat", num_inference_steps=2, seed=0)
     assert len(pil["a"]) == 1 and pil["a"][0].size == (16, 16)
+
+
+def test_routed_training_keeps_the_activations_of_one_bypass_not_k(unet, unet_inputs):
+    """Joint training (K bypasses, one backbone pass): each bypass is recomputed in the backward from its detached
+    features, so what autograd keeps grows with K only by the tail after the target, and each bypass still gets
+    the gradient it gets when trained alone."""
+    handles = [attach(unet, BYPASS, name=f"t{i}") for i in range(4)]
+    for i, handle in enumerate(handles):
+        perturb(handle, seed=i + 1)
+
+    def saved_bytes(k: int) -> int:
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        for h in handles:
+            h.module.zero_grad(set_to_none=True)
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with route_bypasses(unet, handles[:k], broadcast=True), hooks:
+            out = unet(*unet_inputs).sample  # (k·B, ...)
+            sum(rows.square().mean() for rows in out.chunk(k)).backward()
+        return total[0]
+
+    one = saved_bytes(1)
+    alone = [p.grad.clone() for p in handles[0].trainable_parameters()]
+    four = saved_bytes(4)
+    assert four < 2 * one, (one, four)  # before: every bypass's activations were kept, about 4x
+    for g, p in zip(alone, handles[0].trainable_parameters()):
+        assert p.grad is not None and g.abs().sum() > 0
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-7)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from restune_diffusion.config import check, check_choice, check_positive_int
 from restune_diffusion.placement import call_input, replace_input
@@ -199,19 +200,21 @@ class BypassRun:
         self.handle, self.blocks, self.root_width, self.names = handle, blocks, root_width, names
         self.feats: dict[Any, torch.Tensor] = {}
 
-    def output(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
-        """The final state for `rows` of the batch, blended with the target input x by handle.scale. (b, C, H, W)."""
-        missing = [n for n, k in zip(self.names, ["root", *range(len(self.blocks))]) if k not in self.feats]
+    def output(self, x: torch.Tensor, rows: slice, feats: dict | None = None) -> torch.Tensor:
+        """The final state for `rows` of the batch, blended with the target input x by handle.scale. (b, C, H, W).
+        `feats`: the detached features to read (default: those captured in this forward)."""
+        feats = self.feats if feats is None else feats
+        missing = [n for n, k in zip(self.names, ["root", *range(len(self.blocks))]) if k not in feats]
         if missing:
             raise RuntimeError(f"bypass '{self.handle.name}': no features from {missing} before the target; root and "
                                "stems must run before the target in the UNet forward")
         dtype = next(self.blocks[0].parameters()).dtype
-        state = self.feats["root"][rows].to(dtype)
+        state = feats["root"][rows].to(dtype)
         if state.shape[1] != self.root_width:
             raise ValueError(f"bypass.root: {self.names[0]}'s input has {state.shape[1]} channels, the bypass "
                              f"was built for {self.root_width}")
         for i, block in enumerate(self.blocks):
-            state = block(self.feats[i][rows].to(dtype), state)
+            state = block(feats[i][rows].to(dtype), state)
         if state.shape != x.shape:
             raise ValueError(f"bypass '{self.handle.name}': the last stem ({self.names[-1]}) gives "
                              f"{tuple(state.shape)} but the target's input is {tuple(x.shape)}; the last stem must "
@@ -221,6 +224,16 @@ class BypassRun:
             base = x.to(dtype)
             state = base + scale * (state - base)
         return state.to(x.dtype)
+
+
+def _routed_output(run: BypassRun, x: torch.Tensor, rows: slice, recompute: bool) -> torch.Tensor:
+    """One task's rows of a routed forward. recompute=True (K > 1 bypasses with a graph, joint training): the
+    bypass's activations are not kept for the backward but recomputed there from its detached features, one bypass
+    at a time, so K bypasses cost about one bypass's activation memory (plus K·B rows of the tail after the target)
+    instead of K. The features (shared by all tasks under broadcast) stay referenced until the backward."""
+    if not recompute:
+        return run.output(x, rows)
+    return checkpoint(run.output, x, rows, dict(run.feats), use_reentrant=False)
 
 
 class BypassHub:
@@ -273,7 +286,8 @@ class BypassHub:
                 raise ValueError(f"multi-task batch of {n} rows does not split into {k} equal task slices")
             size = n if self.broadcast else n // k
             rows = [slice(None) if self.broadcast else slice(i * size, (i + 1) * size) for i in range(k)]
-            parts = [x[r] if run is None else run.output(x[r], r) for run, r in zip(active, rows)]
+            recompute = torch.is_grad_enabled() and sum(run is not None for run in active) > 1
+            parts = [x[r] if run is None else _routed_output(run, x[r], r, recompute) for run, r in zip(active, rows)]
             return replace_input(args, kwargs, torch.cat(parts))  # (K·size, C, H, W)
         finally:
             self._clear()
