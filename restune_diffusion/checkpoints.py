@@ -223,10 +223,15 @@ def data_fingerprint(dataset) -> str:
     """A hash of the samples (path relative to the data folder, captions): another data set differs, a moved one
     does not."""
     root = Path(dataset.report.data_dir) if getattr(dataset, "report", None) else None
+    prefix = os.path.join(str(root), "") if root is not None else None
     digest = hashlib.sha256()
     for sample in dataset.samples:
-        path = Path(sample.path)
-        name = str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else path.name
+        text = str(sample.path)
+        if prefix is not None and text.startswith(prefix):  # what relative_to gives, without its cost at 118k samples
+            name = text[len(prefix):]
+        else:
+            path = Path(text)
+            name = str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else path.name
         digest.update(json.dumps([name, sample.captions]).encode())
     return digest.hexdigest()[:16]
 

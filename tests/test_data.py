@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -361,6 +362,39 @@ def test_scan_cache_makes_a_second_scan_read_nothing_and_notices_changes(tmp_pat
     report = data.scan_dataset("imagefolder", tmp_path, skip_bad_images=True)
     assert report.num_decoded == 0 and report.num_unreadable == 1  # the bad verdict is cached too
     assert "0 read now" in report.summary()
+
+
+def test_a_scan_shared_by_worker_processes_finds_what_one_process_finds(tmp_path):
+    names = [write_image(tmp_path / "cls" / f"{i}.{ext}", size=(200 + i, 150), fmt=fmt)
+             for i, (ext, fmt) in enumerate([("jpg", "JPEG"), ("png", "PNG")] * 5)]
+    corrupt_png_body(names[3])
+    cut = names[4].read_bytes()
+    names[4].write_bytes(cut[: len(cut) // 2])  # no end marker: header mode sees it too
+    names[6].write_bytes(b"not an image")
+    missing = tmp_path / "cls" / "gone.png"
+    for mode in ("decode", "header"):
+        one = data.check_images([*names, missing], tmp_path, mode, scan_cache=False, workers=1)
+        two = data.check_images([*names, missing], tmp_path, mode, scan_cache=False, workers=2)
+        assert one == two and one[1] == 10
+        expected = [names[3], names[4], names[6], missing] if mode == "decode" else [names[4], names[6], missing]
+        assert list(one[0]) == expected, (mode, one[0])
+    assert "no end-of-image marker" in one[0][names[4]] and "FileNotFoundError" in one[0][missing]
+
+
+def _bytes_read() -> int:
+    return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["rchar"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts bytes read through /proc/self/io (Linux)")
+def test_header_scan_reads_a_jpeg_header_and_tail_only(tmp_path):
+    path = write_image(tmp_path / "big.jpg", size=(800, 600), fmt="JPEG")  # noise: ~ 300 KB
+    before = _bytes_read()
+    assert data.check_images([path], tmp_path, "header", scan_cache=False, workers=1) == ({}, 1)
+    header = _bytes_read() - before
+    assert 0 < header < path.stat().st_size / 10, (header, path.stat().st_size)  # before: the whole file
+    before = _bytes_read()
+    data.check_images([path], tmp_path, "decode", scan_cache=False, workers=1)
+    assert _bytes_read() - before >= path.stat().st_size  # decode reads every byte
 
 
 def test_exif_orientation_is_applied():
