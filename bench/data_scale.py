@@ -6,7 +6,8 @@ object, and loader throughput with 0/1/2 workers at 512 px. Writes JSON (and pri
     python bench/data_scale.py --quick                          # a 200-image folder in a temp dir (a smoke test)
 
 Targets: cold scan <= 60 s (scan_mode header; decode reads every pixel once, minutes on 2 cores), warm <= 5 s,
-dataset RSS <= 1 GB, and a loader faster than one GPU's bypass training step.
+dataset RSS <= 1 GB, a loader faster than one GPU's bypass training step, and --cache_latents whose resident memory
+stays flat from 1k to 20k images (building and reading).
 """
 
 from __future__ import annotations
@@ -64,6 +65,39 @@ def run(coco: Path, scan_mode: str, resolution: int, batch_size: int, batches: i
     return result
 
 
+def latent_cache_rss(coco: Path, counts: list[int], resolution: int, scan_mode: str) -> list[dict]:
+    """--cache_latents at growing data set sizes: resident-set growth while the on-disk cache is built and while every
+    item is read back (the tiny VAE at `resolution`, random flips: both mirrors cached, fp16). Flat = the cache is
+    on disk, not in this process."""
+    import torch
+
+    from restune_diffusion.latent_cache import build_latent_cache, open_latent_cache
+    from restune_diffusion.memory import proc_status, reset_peak_memory
+    from restune_diffusion.models import build_tiny_sd
+
+    cpu, vae, rows = torch.device("cpu"), build_tiny_sd(0).vae, []
+    with torch.no_grad():
+        vae.encode(torch.zeros(64, 3, resolution, resolution))  # one-time allocations are not growth
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            ds = data.load_dataset("coco2017", coco, resolution=resolution, random_flip=True, scan_mode=scan_mode,
+                                   max_train_samples=n, progress=False)
+            reset_peak_memory(cpu)
+            before, start = proc_status("VmRSS"), time.perf_counter()
+            folder = build_latent_cache(ds, vae, tmp, batch_size=32, dtype=torch.float16)
+            build_s, build_growth = time.perf_counter() - start, proc_status("VmHWM") - before
+            cached = open_latent_cache(folder, ds)
+            reset_peak_memory(cpu)
+            before = proc_status("VmRSS")
+            for i in range(len(cached)):
+                cached[i]
+            rows.append({"images": len(ds), "cache_file_bytes": (folder / "latents.bin").stat().st_size,
+                         "build_s": round(build_s, 1), "build_rss_growth_mb": round(build_growth / 2**20, 1),
+                         "read_rss_growth_mb": round((proc_status("VmHWM") - before) / 2**20, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--coco_dir", type=Path)
@@ -74,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--latent_counts", type=int, nargs="*", default=[1000, 20000],
+                   help="data set sizes for the latent cache's resident-memory rows (none: skip them)")
+    p.add_argument("--latent_resolution", type=int, default=32, help="image size for those rows (tiny VAE)")
     p.add_argument("--output", type=Path)
     args = p.parse_args(argv)
     if args.coco_dir is None and not args.quick:
@@ -84,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
             coco = Path(tmp) / "coco"
             make_coco([str(coco), "--num_train", str(args.num_quick), "--num_val", "2", "--workers", "1"])
         result = run(coco, args.scan_mode, args.resolution, args.batch_size, args.batches, args.workers)
+        if args.latent_counts:
+            result["latent_cache"] = latent_cache_rss(coco, args.latent_counts, args.latent_resolution, args.scan_mode)
     text = json.dumps(result, indent=1)
     print(text)
     if args.output:

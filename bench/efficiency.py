@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import functools
 import gc
 import importlib.metadata
@@ -68,56 +67,33 @@ TUNED_ROWS = ("lora", "peft_lora", "adapter", "prefix", "prompt", "res_tuning", 
 # memory of this process: the CUDA allocator on a GPU, the resident set on CPU
 
 
-def _proc_status(field: str) -> int | None:
-    """VmRSS / VmHWM of this process in bytes (Linux), else None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def memory_in_use(device) -> int:
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.memory_allocated(device)
-    rss = _proc_status("VmRSS")
+    from restune_diffusion.memory import proc_status
+
+    rss = proc_status("VmRSS")
     return rss if rss is not None else peak_memory(device)
 
 
 def reset_peak(device) -> bool:
-    """Start a new peak from what is in use now; False where the OS cannot (the peak then includes the model build)."""
-    import torch
+    from restune_diffusion.memory import reset_peak_memory
 
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS shows what is live
-    try:
-        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the resident-set high-water mark (proc(5))
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    return reset_peak_memory(device)
 
 
 def peak_memory(device) -> int:
     """CUDA: max_memory_allocated; Linux: VmHWM (reset by reset_peak); elsewhere: train.peak_memory_bytes."""
     import torch
 
-    from restune_diffusion.train import peak_memory_bytes
+    from restune_diffusion.memory import peak_memory_bytes, proc_status
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    hwm = _proc_status("VmHWM") if device.type == "cpu" else None
+    hwm = proc_status("VmHWM") if device.type == "cpu" else None
     return hwm if hwm is not None else peak_memory_bytes(device)[0]
 
 

@@ -97,22 +97,32 @@ def build_latent_cache(dataset: CaptionDataset, vae, cache_dir: str | os.PathLik
     store_dtype = np.float32 if dtype == torch.float32 else np.float16  # bfloat16 is stored as float16
     _create_once(folder / "latents.bin", int(np.prod(shape)) * np.dtype(store_dtype).itemsize)
     _create_once(folder / "done.bin", shape[0])
-    done = np.memmap(folder / "done.bin", np.uint8, "r+", shape=(shape[0],))
-    latents = np.memmap(folder / "latents.bin", store_dtype, "r+", shape=shape)
+    done = np.fromfile(folder / "done.bin", np.uint8)
     paths = list(dict.fromkeys(s.path for s in dataset.samples))
     todo = [i for i in range(rank, len(paths), num_processes) if not done[i]]
-    for start in range(0, len(todo), batch_size):
-        rows = todo[start:start + batch_size]
-        x = torch.stack([dataset.transform(load_rgb(paths[i])) for i in rows])  # (B, 3, R, R)
-        if key["flips"] == 2:
-            x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): originals, then mirrors
-        params = vae.encode(x.to(device, vae.dtype)).latent_dist.parameters.float().cpu()  # (F*B, 2C, h, w)
-        params = params.unflatten(0, (key["flips"], -1)).transpose(0, 1)  # (B, F, 2C, h, w)
-        latents[rows] = params.numpy().astype(store_dtype)
-        latents.flush()
-        done[rows] = 1  # after the row is on disk: an interrupted run re-encodes only unfinished rows
-        done.flush()
-    del latents, done
+    row_bytes = int(np.prod(shape[1:])) * np.dtype(store_dtype).itemsize
+    # written with pwrite, never mapped: a mapped file's touched pages count in this process's resident set, which
+    # would grow to the file's size (~15.5 GB for COCO train at 512 px with flips)
+    latents_fd = os.open(folder / "latents.bin", os.O_WRONLY)
+    done_fd = os.open(folder / "done.bin", os.O_WRONLY)
+    try:
+        for start in range(0, len(todo), batch_size):
+            rows = todo[start:start + batch_size]
+            x = torch.stack([dataset.transform(load_rgb(paths[i])) for i in rows])  # (B, 3, R, R)
+            if key["flips"] == 2:
+                x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): originals, then mirrors
+            params = vae.encode(x.to(device, vae.dtype)).latent_dist.parameters.float().cpu()  # (F*B, 2C, h, w)
+            params = params.unflatten(0, (key["flips"], -1)).transpose(0, 1)  # (B, F, 2C, h, w)
+            block = params.numpy().astype(store_dtype)
+            for row, values in zip(rows, block):
+                os.pwrite(latents_fd, values.tobytes(), row * row_bytes)
+            os.fdatasync(latents_fd)  # the rows are on disk before they are marked done
+            for row in rows:  # an interrupted run re-encodes only the rows not marked
+                os.pwrite(done_fd, b"\x01", row)
+            os.fdatasync(done_fd)
+    finally:
+        os.close(latents_fd)
+        os.close(done_fd)
     return folder
 
 

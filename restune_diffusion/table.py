@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import json
 import math
 import os
@@ -31,6 +29,7 @@ from restune_diffusion.evaluation.clip_score import resolve_clip_folder
 from restune_diffusion.evaluation.coco import read_captions
 from restune_diffusion.evaluation.inception import file_sha256, resolve_inception_weights
 from restune_diffusion.evaluation.runner import evaluate
+from restune_diffusion.memory import reset_peak_memory
 from restune_diffusion.tuners import parse_tuner_configs
 from restune_diffusion.weights import atomic_write, atomic_write_text
 
@@ -265,25 +264,6 @@ def process_group_kept():
             os.environ["FORK_LAUNCHED"] = before
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def reset_peak_memory(device: torch.device) -> bool:
-    """Start the peak that train's summary reports from what is in use now, so each row's training memory is its own
-    (rows run one after another in this process): CUDA's peak counter; on CPU (Linux) the resident-set high-water mark
-    that getrusage reports (proc(5) clear_refs). False where it cannot be reset (the peak includes earlier rows)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS, so the resident set is what is live
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def broadcast(state, value):

@@ -69,6 +69,7 @@ from restune_diffusion.exports import DIFFUSERS_LORA_FILE, save_diffusers_lora, 
 from restune_diffusion.flags import OneLineParser, check_flags
 from restune_diffusion.generate import make_grid, native_resolution
 from restune_diffusion.latent_cache import build_latent_cache, open_latent_cache
+from restune_diffusion.memory import peak_memory_bytes
 from restune_diffusion.modelcard import CARD_FILE, write_model_card
 from restune_diffusion.models import TINY_NAMES, build_pipeline, load_model, resolve_model
 from restune_diffusion.report import format_report
@@ -1141,16 +1142,6 @@ def plot_losses(records: list[dict], path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-
-
-def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
-    """CUDA: max_memory_allocated; CPU: the process's peak resident set (getrusage)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "CUDA max_memory_allocated"
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak * (1 if sys.platform == "darwin" else 1024), "peak RSS of the process"
 
 
 def export(run: Run, seconds: float, steps_run: int) -> dict:

@@ -167,3 +167,28 @@ def test_torchrun_two_processes_share_the_encoding_and_match_the_uncached_run(tm
     (folder,) = (shapes / ".restune_cache" / "latents").iterdir()
     assert (folder / "done.bin").read_bytes() == b"\x01" * 8  # both ranks' shares written
     torch.testing.assert_close(torch.tensor(losses["cached"]), torch.tensor(losses["plain"]), rtol=1e-5, atol=1e-6)
+
+
+def _mapped(name: str) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(line.rstrip().endswith(name) for line in f)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_the_cache_file_is_never_mapped_so_resident_memory_cannot_grow_with_it(tmp_path, vae, monkeypatch):
+    write_imagefolder(tmp_path / "d", ["a", "b", "c", "d", "e"])
+    ds = data.load_dataset("imagefolder", tmp_path / "d", resolution=16)
+    seen = []
+    original = vae.encode
+
+    def encode(x):  # between batches: the rows of the batch before are written
+        seen.append(_mapped("latents.bin"))
+        return original(x)
+
+    monkeypatch.setattr(vae, "encode", encode)
+    folder = build_latent_cache(ds, vae, tmp_path / "cache", batch_size=2)
+    assert seen == [False, False, False]  # before: np.memmap r+, whose written pages stay resident
+    cached = open_latent_cache(folder, ds)
+    for i in range(len(cached)):
+        cached[i]
+    assert not _mapped("latents.bin")
