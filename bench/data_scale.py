@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -32,6 +33,18 @@ from tools.make_coco_scale import main as make_coco  # noqa: E402
 
 def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
+
+
+def drop_page_cache() -> bool:
+    """Empty the OS page cache (Linux, as root), so the cold scan reads from disk as on a first run after boot;
+    False where not allowed (then the files may still be cached from making them)."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+        return True
+    except OSError:
+        return False
 
 
 def timed_load(coco: Path, scan_mode: str, resolution: int) -> tuple[float, data.CaptionDataset]:
@@ -52,13 +65,15 @@ def throughput(ds, workers: int, batch_size: int, batches: int) -> float:
 
 def run(coco: Path, scan_mode: str, resolution: int, batch_size: int, batches: int, workers: list[int]) -> dict:
     shutil.rmtree(coco / CACHE_DIR, ignore_errors=True)
+    dropped = drop_page_cache()
     gc.collect()
     before = rss_mb()
     cold, ds = timed_load(coco, scan_mode, resolution)
     dataset_rss = rss_mb() - before
     warm, ds = timed_load(coco, scan_mode, resolution)
     result = {"coco_dir": str(coco), "scan_mode": scan_mode, "num_samples": len(ds), "cold_scan_s": round(cold, 2),
-              "warm_scan_s": round(warm, 2), "dataset_rss_mb": round(dataset_rss, 1), "resolution": resolution,
+              "warm_scan_s": round(warm, 2), "cold_page_cache_dropped": dropped,
+              "dataset_rss_mb": round(dataset_rss, 1), "resolution": resolution,
               "batch_size": batch_size, "images_per_s": {}}
     for w in workers:
         result["images_per_s"][str(w)] = round(throughput(ds, w, batch_size, batches), 1)

@@ -18,6 +18,7 @@ def test_quick_run_writes_every_figure(tmp_path):
     result = json.loads(out.read_text())
     assert result["num_samples"] == 24 and result["scan_mode"] == "decode"
     assert result["cold_scan_s"] > 0 and result["warm_scan_s"] >= 0 and "dataset_rss_mb" in result
+    assert isinstance(result["cold_page_cache_dropped"], bool)
     assert set(result["images_per_s"]) == {"0", "1"} and all(v > 0 for v in result["images_per_s"].values())
     small, large = result["latent_cache"]
     assert (small["images"], large["images"]) == (8, 24)
