@@ -52,10 +52,12 @@ from restune_diffusion.train import (
     check_output_dir,
     check_report_to,
     check_resume_settings,
+    closing_group,
     data_fingerprint,
     effective_lr,
     epoch_batches,
     export,
+    finish_trackers,
     freeze_and_cast,
     load_base,
     make_accelerator,
@@ -357,7 +359,7 @@ def train_joint(args: argparse.Namespace) -> dict:
         t.view.global_step = run.global_step
         with only(run, t):
             summaries[t.name] = export(t.view, seconds, run.global_step - start_step)
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return summaries
 
 
@@ -368,5 +370,5 @@ def run_any(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`train_t2i.py`: parse, then a single or a joint run; named errors as one line, exit 2 (cli.run_cli)."""
-    return run_cli(lambda a: run_any(parse_args(a)), "train_t2i.py", argv,
+    return run_cli(closing_group(lambda a: run_any(parse_args(a))), "train_t2i.py", argv,
                    extra_errors=(NonFiniteLossError, DiskWriteError))

@@ -13,7 +13,6 @@ them all, the table files are written by the main process.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from restune_diffusion.evaluation.coco import read_captions
 from restune_diffusion.evaluation.inception import file_sha256, resolve_inception_weights
 from restune_diffusion.evaluation.runner import evaluate
 from restune_diffusion.memory import reset_peak_memory
+from restune_diffusion.paper import PAPER, PAPER_SOURCE
 from restune_diffusion.tuners import parse_tuner_configs
 from restune_diffusion.weights import atomic_write, atomic_write_text
 
@@ -40,19 +40,6 @@ DEFAULT_ROWS = (BASE, *PAPER_ROWS)
 LABELS = {BASE: "SD v1.5", "full": "Full", "lora": "LoRA", "adapter": "Adapter", "prefix": "Prefix",
           "prompt": "Prompt", "res_tuning": "Res-Tuning", "res_tuning_bypass": "Res-Tuning-Bypass",
           "sc_tuner": "SC-Tuner"}
-# The paper's SD v1.5 / COCO2017 table (arXiv 2310.19859): FID, trainable params (M), training memory (GB),
-# hours per epoch. One copy for the library; bench/efficiency.py and bench/quality_tiny.py hold their own.
-PAPER = {
-    BASE: {"fid": 15.48, "params_m": None, "memory_gb": None, "hours_per_epoch": None},
-    "full": {"fid": 14.85, "params_m": 862.0, "memory_gb": 72.77, "hours_per_epoch": 1.98},
-    "lora": {"fid": 14.50, "params_m": 9.96, "memory_gb": 61.03, "hours_per_epoch": 1.42},
-    "adapter": {"fid": 14.73, "params_m": 2.51, "memory_gb": 54.30, "hours_per_epoch": 1.30},
-    "prefix": {"fid": 15.36, "params_m": 4.99, "memory_gb": 64.91, "hours_per_epoch": 2.20},
-    "prompt": {"fid": 14.90, "params_m": 1.25, "memory_gb": 63.70, "hours_per_epoch": 2.17},
-    "res_tuning": {"fid": 13.96, "params_m": 2.54, "memory_gb": 54.49, "hours_per_epoch": 1.38},
-    "res_tuning_bypass": {"fid": 14.89, "params_m": 3.76, "memory_gb": 21.35, "hours_per_epoch": 0.82},
-}
-PAPER_SOURCE = "arXiv 2310.19859 (Res-Tuning), Stable Diffusion v1.5 fine-tuned on COCO2017"
 METRICS = ("fid", "params_m", "memory_gb", "hours_per_epoch")  # the paper's columns, each also as a ratio to Full
 GB = 1e9
 EVAL_DIR = "eval"
@@ -247,25 +234,6 @@ def process_state():
     return PartialState(cpu=int(os.environ.get("LOCAL_RANK", -1)) != -1 and not torch.cuda.is_available())
 
 
-@contextlib.contextmanager
-def process_group_kept():
-    """train.train ends with accelerator.end_training(), which destroys the process group; joining the same
-    torchrun/accelerate store again reuses its stale rendezvous keys (measured here: 3 of 4 two-process runs failed
-    to connect). accelerate skips the destroy when FORK_LAUNCHED is set (read at every PartialState()), so the group
-    lives from the first row to the table; it is destroyed once, at the end."""
-    before = os.environ.get("FORK_LAUNCHED")
-    os.environ["FORK_LAUNCHED"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("FORK_LAUNCHED", None)
-        else:
-            os.environ["FORK_LAUNCHED"] = before
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
 def broadcast(state, value):
     """The main process's value on every process (decisions made from files the main process reads)."""
     if state.num_processes == 1:
@@ -452,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     rows = plan_rows(opts.rows, train_argv, out)
     check_eval_inputs(opts)
     trained = [r for r in rows if r.args is not None]
-    with process_group_kept():
+    try:
         state = process_state()
         try:
             finished = [row_finished(r) for r in trained] if state.is_main_process else None
@@ -489,4 +457,6 @@ def main(argv: list[str] | None = None) -> dict | None:
             state.print(markdown(table))
             state.print(f"-> {out / 'table.md'}, table.json, table.png")
         state.wait_for_everyone()
+    finally:  # the group train.train keeps for the next row
+        T.close_process_group()
     return table

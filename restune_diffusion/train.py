@@ -1361,12 +1361,39 @@ def train(args: argparse.Namespace) -> dict:
     summary = export(run, time.time() - start, run.global_step - start_step)
     if args.world_report and accelerator.is_main_process:
         summary["world"] = world.before_after_report(out, out / TUNERS_FILE, args.pretrained_model_name_or_path)
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return summary
+
+
+def finish_trackers(accelerator) -> None:
+    """The end of a run, as a library call: trackers finished, the process group kept. accelerate's end_training()
+    also destroys the group, and a second run in the same process (the table's rows) would then join the same
+    torchrun store again with its stale rendezvous keys (3 of 4 two-process tries failed to connect); the CLI closes
+    the group once, at exit (close_process_group)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
+def close_process_group() -> None:
+    """Destroy the torch.distributed group of this process, if any (the end of a CLI run)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def closing_group(job):
+    """`job` as a CLI runs it: the process group is destroyed when it ends, raised or returned."""
+
+    def run(*args, **kwargs):
+        try:
+            return job(*args, **kwargs)
+        finally:
+            close_process_group()
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
     """`train_t2i.py`: parse, train; named errors (bad data, config, checkpoint, nan loss, full disk) as one line on
     stderr, exit 2 (cli.run_cli, as every CLI)."""
-    return run_cli(lambda args: train(parse_args(args)), "train_t2i.py", argv,
+    return run_cli(closing_group(lambda args: train(parse_args(args))), "train_t2i.py", argv,
                    extra_errors=(NonFiniteLossError, DiskWriteError))

@@ -71,3 +71,20 @@ def test_stale_temp_files_of_a_killed_writer_are_removed_at_start(tmp_path, data
     with pytest.raises(pytest.fail.Exception):
         T.train(T.parse_args(cli_args(tmp_path, data_dir)))
     assert not stale.exists()
+
+
+def test_a_library_run_keeps_the_process_group_and_the_cli_closes_it(tmp_path, data_dir):  # noqa: F811
+    """train() may run again in the same process (the table's rows), so it must not destroy the torch.distributed
+    group (accelerate's end_training does; a second run then rejoined a stale rendezvous); train_t2i.py's main does,
+    once, at exit."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        T.train(T.parse_args(cli_args(tmp_path / "lib", data_dir, "--max_train_steps", "1")))
+        assert dist.is_initialized()  # before: destroyed by end_training()
+        assert T.main(cli_args(tmp_path / "cli", data_dir, "--max_train_steps", "1")) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

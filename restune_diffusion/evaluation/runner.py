@@ -9,6 +9,7 @@ features in index order, so N processes give the numbers one process gives.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -103,6 +105,19 @@ def model_rows(tuners: list[str] | None, base: bool = False) -> list[ModelRow]:
             raise ValueError("--tuners: a tuner file is named 'base', the name of the --base row; rename it")
         rows.insert(0, ModelRow("base", None))
     return rows
+
+
+@contextlib.contextmanager
+def tuners_on(unet, row: ModelRow, device) -> Iterator[str | None]:
+    """Inside: the UNet with `row`'s tuner file loaded (the base row: as it is); yields the file's SHA-256 (None for
+    the base). On exit every tensor of the file leaves the UNet, a full fine-tune's weights too (load_tuners/detach),
+    so the next row starts from the base."""
+    handle = load_tuners(unet, row.tuners, name=f"eval:{row.name}", device=device) if row.tuners else None
+    try:
+        yield file_sha256(row.tuners) if row.tuners else None
+    finally:
+        if handle is not None:
+            handle.detach()
 
 
 def process_state(device: str | None):
@@ -236,9 +251,7 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
     out, prompts = Path(output_dir), [caption for _, caption in draw.pairs]
     results = []
     for row in rows:
-        handle = load_tuners(sd.unet, row.tuners, name=f"eval:{row.name}", device=device) if row.tuners else None
-        tuners_sha = file_sha256(row.tuners) if row.tuners else None
-        try:
+        with tuners_on(sd.unet, row, device) as tuners_sha:
             for scale in scales:
                 folder = out / row.name / f"cfg{scale:g}"
                 record = {"model": str(pretrained_model_name_or_path), "tuners_sha256": tuners_sha, "seed": seed,
@@ -262,9 +275,6 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
                         "fid": fid_from_features(real, fake), "kid_mean": kid[0], "kid_std": kid[1],
                         "kid_subset_size": kid[2], "clip_score": float(clip.mean()) if clip is not None else None,
                         "n": len(paths), "images": str(folder)})
-        finally:
-            if handle is not None:
-                handle.detach()
     if not state.is_main_process:
         return None
     result = {

@@ -23,11 +23,11 @@ from PIL import Image
 from .. import world
 from ..models import TINY, TINY_ASSETS, build_pipeline, load_model
 from ..samplers import make_scheduler, sampler_key
-from ..weights import atomic_write_text, load_tuners
+from ..weights import atomic_write_text
 from .images import check_generation_record, generate_by_index
 from .inception import file_sha256
 from .plots import plot_sweep, plot_vs_step
-from .runner import DTYPES, model_rows, process_state, versions
+from .runner import DTYPES, model_rows, process_state, tuners_on, versions
 
 WORLDS = ("concept",)
 WORLD_BATCH = 64  # world.generate's batch
@@ -130,9 +130,7 @@ def evaluate_world(pretrained_model_name_or_path: str, output_dir: str | os.Path
 
     out, results = Path(output_dir), []
     for row in rows:
-        handle = load_tuners(sd.unet, row.tuners, name=f"eval:{row.name}", device=device) if row.tuners else None
-        tuners_sha = file_sha256(row.tuners) if row.tuners else None
-        try:
+        with tuners_on(sd.unet, row, device) as tuners_sha:
             for scale in scales:
                 folder = out / row.name / f"cfg{scale:g}"
                 record = {"model": str(pretrained_model_name_or_path), "tuners_sha256": tuners_sha, "seed": seed,
@@ -147,9 +145,6 @@ def evaluate_world(pretrained_model_name_or_path: str, output_dir: str | os.Path
                         "domain_fid": world.domain_fid(classifier, real, images["concept"]),
                         "pretrain_accuracy": world.prompt_accuracy(classifier, images["pretrain"], pretrain),
                         "n": n, "images": str(folder)})
-        finally:
-            if handle is not None:
-                handle.detach()
     if not state.is_main_process:
         return None
     result = {
