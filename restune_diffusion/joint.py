@@ -52,7 +52,7 @@ from restune_diffusion.train import (
     check_output_dir,
     check_report_to,
     check_resume_settings,
-    closing_group,
+    close_process_group,
     data_fingerprint,
     effective_lr,
     epoch_batches,
@@ -370,5 +370,8 @@ def run_any(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`train_t2i.py`: parse, then a single or a joint run; named errors as one line, exit 2 (cli.run_cli)."""
-    return run_cli(closing_group(lambda a: run_any(parse_args(a))), "train_t2i.py", argv,
-                   extra_errors=(NonFiniteLossError, DiskWriteError))
+    try:
+        return run_cli(lambda a: run_any(parse_args(a)), "train_t2i.py", argv,
+                       extra_errors=(NonFiniteLossError, DiskWriteError))
+    finally:
+        close_process_group()

@@ -31,6 +31,7 @@ from restune_diffusion.data import CachedLatentsDataset, CaptionDataset, load_rg
 from restune_diffusion.weights import atomic_write_text
 
 CACHE_VERSION = 1
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 DTYPES = {torch.float16: "float16", torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
@@ -116,10 +117,10 @@ def build_latent_cache(dataset: CaptionDataset, vae, cache_dir: str | os.PathLik
             block = params.numpy().astype(store_dtype)
             for row, values in zip(rows, block):
                 os.pwrite(latents_fd, values.tobytes(), row * row_bytes)
-            os.fdatasync(latents_fd)  # the rows are on disk before they are marked done
+            _datasync(latents_fd)  # the rows are on disk before they are marked done
             for row in rows:  # an interrupted run re-encodes only the rows not marked
                 os.pwrite(done_fd, b"\x01", row)
-            os.fdatasync(done_fd)
+            _datasync(done_fd)
     finally:
         os.close(latents_fd)
         os.close(done_fd)

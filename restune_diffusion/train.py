@@ -1380,20 +1380,11 @@ def close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def closing_group(job):
-    """`job` as a CLI runs it: the process group is destroyed when it ends, raised or returned."""
-
-    def run(*args, **kwargs):
-        try:
-            return job(*args, **kwargs)
-        finally:
-            close_process_group()
-
-    return run
-
-
 def main(argv: list[str] | None = None) -> int:
     """`train_t2i.py`: parse, train; named errors (bad data, config, checkpoint, nan loss, full disk) as one line on
     stderr, exit 2 (cli.run_cli, as every CLI)."""
-    return run_cli(closing_group(lambda args: train(parse_args(args))), "train_t2i.py", argv,
-                   extra_errors=(NonFiniteLossError, DiskWriteError))
+    try:
+        return run_cli(lambda args: train(parse_args(args)), "train_t2i.py", argv,
+                       extra_errors=(NonFiniteLossError, DiskWriteError))
+    finally:
+        close_process_group()

@@ -121,7 +121,8 @@ def _relative(path: Path, prefix: str) -> str:
     """os.path.relpath(path, root) for a path under root (prefix: root's absolute path with a trailing separator),
     without relpath's cost (a third of a warm scan of 118k names)."""
     name = str(path)
-    name = name if name.startswith(prefix) else os.path.abspath(name)
+    if not name.startswith(prefix):
+        name = os.path.abspath(name)
     return name[len(prefix):] if name.startswith(prefix) else os.path.relpath(name, prefix)
 
 
