@@ -20,8 +20,16 @@ from __future__ import annotations
 import argparse
 
 from restune_diffusion.cli import run_cli
+from restune_diffusion.sampling import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    PROTOCOL_STRIDE,
+    add_sampling_args,
+)
 
 # COCO / folder-mode flags that mean nothing in the tiny world
+COCO_BATCH = 8  # generation and Inception feature batch of the COCO protocol
 WORLD_REFUSES = ("coco_dir", "real_dir", "fake_dir", "inception_weights", "clip_model", "stats_cache_dir", "resolution")
 
 
@@ -44,16 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_samples", type=int, default=None,
                    help="N images (default 5000 = all of val2017; 64 for tiny). Beyond the split: captions drawn "
                         "with replacement (FID-10K/30K). --world: a multiple of 12, default 96")
-    p.add_argument("--seed", type=int, default=0, help="caption draw and per-image generation seeds")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; --world: 20)")
-    p.add_argument("--guidance_scale", type=float, nargs="+", default=None,
-                   help="one or several (a sweep); default 7.5 (--world: 4)")
-    p.add_argument("--scheduler", default="ddim", help="sampler: DDIM (default), Euler, 'Euler a', UniPC, "
-                                                        "'DPM++ 2M', 'DPM++ 2M Karras', PNDM")
+    add_sampling_args(p, None, sweep=True, omit=("negative_prompt", "karras_sigmas"), helps={
+        "seed": f"also the caption draw; stride {PROTOCOL_STRIDE:,} (default 0)",
+        "steps": f"default {DEFAULT_STEPS}; --world: the tiny world's protocol (world.SAMPLING_STEPS)",
+        "guidance_scale": f"one or several (a sweep); default {DEFAULT_GUIDANCE:g}; --world: the tiny world's",
+        "batch_size": f"generation and feature batch (recorded); default {COCO_BATCH}; --world: the tiny world's",
+        "scheduler": f"default {DEFAULT_SCHEDULER}"})
     p.add_argument("--resolution", type=int, default=None,
                    help="default: the model's native size (512 for SD v1.5, 32 for tiny)")
-    p.add_argument("--batch_size", type=int, default=None,
-                   help="generation and feature batch (recorded); default 8 (--world: 64)")
     p.add_argument("--inception_weights", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (or $RESTUNE_FID_INCEPTION)")
     p.add_argument("--clip_model", default=None, help="local CLIP folder for CLIP score (or $RESTUNE_CLIP_MODEL; "
@@ -70,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
                    help="dtype of the generating model; the Inception and CLIP run in fp32")
     args = p.parse_args(argv)
+    args.seed = 0 if args.seed is None else args.seed
+    args.scheduler = args.scheduler or DEFAULT_SCHEDULER
     if args.world is not None:
         given = [f"--{name}" for name in WORLD_REFUSES if getattr(args, name) is not None]
         if given:
@@ -77,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     f"and classifier)")
         args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or "tiny"
         return args
-    for name, default in (("steps", 50), ("guidance_scale", [7.5]), ("batch_size", 8)):
+    for name, default in (("steps", DEFAULT_STEPS), ("guidance_scale", [DEFAULT_GUIDANCE]), ("batch_size", COCO_BATCH)):
         if getattr(args, name) is None:
             setattr(args, name, default)
     if (args.real_dir is None) != (args.fake_dir is None):

@@ -15,6 +15,7 @@ import argparse
 
 from restune_diffusion.cli import run_cli
 from restune_diffusion.generate import run
+from restune_diffusion.sampling import add_sampling_args
 
 
 def parse_args(argv=None):
@@ -27,16 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--task_names", action="append", help="a folder name per --tuners file, in order (repeat)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts_file", help="a text file, one prompt a line")
-    p.add_argument("--negative_prompt", default=None)
     p.add_argument("--num_images", type=int, default=4, help="images per prompt")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--scheduler", default="ddim",
-                   help="sampler: DDIM (default), Euler, 'Euler a', UniPC, 'DPM++ 2M', 'DPM++ 2M Karras', PNDM")
-    p.add_argument("--karras_sigmas", action="store_true", help="Karras sigmas (Euler, UniPC, DPM++ 2M)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--scale", type=float, default=1.0, help="tuner strength (residual tuners)")
-    p.add_argument("--batch_size", type=int, default=4)
+    add_sampling_args(p, helps={"seed": "stride 1: image i uses seed + i, the seed written into its metadata"})
     p.add_argument("--height", type=int, default=None,
                    help="default: the model's native size (512 for SD v1.5, 32 for tiny)")
     p.add_argument("--width", type=int, default=None)

@@ -27,7 +27,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from restune_diffusion import data  # noqa: E402
 from restune_diffusion.data.scan import CACHE_DIR  # noqa: E402
-from restune_diffusion.weights import atomic_write_text  # noqa: E402
+from restune_diffusion.files import atomic_write_text  # noqa: E402
 from tools.make_coco_scale import main as make_coco  # noqa: E402
 
 

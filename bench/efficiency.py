@@ -15,90 +15,62 @@ don't depend on the values. Parameter counts always come from the SD v1.5 UNet b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import gc
 import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/efficiency.py` from anywhere, without installing the package
     sys.path.insert(0, str(ROOT))
+from bench import harness  # noqa: E402
+from bench.harness import (  # noqa: E402
+    DTYPES,
+    GB,
+    autocast,
+    cpu_jiffies,
+    environment,
+    machine,
+    memory_in_use,
+    peak_memory,
+    reset_peak,
+    steal_pct,
+    timed,
+    torch_dtype,
+)
+from restune_diffusion.files import atomic_write_text  # noqa: E402
+from restune_diffusion.methods import config_path, label, methods, paper_methods  # noqa: E402
 from restune_diffusion.paper import PAPER as PAPER_TABLE  # noqa: E402
 
-GB = 1e9
-METHODS = ("floor", "full", "lora", "peft_lora", "adapter", "prefix", "prompt", "res_tuning", "res_tuning_bypass",
-           "sc_tuner")
-MULTITASK = "multitask"
-JOINT = "joint_training"  # K bypasses trained in one backbone pass (restune_diffusion.joint) vs K separate runs
-CONFIGS = {m: ROOT / "configs" / f"{m}.yaml" for m in METHODS if m not in ("floor", "peft_lora")}
-# the peer users run today (diffusers' train_text_to_image_lora.py): 9,964,800 params on SD v1.5
+PEFT = "peft_lora"  # the peer users run today (diffusers' train_text_to_image_lora.py): 9,964,800 params on SD v1.5
 PEFT_LORA = dict(r=50, lora_alpha=50, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+# the frozen forward, then every method (restune_diffusion.methods), the peer beside our LoRA
+METHODS = ("floor", *[m for method in methods() for m in ((method, PEFT) if method == "lora" else (method,))])
+MULTITASK = "multitask"
+JOINT = "joint_training"  # K bypasses trained in one backbone pass (restune_diffusion.train.joint) vs K separate runs
+CONFIGS = {m: config_path(m) for m in METHODS if m not in ("floor", PEFT)}
 MULTITASK_KS = (1, 2, 4, 8)
-DTYPES = ("fp32", "fp16", "bf16")
 
 # Paper, SD v1.5 on COCO2017: row, FID, params (M), train memory (GB), hours/epoch
-LABELS = {"floor": "SD (no tuning)", "full": "Full", "lora": "LoRA", "peft_lora": "LoRA", "adapter": "Adapter",
-          "prefix": "Prefix", "prompt": "Prompt", "res_tuning": "Res-Tuning", "res_tuning_bypass": "Bypass"}
-PAPER_ROW = {"floor": "base", "peft_lora": "lora"}  # our rows measured against another paper row
-PAPER = {m: (label, *PAPER_TABLE[PAPER_ROW.get(m, m)].values()) for m, label in LABELS.items()}
+PAPER_ROW = {"floor": "base", PEFT: "lora"}  # our rows measured against another paper row
+PAPER = {m: (label(PAPER_ROW.get(m, m)), *PAPER_TABLE[PAPER_ROW.get(m, m)].values()) for m in METHODS
+         if PAPER_ROW.get(m, m) in PAPER_TABLE}
 BYPASS = "res_tuning_bypass"
-TUNED_ROWS = ("lora", "peft_lora", "adapter", "prefix", "prompt", "res_tuning", BYPASS)  # rows with a paper ratio
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# memory of this process: the CUDA allocator on a GPU, the resident set on CPU
-
-
-def memory_in_use(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.memory_allocated(device)
-    from restune_diffusion.memory import proc_status
-
-    rss = proc_status("VmRSS")
-    return rss if rss is not None else peak_memory(device)
-
-
-def reset_peak(device) -> bool:
-    from restune_diffusion.memory import reset_peak_memory
-
-    return reset_peak_memory(device)
-
-
-def peak_memory(device) -> int:
-    """CUDA: max_memory_allocated; Linux: VmHWM (reset by reset_peak); elsewhere: train.peak_memory_bytes."""
-    import torch
-
-    from restune_diffusion.memory import peak_memory_bytes, proc_status
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    hwm = proc_status("VmHWM") if device.type == "cpu" else None
-    return hwm if hwm is not None else peak_memory_bytes(device)[0]
+TUNED_ROWS = tuple(m for m in METHODS if PAPER_ROW.get(m, m) in paper_methods() and m != "full")  # a paper ratio
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # methods
 
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def prepare(unet, method: str) -> list:
@@ -108,7 +80,7 @@ def prepare(unet, method: str) -> list:
     unet.requires_grad_(False)
     if method == "floor":
         return []
-    if method == "peft_lora":
+    if method == PEFT:
         from peft import LoraConfig
 
         unet.add_adapter(LoraConfig(**PEFT_LORA))
@@ -144,14 +116,6 @@ def make_inputs(unet, batch: int, latent: int, device, dtype):
     return (sample.to(device, dtype), timesteps.to(device), text.to(device, dtype)), target.to(device)
 
 
-def autocast(device, dtype):
-    """Mixed precision as accelerate sets it up for training: autocast in the weight dtype, nothing for fp32."""
-    import torch
-
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
 
 def make_step(unet, params: list, inputs, target, amp_dtype, device):
     """One training step (forward, MSE vs the target, backward, AdamW, zero_grad(set_to_none)); the floor: a frozen
@@ -176,16 +140,6 @@ def make_step(unet, params: list, inputs, target, amp_dtype, device):
         return loss.detach()
     return train_step
 
-
-def timed(fn, device) -> tuple[float, object]:
-    import torch
-
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - start, out
 
 
 def measure_method(method: str, opts: dict) -> dict:
@@ -329,34 +283,7 @@ def _median_time(fn, device, opts) -> float:
 # worker: one process, one or more methods, results as JSON to a file
 
 
-def environment(device_name: str) -> dict:
-    import diffusers
-    import torch
 
-    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "torch_threads": torch.get_num_threads()}
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        env["peft"] = importlib.metadata.version("peft")
-    if device_name == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-    return env
-
-
-def _cpu_jiffies() -> list[int] | None:
-    """The machine's CPU time counters from /proc/stat (user nice system idle iowait irq softirq steal ...)."""
-    try:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-
-
-def _steal_pct(before, after) -> float | None:
-    """% of CPU time the hypervisor gave to other guests between two readings."""
-    if not before or not after or len(before) < 8:
-        return None
-    delta = [a - b for a, b in zip(after, before)]
-    return 100 * delta[7] / max(1, sum(delta[:8]))
 
 
 def worker(methods: list[str], opts: dict, result_path: Path) -> int:
@@ -366,7 +293,7 @@ def worker(methods: list[str], opts: dict, result_path: Path) -> int:
         torch.set_num_threads(1)
     results: dict = {"environment": environment(opts["device"]), "methods": {}}
     for method in methods:
-        load_before, cpu_before = os.getloadavg()[0], _cpu_jiffies()
+        load_before, cpu_before = os.getloadavg()[0], cpu_jiffies()
         try:
             if method in SPECIAL:
                 results[method] = {"status": "ok", **SPECIAL[method](opts)}
@@ -383,9 +310,9 @@ def worker(methods: list[str], opts: dict, result_path: Path) -> int:
         entry = results[method] if method in SPECIAL else results["methods"][method]
         # other processes, or the hypervisor (steal time), skew the times: say how busy the machine was
         entry["load_avg"] = [load_before, os.getloadavg()[0]]
-        entry["cpu_steal_pct"] = _steal_pct(cpu_before, _cpu_jiffies())
+        entry["cpu_steal_pct"] = steal_pct(cpu_before, cpu_jiffies())
         gc.collect()
-        write_atomic(result_path, json.dumps(results))  # partial results survive a crash in a later method
+        atomic_write_text(result_path, json.dumps(results))  # partial results survive a crash in a later method
     return 0
 
 
@@ -393,18 +320,12 @@ def worker(methods: list[str], opts: dict, result_path: Path) -> int:
 # parent: run workers, gather, judge, write
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def available(method: str) -> str | None:
     """None if `method` can run here, else why not."""
     if method in CONFIGS and not CONFIGS[method].is_file():
         return f"{CONFIGS[method].relative_to(ROOT)} not found"
-    if method == "peft_lora" and importlib.util.find_spec("peft") is None:
+    if method == PEFT and importlib.util.find_spec("peft") is None:
         return "peft not installed (pip install peft)"
     if method in SPECIAL:
         module = "restune_diffusion.multitask" if method == MULTITASK else "restune_diffusion.joint"
@@ -416,14 +337,8 @@ def available(method: str) -> str | None:
 
 
 def run_worker(methods: list[str], opts: dict) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", ",".join(methods),
-               "--result", str(result), "--opts", json.dumps(opts)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        data = json.loads(result.read_text()) if result.is_file() else {"methods": {}}
-    why = (f"worker exited with {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode < 0 else "")
-           + ": " + " | ".join(proc.stderr.strip().splitlines()[-3:]))
+    data, why = harness.run_worker(__file__, methods, opts)
+    data = data or {"methods": {}}
     for method in methods:
         done = data.get(method) if method in SPECIAL else data["methods"].get(method)
         if done is None:
@@ -431,16 +346,6 @@ def run_worker(methods: list[str], opts: dict) -> dict:
             data.__setitem__(method, entry) if method in SPECIAL else data["methods"].__setitem__(method, entry)
     return data
 
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine()}
-    with contextlib.suppress(OSError):
-        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        info["cpu"] = names[0] if names else info["cpu"]
-    with contextlib.suppress(OSError, AttributeError):
-        info["ram_gb"] = int(re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024 / GB
-    return info
 
 
 def _ratio(a, b):
@@ -502,7 +407,7 @@ def targets(rows: dict, multitask: dict | None, joint: dict | None = None) -> li
             check(f"{method} step time / Full's <= paper's hours / Full's {hours:.2f}",
                   get(method, "step_vs_full"), hours, float.__le__, "x")
     res, above = "res_tuning", "above_floor_bytes"
-    for peer in ("lora", "peft_lora"):  # Res-Tuning below LoRA, ours and peft's
+    for peer in ("lora", PEFT):  # Res-Tuning below LoRA, ours and peft's
         if peer in rows:
             check(f"Res-Tuning memory above floor < {peer}'s", _ratio(get(res, above), get(peer, above)), 1.0,
                   float.__lt__, "x")
@@ -806,8 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = {m: e if (e or {}).get("status") == "ok" else None for m, e in specials.items()}
     report["targets"] = targets(rows, ok.get(MULTITASK), ok.get(JOINT))
     text = markdown(report)
-    write_atomic(out / f"{tag}.json", json.dumps(report, indent=1))
-    write_atomic(out / f"{tag}.md", text)
+    atomic_write_text(out / f"{tag}.json", json.dumps(report, indent=1))
+    atomic_write_text(out / f"{tag}.md", text)
     print(text)
     print(f"[bench] wrote {out / tag}.md and .json")
     return 0

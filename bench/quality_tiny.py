@@ -27,14 +27,16 @@ if str(ROOT) not in sys.path:  # `python bench/quality_tiny.py` from anywhere, w
     sys.path.insert(0, str(ROOT))
 
 from restune_diffusion import world  # noqa: E402
+from restune_diffusion.files import atomic_write_text  # noqa: E402
+from restune_diffusion.methods import BASE, methods  # noqa: E402
 from restune_diffusion.models import TINY, load_model  # noqa: E402
 from restune_diffusion.paper import PAPER as PAPER_TABLE  # noqa: E402
-from restune_diffusion.weights import atomic_write_text, load_tuners  # noqa: E402
+from restune_diffusion.weights import load_tuners  # noqa: E402
 
-METHODS = ("base", "full", "lora", "adapter", "prefix", "prompt", "res_tuning", "res_tuning_bypass", "sc_tuner")
-# arXiv 2310.19859, SD v1.5 on COCO2017: FID and trainable parameters (M); SC-Tuner is not in that table
+METHODS = (BASE, *methods())  # the untuned base, then every method (restune_diffusion.methods)
 # the paper's (FID, params M) per method; its base row has no trainable parameters, SC-Tuner is not in its table
-PAPER = {**{name: (row["fid"], row["params_m"] or 0) for name, row in PAPER_TABLE.items()}, "sc_tuner": (None, None)}
+PAPER = {name: (PAPER_TABLE[name]["fid"], PAPER_TABLE[name]["params_m"] or 0) if name in PAPER_TABLE else (None, None)
+         for name in METHODS}
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)  # the demo's tuners do best at 5e-3 to 1e-2 in 400 steps
 SEEDS = (0, 1, 2)
 TEST_SEED, VALIDATION_SEED = 0, 1  # generation noise of the reported numbers / of the LR choice

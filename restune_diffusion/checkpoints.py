@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from restune_diffusion.weights import atomic_write_text
+from restune_diffusion.files import atomic_write_text
 
 STATE_FILE = "train_state.json"  # written last into a checkpoint: its presence means the checkpoint is complete
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from restune_diffusion.files import atomic_write
 from restune_diffusion.tuners.lora import export_diffusers_lora, export_kohya_lora
-from restune_diffusion.weights import atomic_write
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 

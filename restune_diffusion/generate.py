@@ -1,26 +1,26 @@
 """Text -> images with tuned weights: a plain diffusers StableDiffusionPipeline with tuner files attached.
 
-Seeds are per image (seed + index), so a result does not depend on the batch size and an interrupted run can resume.
-Several bypass files at once go through one backbone pass per step (restune_diffusion.multitask).
+Image i comes from seed + i through the one sampling path (sampling.py), so a result does not depend on the batch size
+or on how many tuner files run at once. Several bypass files go through one backbone pass per step (multitask.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from restune_diffusion.files import atomic_write, atomic_write_text
 from restune_diffusion.models import build_pipeline, load_model
 from restune_diffusion.multitask import generate_multitask
 from restune_diffusion.samplers import make_scheduler, sampler_key, sampler_label
-from restune_diffusion.weights import atomic_write, atomic_write_text, load_tuners
+from restune_diffusion.sampling import SamplingSettings, generate, make_grid, sampling_settings
+from restune_diffusion.weights import load_tuners
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -64,101 +64,13 @@ def load_pipeline(base: str, tuners=None, device: str | None = None, dtype: torc
     return pipe
 
 
-def native_resolution(pipe) -> int:
-    """The size the model was made for: the VAE's sample_size, else the UNet's latent size x the VAE factor.
-
-    SD v1.5: 512 both ways. The tiny model: its VAE says 32 (what the demo trains at) where its UNet config says 8
-    latents (16 px), so the VAE, which sets the pixel scale, wins when the two disagree upward.
-    """
-    from_unet = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    from_vae = getattr(pipe.vae.config, "sample_size", None)
-    return max(from_unet, from_vae) if isinstance(from_vae, int) else from_unet
-
-
-def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
-    """The model's native size unless asked (512 for SD v1.5, 32 for tiny); multiples of 8 as the VAE needs."""
-    native = native_resolution(pipe)
-    height, width = height or native, width or native
-    for name, value in (("height", height), ("width", width)):
-        if value % 8:
-            raise ValueError(f"--{name} must be a multiple of 8, got {value}")
-    return height, width
-
-
-class NonFiniteImagesError(ValueError):
-    """Generated images hold NaN/Inf (from non-finite latents): written nowhere, since they would be black."""
-
-
-def check_finite(images: np.ndarray, first_index: int = 0) -> None:
-    """images: (B, H, W, 3) floats before conversion to uint8; raise naming how many (and which) are non-finite."""
-    bad = [first_index + i for i in range(len(images)) if not np.isfinite(images[i]).all()]
-    if bad:
-        raise NonFiniteImagesError(
-            f"{len(bad)} of {len(images)} images in this batch have NaN/Inf pixels (image indices {bad[:8]}): the "
-            f"denoised latents were non-finite, e.g. fp16 overflow (try --dtype fp32) or a tuner file holding "
-            f"NaN/Inf weights. Nothing was written for them (they would be black).")
-
-
-def initial_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
-    """(B, C, h, w) starting noise, row i from a CPU generator seeded with seeds[i]: an image depends on its seed
-    only, on any device and at any batch size."""
-    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    rows = [torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(s)) for s in seeds]
-    return torch.stack(rows).to(device=pipe.unet.device, dtype=pipe.unet.dtype)
-
-
-def sampler_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    """Per-image CPU generators for stochastic samplers (Euler a), on a stream apart from the initial noise's."""
-    return [torch.Generator(device="cpu").manual_seed(int(np.random.SeedSequence([s, 1]).generate_state(1)[0]))
-            for s in seeds]
-
-
-@torch.no_grad()
-def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: float,
-                   height: int, width: int, negative_prompt: str | None = None, first_index: int = 0):
-    """One pipeline call: image i from the noise of seeds[i] (see initial_latents). Returns PIL images, or raises
-    NonFiniteImagesError naming the images (first_index + i) that came out NaN/Inf."""
-    latents = initial_latents(pipe, seeds, height, width)
-    out = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-               negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-               latents=latents, output_type="np", generator=sampler_generators(seeds))
-    check_finite(out.images, first_index)
-    return pipe.numpy_to_pil(out.images)
-
-
-def generate_images(pipe, prompts: list[str], seed: int = 0, steps: int = 50, guidance_scale: float = 7.5,
-                    batch_size: int = 4, height: int | None = None, width: int | None = None,
-                    negative_prompt: str | None = None, start: int = 0, progress: bool = True):
-    """One image per prompt; image i uses torch.Generator seeded with seed + start + i. Returns PIL images.
-
-    Raises NonFiniteImagesError rather than return black images from NaN/Inf latents.
-    """
-    from tqdm.auto import tqdm
-
-    height, width = image_size(pipe, height, width)
-    images = []
-    batches = range(0, len(prompts), batch_size)
-    for lo in tqdm(batches, desc="generating", disable=not progress or len(batches) < 2):
-        chunk = prompts[lo: lo + batch_size]
-        images += generate_batch(pipe, chunk, [seed + start + lo + i for i in range(len(chunk))], steps=steps,
-                                 guidance_scale=guidance_scale, height=height, width=width,
-                                 negative_prompt=negative_prompt, first_index=start + lo)
-    return images
-
-
-def make_grid(images, cols: int | None = None):
-    """Images side by side in rows of `cols` (default: near-square)."""
-    from PIL import Image
-
-    if not images:
-        raise ValueError("make_grid: no images")
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
-    return grid
+def generate_images(pipe, prompts: list[str], settings: SamplingSettings | None = None, *, start: int = 0,
+                    height: int | None = None, width: int | None = None, progress: bool = True, **fields) -> list:
+    """One image per prompt, image i from the seed of image start + i (sampling.py's seed rule); `fields`: any
+    SamplingSettings field (steps=, guidance_scale=, seed=, batch_size=, ...). Returns PIL images; raises
+    sampling.NonFiniteImagesError rather than return black images from NaN/Inf latents."""
+    settings = (settings or SamplingSettings(scheduler=None)).replace(**fields)
+    return generate(pipe, prompts, settings, start=start, height=height, width=width, progress=progress)[0]
 
 
 def save_image(image, path: str | os.PathLike, metadata: dict | None = None) -> Path:
@@ -196,35 +108,40 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
 
 def run(args) -> list[Path]:
     """The generate.py CLI: every prompt x num_images, PNGs + grid.png in args.out (per task for several bypasses)."""
-    for flag in ("num_images", "steps", "batch_size"):
-        value = getattr(args, flag)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{flag}: expected a positive integer, got {value!r}")
+    if not isinstance(args.num_images, int) or args.num_images < 1:
+        raise ValueError(f"--num_images: expected a positive integer, got {args.num_images!r}")
+    settings = sampling_settings(args)
     prompts = [p for p in read_prompts(args.prompt, args.prompts_file) for _ in range(args.num_images)]
-    out = Path(args.out)
-    names = getattr(args, "task_names", None)
-    if len(args.tuners or []) > 1:
-        return _run_multitask(args, prompts, out, task_names(args.tuners, names))
-    if names:
-        raise ValueError(f"--task_names: names the tasks of several --tuners files; got {len(args.tuners or [])} "
-                         f"--tuners")
-    tuners = args.tuners[0] if args.tuners else None
-    pipe = load_pipeline(args.pretrained_model_name_or_path, tuners, device=args.device, dtype=args.dtype,
-                         scheduler=args.scheduler, scale=args.scale, karras_sigmas=getattr(args, "karras_sigmas", 0),
-                         revision=getattr(args, "revision", None), variant=getattr(args, "variant", None))
-    images = generate_images(pipe, prompts, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
-                             batch_size=args.batch_size, height=args.height, width=args.width,
-                             negative_prompt=args.negative_prompt)
-    return _save_all(images, out, _records(args, pipe, prompts, tuners, images[0].size))
+    out, tuners = Path(args.out), list(args.tuners or [])
+    names = task_names(tuners, args.task_names) if len(tuners) > 1 else None
+    if args.task_names and names is None:
+        raise ValueError(f"--task_names: names the tasks of several --tuners files; got {len(tuners)} --tuners")
+    pipe = load_pipeline(args.pretrained_model_name_or_path, tuners[0] if len(tuners) == 1 else None,
+                         device=args.device, dtype=args.dtype, scheduler=settings.scheduler, scale=args.scale,
+                         karras_sigmas=settings.karras_sigmas, revision=args.revision, variant=args.variant)
+    kw = dict(height=args.height, width=args.width, progress=True)
+    if names is None:
+        images = {None: generate(pipe, prompts, settings, **kw)[0]}
+    else:
+        handles = {name: load_tuners(pipe.unet, path, name=f"task:{name}") for name, path in zip(names, tuners)}
+        for handle in handles.values():
+            handle.scale = args.scale
+        images = generate_multitask(pipe, handles, prompts, settings, **kw)
+    paths = []
+    for (name, found), path in zip(images.items(), tuners or [None]):
+        records = _records(args, settings, prompts, path, found[0].size)
+        paths += _save_all(found, out if name is None else out / name, records)
+    return paths
 
 
-def _records(args, pipe, prompts: list[str], tuners, size: tuple[int, int]) -> list[dict]:
+def _records(args, settings: SamplingSettings, prompts: list[str], tuners, size: tuple[int, int]) -> list[dict]:
     """What made each image: written into its PNG text and the folder's index.json."""
     sha = _sha256(tuners) if tuners else None
-    return [{"prompt": p, "negative_prompt": args.negative_prompt, "seed": args.seed + i, "steps": args.steps,
-             "guidance_scale": args.guidance_scale, "sampler": pipe.sampler_name, "width": size[0], "height": size[1],
-             "model": str(args.pretrained_model_name_or_path), "tuners": str(tuners) if tuners else None,
-             "tuners_sha256": sha, "scale": args.scale if tuners else None} for i, p in enumerate(prompts)]
+    return [{"prompt": p, "negative_prompt": settings.negative_prompt, "seed": settings.image_seed(i),
+             "steps": settings.steps, "guidance_scale": settings.guidance_scale, "sampler": settings.label(),
+             "width": size[0], "height": size[1], "model": str(args.pretrained_model_name_or_path),
+             "tuners": str(tuners) if tuners else None, "tuners_sha256": sha, "scale": args.scale if tuners else None}
+            for i, p in enumerate(prompts)]
 
 
 def _sha256(path) -> str:
@@ -281,32 +198,3 @@ def _save_all(images, out: Path, records: list[dict]) -> list[Path]:
     atomic_write_text(index_path, json.dumps(index, indent=1) + "\n")
     print(f"wrote {len(images)} images ({start:05d}..{start + len(images) - 1:05d}) and {grid.name} to {out}")
     return paths
-
-
-def _run_multitask(args, prompts: list[str], out: Path, names: list[str]) -> list[Path]:
-    """Several tuner files (bypasses): one backbone pass per step serves every task. Every flag means what it means
-    for one file: image i has seed + i, --batch_size prompts per denoising loop, --scale and --negative_prompt."""
-    from tqdm.auto import tqdm
-
-    pipe = load_pipeline(args.pretrained_model_name_or_path, None, device=args.device, dtype=args.dtype,
-                         scheduler=args.scheduler, karras_sigmas=getattr(args, "karras_sigmas", False),
-                         revision=getattr(args, "revision", None), variant=getattr(args, "variant", None))
-    handles = {}
-    for name, path in zip(names, args.tuners):
-        handles[name] = load_tuners(pipe.unet, path, name=f"task:{name}")
-        handles[name].scale = args.scale
-    height, width = image_size(pipe, args.height, args.width)
-    results: dict[str, list] = {name: [] for name in names}
-    for lo in tqdm(range(0, len(prompts), args.batch_size), desc="generating"):
-        chunk = prompts[lo: lo + args.batch_size]
-        latents = initial_latents(pipe, [args.seed + lo + i for i in range(len(chunk))], height, width)
-        negative = [args.negative_prompt] * len(chunk) if args.negative_prompt else None
-        batch = generate_multitask(pipe, handles, chunk, num_inference_steps=args.steps,
-                                   guidance_scale=args.guidance_scale, negative_prompt=negative, height=height,
-                                   width=width, latents=latents, output_type="np", seed=args.seed + lo)
-        for name, images in batch.items():
-            check_finite(images, lo)
-            results[name].extend(pipe.numpy_to_pil(images))
-    size = (width, height)
-    return [p for (name, images), path in zip(results.items(), args.tuners)
-            for p in _save_all(images, out / name, _records(args, pipe, prompts, path, size))]

@@ -32,6 +32,7 @@ from restune_diffusion.attach import attach
 from restune_diffusion.checkpoints import find_checkpoint
 from restune_diffusion.cli import run_cli
 from restune_diffusion.ema import EMA_FILE, TunerEMA
+from restune_diffusion.files import atomic_write_text
 from restune_diffusion.multitask import route_bypasses
 from restune_diffusion.train import (
     CONFIG_FILE,
@@ -88,7 +89,6 @@ from restune_diffusion.train import (
 )
 from restune_diffusion.train import resume as resume_state
 from restune_diffusion.tuners import parse_tuner_configs, to_dicts
-from restune_diffusion.weights import atomic_write_text
 
 
 @dataclass

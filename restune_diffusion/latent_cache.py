@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from restune_diffusion.data import CachedLatentsDataset, CaptionDataset, load_rgb
-from restune_diffusion.weights import atomic_write_text
+from restune_diffusion.files import atomic_write_text
 
 CACHE_VERSION = 1
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from restune_diffusion.weights import atomic_write_text
+from restune_diffusion.files import atomic_write_text
 
 CARD_FILE = "README.md"
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from restune_diffusion.hub import check_variant, is_repo_id, resolve_repo
+from restune_diffusion.samplers import make_scheduler
 
 TINY = "tiny"  # the shipped pretrained tiny base of the tiny world (restune_diffusion/world.py)
 TINY_RANDOM = "tiny-random"  # the same family's seeded random components (build_tiny_sd): tests that need no training
@@ -279,19 +280,28 @@ def save_components(sd: SDComponents, path: str | os.PathLike) -> None:
 
 
 def build_pipeline(sd: SDComponents, scheduler: str = "ddim"):
-    """A plain diffusers StableDiffusionPipeline over the components already in memory (no second copy)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
+    """A plain diffusers StableDiffusionPipeline over the components already in memory (no second copy); `scheduler`:
+    a sampler name (samplers.py)."""
+    from diffusers import StableDiffusionPipeline
 
-    kinds = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "dpm": DPMSolverMultistepScheduler}
-    if scheduler not in kinds:
-        raise ValueError(f"scheduler: expected one of {sorted(kinds)}, got {scheduler!r}")
-    sampler = kinds[scheduler].from_config(sd.noise_scheduler.config)
     pipe = StableDiffusionPipeline(
-        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet, scheduler=sampler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+        scheduler=make_scheduler(scheduler, sd.noise_scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def native_resolution(pipe) -> int:
+    """The size the model was made for: the VAE's sample_size, else the UNet's latent size x the VAE factor.
+
+    SD v1.5: 512 both ways. The tiny model: its VAE says 32 (what the demo trains at) where its UNet config says 8
+    latents (16 px), so the VAE, which sets the pixel scale, wins when the two disagree upward.
+    """
+    from_unet = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from_vae = getattr(pipe.vae.config, "sample_size", None)
+    return max(from_unet, from_vae) if isinstance(from_vae, int) else from_unet
 
 
 def unet_fingerprint(unet) -> str:

@@ -12,18 +12,21 @@ Features are shared across tasks only when the rows are equal: same prompt, same
 with K different bypasses holds at step 1 only. Tasks sharing one bypass (or None, the base UNet) stay equal longer,
 but nothing here relies on that.
 
-`shared=False` runs the K tasks as K separate backbone passes, with the same result: the baseline for timing.
+`generate_multitask` runs the K tasks through diffusers' pipeline as K copies of one batch (sampling.sample), so
+each task's image i has the seed rule, sampler noise and guidance of image i generated alone. `shared=False` runs
+the K tasks as K separate backbone passes, with the same result: the baseline for timing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
+from torch import nn
 
+from restune_diffusion.sampling import SamplingSettings, generate, uses_guidance
 from restune_diffusion.tuners.bypass import BypassHub
 from restune_diffusion.weights import load_tuners
 
@@ -106,75 +109,62 @@ def _task_handles(unet, tasks: Mapping) -> tuple[list, list]:
     return handles, loaded
 
 
-def _clone(generator: torch.Generator | None, seed: int, device) -> torch.Generator:
-    """An independent copy per task, so each task draws what it would draw alone (stochastic schedulers too)."""
-    if generator is not None:
-        clone = torch.Generator(device=generator.device)
-        clone.set_state(generator.get_state())
-        return clone
-    return torch.Generator(device=device).manual_seed(seed)
+class TaskRouter(nn.Module):
+    """The UNet as a StableDiffusionPipeline sees it when its batch holds K tasks' copies of the same images
+    (sampling.sample with copies=K): the rows come as [guidance half g][task k][image b] (g: unconditional then
+    conditional), and task k's rows go through bypass handles[k]. Where every task's rows are equal (the first
+    denoising step), one backbone pass on one task's rows feeds all K bypasses; otherwise the backbone runs once on
+    all K·B rows. Classifier-free guidance and the sampler step stay the pipeline's."""
+
+    def __init__(self, unet, handles: Sequence, groups: int, shared: bool = True):
+        super().__init__()
+        self.unet, self.handles, self.groups, self.shared = unet, list(handles), groups, shared
+
+    config = property(lambda self: self.unet.config)
+    dtype = property(lambda self: self.unet.dtype)
+    device = property(lambda self: self.unet.device)
+
+    def _task_major(self, x, back: bool = False):
+        """[g][k][b] rows -> [k][g][b] (back=True: the other way)."""
+        if not torch.is_tensor(x) or x.ndim == 0:
+            return x
+        outer = (len(self.handles), self.groups) if back else (self.groups, len(self.handles))
+        return x.unflatten(0, (*outer, -1)).transpose(0, 1).flatten(0, 2)
+
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict: bool = False, **kwargs):
+        k = len(self.handles)
+        x, t, text = (self._task_major(v) for v in (sample, timestep, encoder_hidden_states))
+        if self.shared and all(torch.equal(c, x.chunk(k)[0]) for c in x.chunk(k)[1:]):  # same rows: step 1
+            out = multitask_unet_forward(self.unet, self.handles, x.chunk(k)[0], _first(t, k), text.chunk(k)[0],
+                                         broadcast=True, **kwargs)
+        else:
+            out = multitask_unet_forward(self.unet, self.handles, x, t, text, shared=self.shared, **kwargs)
+        return (self._task_major(out, back=True),)
 
 
-@torch.no_grad()
-def generate_multitask(pipe, tasks: Mapping[str, Any], prompt: str | list[str], num_inference_steps: int = 50,
-                       guidance_scale: float = 7.5, negative_prompt: str | list[str] | None = None,
-                       height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
-                       generator: torch.Generator | None = None, seed: int | None = None, eta: float = 0.0,
-                       shared: bool = True, output_type: str = "pil",
-                       latents: torch.Tensor | None = None) -> dict[str, Any]:
-    """Images for K tasks from one denoising loop: {task name: images} (a list of PIL images for output_type="pil").
+def _first(timestep, k: int):
+    return timestep.chunk(k)[0] if torch.is_tensor(timestep) and timestep.ndim > 0 else timestep
 
-    `tasks`: name -> bypass tuner file | attached bypass handle | None (the base UNet). Each task gets what a
-    `pipe(prompt, ...)` call with only its bypass enabled and the same seed/generator gives; the backbone runs once
-    per step on the K tasks' stacked latents (shared=False: K runs per step, for timing). `latents`: the starting
-    noise (B·num_images_per_prompt, C, h, w), the same for every task, as `pipe(latents=...)` takes it.
+
+def generate_multitask(pipe, tasks: Mapping[str, Any], prompts: str | Sequence[str],
+                       settings: SamplingSettings | None = None, *, shared: bool = True, output_type: str = "pil",
+                       height: int | None = None, width: int | None = None, progress: bool = False,
+                       **fields) -> dict[str, list]:
+    """Images for K tasks from one denoising loop: {task name: images} (PIL, or (N, H, W, 3) floats for
+    output_type="np"). Image i of each task is what sampling.generate gives with only that task's bypass enabled:
+    the same seed rule, sampler, guidance and negative prompt (sampling.SamplingSettings, or its fields as keywords).
+
+    `tasks`: name -> bypass tuner file | attached bypass handle | None (the base UNet); files are loaded here and
+    detached after. The backbone runs once per step for all K tasks (shared=False: K runs, for timing).
     """
-    unet = pipe.unet
-    if not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
-        raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-    handles, loaded = _task_handles(unet, tasks)
+    settings = (settings or SamplingSettings(scheduler=None)).replace(**fields)  # None: the pipeline's sampler
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    handles, loaded = _task_handles(pipe.unet, tasks)
     try:
-        latents = _denoise(pipe, handles, prompt, num_inference_steps, guidance_scale, negative_prompt, height,
-                           width, num_images_per_prompt, generator, seed, eta, shared, latents)
-        images = {}
-        for name, x in zip(tasks, latents):
-            image = pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False)[0]
-            images[name] = pipe.image_processor.postprocess(image, output_type=output_type,
-                                                            do_denormalize=[True] * image.shape[0])
-        return images
+        router = TaskRouter(pipe.unet, handles, 2 if uses_guidance(pipe, settings) else 1, shared)
+        images = generate(pipe, prompts, settings, copies=len(handles), unet=router, height=height, width=width,
+                          output_type=output_type, progress=progress)
+        return dict(zip(tasks, images))
     finally:
         for handle in loaded:
             handle.detach()
-
-
-def _denoise(pipe, handles, prompt, steps, guidance_scale, negative_prompt, height, width, per_prompt, generator,
-             seed, eta, shared, start=None) -> list[torch.Tensor]:
-    """The StableDiffusionPipeline loop, one scheduler and latent trajectory per task, one UNet call per step."""
-    unet, device, k = pipe.unet, pipe._execution_device, len(handles)
-    height = height or unet.config.sample_size * pipe.vae_scale_factor
-    width = width or unet.config.sample_size * pipe.vae_scale_factor
-    cfg = guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
-    text, negative = pipe.encode_prompt(prompt, device, per_prompt, cfg, negative_prompt)
-    text = torch.cat([negative, text]) if cfg else text  # (R, L, D), R = 2B with guidance
-    batch = text.shape[0] // (2 if cfg else 1)
-    schedulers = [copy.deepcopy(pipe.scheduler) for _ in handles]
-    for scheduler in schedulers:
-        scheduler.set_timesteps(steps, device=device)
-    if generator is None and seed is None:  # one draw for all tasks: they must start from the same noise
-        seed = int(torch.randint(0, 2**62, ()))
-    generators = [_clone(generator, seed, device) for _ in handles]
-    latents = [pipe.prepare_latents(batch, unet.config.in_channels, height, width, text.dtype, device, g, start)
-               for g in generators]
-    extra = [pipe.prepare_extra_step_kwargs(g, eta) for g in generators]
-    for t in schedulers[0].timesteps:
-        inputs = [s.scale_model_input(torch.cat([x] * 2) if cfg else x, t) for s, x in zip(schedulers, latents)]
-        if shared and all(torch.equal(inputs[0], x) for x in inputs[1:]):  # same rows (step 1): one pass feeds all K
-            noise = multitask_unet_forward(unet, handles, inputs[0], t, text, broadcast=True)
-        else:
-            noise = multitask_unet_forward(unet, handles, torch.cat(inputs), t, text.repeat(k, 1, 1), shared=shared)
-        for i, eps in enumerate(noise.chunk(k)):
-            if cfg:
-                uncond, cond = eps.chunk(2)
-                eps = uncond + guidance_scale * (cond - uncond)
-            latents[i] = schedulers[i].step(eps, t, latents[i], **extra[i], return_dict=False)[0]
-    return latents

@@ -13,3 +13,6 @@ PAPER = {
     "res_tuning_bypass": {"fid": 14.89, "params_m": 3.76, "memory_gb": 21.35, "hours_per_epoch": 0.82},
 }
 PAPER_SOURCE = "arXiv 2310.19859 (Res-Tuning), Stable Diffusion v1.5 fine-tuned on COCO2017"
+# the paper's names of its rows
+LABELS = {"base": "SD v1.5", "full": "Full", "lora": "LoRA", "adapter": "Adapter", "prefix": "Prefix",
+          "prompt": "Prompt", "res_tuning": "Res-Tuning", "res_tuning_bypass": "Res-Tuning-Bypass"}

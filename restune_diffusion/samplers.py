@@ -35,17 +35,18 @@ def sampler_key(name: str) -> tuple[str, bool]:
 
 
 def make_scheduler(name: str, config, karras: bool = False):
-    """The diffusers scheduler for `name`, from the model's (training) scheduler config."""
+    """The diffusers scheduler for `name`, from the model's scheduler config (its training one, or a sampler's)."""
     import diffusers
 
     key, suffix = sampler_key(name)
     class_name, overrides, _ = SAMPLERS[key]
     cls = getattr(diffusers, class_name)
     overrides = dict(overrides)
-    if karras or suffix:
-        if "use_karras_sigmas" not in inspect.signature(cls.__init__).parameters:
-            raise ValueError(f"--scheduler {name}: {class_name} has no Karras sigmas (Euler, UniPC and DPM++ 2M do)")
-        overrides["use_karras_sigmas"] = True
+    has_karras = "use_karras_sigmas" in inspect.signature(cls.__init__).parameters
+    if (karras or suffix) and not has_karras:
+        raise ValueError(f"--scheduler {name}: {class_name} has no Karras sigmas (Euler, UniPC and DPM++ 2M do)")
+    if has_karras:  # set either way: a config taken from a Karras sampler must not pass its sigmas on
+        overrides["use_karras_sigmas"] = bool(karras or suffix)
     return cls.from_config(config, **overrides)
 
 

@@ -28,18 +28,16 @@ from restune_diffusion.evaluation.clip_score import resolve_clip_folder
 from restune_diffusion.evaluation.coco import read_captions
 from restune_diffusion.evaluation.inception import file_sha256, resolve_inception_weights
 from restune_diffusion.evaluation.runner import evaluate
+from restune_diffusion.files import atomic_write, atomic_write_text
 from restune_diffusion.memory import reset_peak_memory
+from restune_diffusion.methods import BASE, CONFIG_DIR, label, paper_methods
 from restune_diffusion.paper import PAPER, PAPER_SOURCE
+from restune_diffusion.sampling import SamplingSettings, add_sampling_args
 from restune_diffusion.tuners import parse_tuner_configs
-from restune_diffusion.weights import atomic_write, atomic_write_text
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the paper's rows, one YAML each
-BASE = "base"
-PAPER_ROWS = ("full", "lora", "adapter", "prefix", "prompt", "res_tuning", "res_tuning_bypass")
+PAPER_ROWS = paper_methods()  # the paper's tuned rows; sc_tuner (and any method of ours) on request
 DEFAULT_ROWS = (BASE, *PAPER_ROWS)
-LABELS = {BASE: "SD v1.5", "full": "Full", "lora": "LoRA", "adapter": "Adapter", "prefix": "Prefix",
-          "prompt": "Prompt", "res_tuning": "Res-Tuning", "res_tuning_bypass": "Res-Tuning-Bypass",
-          "sc_tuner": "SC-Tuner"}
+EVAL_FLAGS = {"steps": "--eval_steps", "batch_size": "--eval_batch_size"}  # the evaluation's; --seed is training's
 METRICS = ("fid", "params_m", "memory_gb", "hours_per_epoch")  # the paper's columns, each also as a ratio to Full
 GB = 1e9
 EVAL_DIR = "eval"
@@ -82,15 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("evaluation (eval_fid.py's COCO protocol)")
     e.add_argument("--coco_dir", required=True, help="COCO root: annotations/captions_val2017.json, val2017/")
     e.add_argument("--num_samples", type=int, help="N captions (default 5000 = all of val2017; 64 for tiny)")
-    e.add_argument("--guidance_scale", type=float, default=7.5)
-    e.add_argument("--eval_steps", type=int, default=50, help="denoising steps")
-    e.add_argument("--scheduler", default="ddim", help="sampler (eval_fid.py --scheduler)")
-    e.add_argument("--eval_batch_size", type=int, default=8, help="generation and feature batch")
     e.add_argument("--eval_mixed_precision", choices=("no", "fp16", "bf16"), default="no",
                    help="dtype of the generating model; the Inception and CLIP run in fp32")
     e.add_argument("--inception_weights", help="pt_inception-2015-12-05-6726825d.pth (or $RESTUNE_FID_INCEPTION)")
     e.add_argument("--clip_model", help="local CLIP folder: adds the CLIP score column (or $RESTUNE_CLIP_MODEL)")
     e.add_argument("--stats_cache_dir", help="real-feature cache (default ~/.cache/restune_diffusion/fid_stats)")
+    add_sampling_args(p, SamplingSettings(batch_size=8), flags=EVAL_FLAGS, omit=("seed", "negative_prompt",
+                      "karras_sigmas"), helps={"batch_size": "and the Inception's feature batch"})
     return p
 
 
@@ -102,7 +98,7 @@ class Row:
 
     @property
     def label(self) -> str:
-        return LABELS.get(self.name, self.name)
+        return label(self.name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

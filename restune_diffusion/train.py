@@ -66,15 +66,16 @@ from restune_diffusion.data import (
 )
 from restune_diffusion.ema import DEFAULT_DECAY, EMA_FILE, TunerEMA
 from restune_diffusion.exports import DIFFUSERS_LORA_FILE, save_diffusers_lora, save_kohya_lora
+from restune_diffusion.files import atomic_write, atomic_write_text, clean_stale_temps
 from restune_diffusion.flags import OneLineParser, check_flags
-from restune_diffusion.generate import make_grid, native_resolution
 from restune_diffusion.latent_cache import build_latent_cache, open_latent_cache
 from restune_diffusion.memory import peak_memory_bytes
 from restune_diffusion.modelcard import CARD_FILE, write_model_card
-from restune_diffusion.models import TINY_NAMES, build_pipeline, load_model, resolve_model
+from restune_diffusion.models import TINY_NAMES, build_pipeline, load_model, native_resolution, resolve_model
 from restune_diffusion.report import format_report
+from restune_diffusion.sampling import NonFiniteImagesError, SamplingSettings, generate, make_grid
 from restune_diffusion.tuners import parse_tuner_configs, to_dicts
-from restune_diffusion.weights import atomic_write, atomic_write_text, clean_stale_temps, load_tuners_into, save_tuners
+from restune_diffusion.weights import load_tuners_into, save_tuners
 
 # The built-in demo (`python train_t2i.py` with no arguments). configs/tiny_demo.yaml holds the same text (a test
 # keeps them equal); it is embedded so the demo runs from any working directory and from an installed package.
@@ -807,43 +808,18 @@ def resume(run: Run, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # validation
-@torch.no_grad()
-def decode_fp32(vae, latents: torch.Tensor) -> list:
-    """Latents (N, 4, h, w) -> PIL images, decoded in fp32 (an fp16 decode can overflow to nan/black)."""
-    from PIL import Image
-
-    dtype = vae.dtype
-    if dtype != torch.float32:
-        vae.to(torch.float32)  # the frozen VAE only; fp16 -> fp32 -> fp16 is exact
-    try:
-        with torch.autocast(latents.device.type, enabled=False):
-            x = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]  # (N, 3, H, W)
-    finally:
-        if dtype != torch.float32:
-            vae.to(dtype)
-    x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in x]
-
-
-@torch.no_grad()
 def generate_grid(sd, prompts: list[str], num_images: int, resolution: int, seed: int, weight_dtype, device):
-    """Sample the live tuned UNet through a pipeline over the components in memory, without casting any of them
-    (PITFALLS: validation downcasts the live model; validation OOM)."""
-    pipe = build_pipeline(sd)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    autocast = (torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32
-                else contextlib.nullcontext())  # fp32 tuners / full UNet meet fp16 inputs
-    rows = []
-    for prompt in prompts:
-        with autocast:
-            latents = pipe(prompt, height=resolution, width=resolution, num_images_per_prompt=num_images,
-                           num_inference_steps=VALIDATION_INFERENCE_STEPS, generator=generator,
-                           output_type="latent").images
-        if not torch.isfinite(latents).all():
-            print(f"warning: validation latents for {prompt!r} are not finite", file=sys.stderr)
-        rows.append(decode_fp32(sd.vae, latents))
-    del pipe
-    return make_grid([image for row in rows for image in row], cols=len(rows[0]))  # a row per prompt
+    """A row of `num_images` per prompt from the live tuned UNet (sampling.generate, image i of the grid from seed +
+    i), through a pipeline over the components in memory, without casting any of them (PITFALLS: validation
+    downcasts the live model; validation OOM), decoded in fp32. None (and a warning) if some came out NaN/Inf."""
+    settings = SamplingSettings(steps=VALIDATION_INFERENCE_STEPS, seed=seed, batch_size=num_images)
+    try:
+        images = generate(build_pipeline(sd), [p for p in prompts for _ in range(num_images)], settings,
+                          height=resolution, width=resolution, amp_dtype=weight_dtype, fp32_decode=True)[0]
+    except NonFiniteImagesError as err:
+        print(f"warning: validation images not written: {err}", file=sys.stderr)
+        return None
+    return make_grid(images, cols=num_images)  # a row per prompt
 
 
 def validation_weights(run: Run):
@@ -867,6 +843,8 @@ def validate(run: Run) -> Path | None:
     with validation_weights(run):
         grid = generate_grid(run.sd, args.validation_prompt, args.num_validation_images, args.resolution, args.seed,
                              run.weight_dtype, a.device)
+    if grid is None:
+        return None
     path = atomic_write(run.output_dir / "validation" / f"step-{run.global_step}.png",
                         lambda tmp: grid.save(tmp, format="PNG"))
     for tracker in a.trackers:

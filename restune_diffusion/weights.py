@@ -1,5 +1,5 @@
 """Tuner weights as one safetensors file that rebuilds itself: tensors + tuner config, base fingerprint and version
-in the header (k-diffusion / diffusers keep the config there too). Written atomically (tmp file + os.replace).
+in the header (k-diffusion / diffusers keep the config there too). Written atomically (files.atomic_write).
 
 Header keys: `format` ("restune-diffusion/1"), `tuners` (JSON list of tuner configs), `name`, `base_fingerprint`,
 `cross_attention_dim`, `block_out_channels`, `package_version`, `num_tensors`. A training run's files add how they
@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from restune_diffusion.attach import attach, select_blocks, transformer_blocks
+from restune_diffusion.files import atomic_write
 from restune_diffusion.models import unet_fingerprint
 from restune_diffusion.tuners import parse_tuner_configs, to_dicts
 from restune_diffusion.version import __version__
@@ -38,76 +38,7 @@ from restune_diffusion.version import __version__
 FORMAT = "restune-diffusion/1"
 BLOCK_KEYWORDS = ("all", "down", "mid", "up")
 MAX_FILE_PATTERN = 200  # characters of a `blocks` pattern read from a file
-TEMP_RE = re.compile(r"\.(.+)\.tmp(\d+)")  # atomic_write's temporary name: .NAME.tmpPID
 log = logging.getLogger(__name__)
-
-
-def current_umask() -> int:
-    """The process umask, read from /proc where it can be (os.umask alone must change it to read it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call write(tmp_path), then rename over `path`: a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # the mode open() gives; safetensors (like mkstemp) leaves 0600
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file (JSON, YAML, logs) through atomic_write."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False  # kill(0) would signal our own process group
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
-
-
-def clean_stale_temps(folder: str | os.PathLike, max_age_minutes: float = 60.0) -> list[Path]:
-    """Remove the `.NAME.tmpPID` files atomic_write leaves when killed mid-write, under `folder`: those whose process
-    is gone, or older than `max_age_minutes` (PIDs are reused). Call at start-up; returns the removed paths."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed, now = [], time.time()
-    for path in folder.rglob(".*.tmp*"):
-        match = TEMP_RE.fullmatch(path.name)
-        if match is None or path.is_symlink() or not path.is_file():
-            continue
-        try:
-            age_s = now - path.stat().st_mtime
-        except FileNotFoundError:  # its writer just renamed it
-            continue
-        if _pid_alive(int(match.group(2))) and age_s <= max_age_minutes * 60:
-            continue
-        path.unlink(missing_ok=True)
-        removed.append(path)
-        log.info("%s: removed a stale temporary file (its writer was killed mid-write)", path)
-    return removed
 
 
 def base_metadata(unet) -> dict[str, str]:

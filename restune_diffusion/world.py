@@ -21,11 +21,12 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .evaluation.images import image_seed
+from . import sampling
 from .evaluation.metrics import fid_metric, fid_value
-from .generate import generate_batch, make_grid
+from .files import atomic_write, atomic_write_text
 from .models import TINY, TINY_ASSETS, TINY_PRETRAIN_COMMAND, build_pipeline, load_model
-from .weights import atomic_write, atomic_write_text, load_tuners
+from .sampling import PROTOCOL_STRIDE, SamplingSettings, make_grid
+from .weights import load_tuners
 
 RESOLUTION = 32
 PRETRAIN_SHAPES = ("circle", "square", "triangle")
@@ -301,16 +302,12 @@ def domain_fid(classifier: AttributeClassifier, real: torch.Tensor, fake: torch.
 # ---------------------------------------------------------------------------------------------------------------------
 # generation
 @torch.no_grad()
-def generate(sd, prompts: list[str], seed: int = 0, steps: int = 20, guidance_scale: float = 4.0,
+def generate(sd, prompts: list[str], seed: int = 0, steps: int = SAMPLING_STEPS, guidance_scale: float = GUIDANCE_SCALE,
              batch_size: int = 64) -> torch.Tensor:
-    """uint8 (N, 3, 32, 32) images, image i from the noise of seed `image_seed(seed, i)` (any batch size)."""
-    pipe = build_pipeline(sd)
-    images = []
-    for lo in range(0, len(prompts), batch_size):
-        chunk = prompts[lo:lo + batch_size]
-        images += generate_batch(pipe, chunk, [image_seed(seed, lo + i) for i in range(len(chunk))], steps=steps,
-                                 guidance_scale=guidance_scale, height=RESOLUTION, width=RESOLUTION, first_index=lo)
-    return to_uint8(images)
+    """uint8 (N, 3, 32, 32) images, image i from the seed of image i (sampling.py, the protocols' stride; any batch)."""
+    settings = SamplingSettings(steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
+                                seed_stride=PROTOCOL_STRIDE)
+    return to_uint8(sampling.generate(build_pipeline(sd), prompts, settings, height=RESOLUTION, width=RESOLUTION)[0])
 
 
 def model_index() -> dict:

@@ -15,6 +15,7 @@ from conftest import (
 from restune_diffusion.attach import attach, attached_sets
 from restune_diffusion.models import build_pipeline, build_unet
 from restune_diffusion.multitask import generate_multitask, multitask_unet_forward, route_bypasses
+from restune_diffusion.sampling import SamplingSettings, generate
 from restune_diffusion.tuners.bypass import BypassConfig, BypassHub
 from restune_diffusion.weights import load_tuners, save_tuners
 
@@ -250,14 +251,15 @@ def test_generate_multitask_equals_the_pipeline_run_per_task(tiny_sd, tmp_path):
     path = save_tuners(tmp_path / "b.safetensors", b)
     b.detach()
     pipe = build_pipeline(tiny_sd)
-    kw = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np")
+    settings = SamplingSettings(steps=3, guidance_scale=5.0, seed=11)
+    kw = dict(height=16, width=16, output_type="np")
     calls = count_calls(unet)
-    got = generate_multitask(pipe, {"a": a, "b": path, "base": None}, "a red circle", seed=11, **kw)
+    got = generate_multitask(pipe, {"a": a, "b": path, "base": None}, "a red circle", settings, **kw)
     assert len(calls) == 3  # one backbone pass per step for three tasks
     assert set(attached_sets(unet)) == {"a"}  # the set loaded from the file is gone again
 
-    def reference():
-        return pipe("a red circle", generator=torch.Generator().manual_seed(11), **kw).images
+    def reference():  # the one sampling path, one task
+        return generate(pipe, ["a red circle"], settings, **kw)[0]
 
     expected = {"a": reference()}
     a.disable()
@@ -276,14 +278,14 @@ def test_generate_multitask_separate_passes_agree_and_returns_pil(tiny_sd):
     perturb(a, std=0.2, seed=1)
     perturb(b, std=0.2, seed=2)
     pipe = build_pipeline(tiny_sd, scheduler="dpm")  # a multistep scheduler: its history must be per task
-    kw = dict(num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(5))
+    kw = dict(steps=3, guidance_scale=5.0, seed=5, height=16, width=16)  # scheduler None: the pipeline's own
     shared = generate_multitask(pipe, {"a": a, "b": b}, ["a cat", "a dog"], output_type="np", **kw)
     calls = count_calls(unet)
     separate = generate_multitask(pipe, {"a": a, "b": b}, ["a cat", "a dog"], output_type="np", shared=False, **kw)
     assert len(calls) == 6
     for name in ("a", "b"):
         np.testing.assert_allclose(shared[name], separate[name], rtol=0, atol=1e-5)
-    pil = generate_multitask(pipe, {"a": a}, "a cat", num_inference_steps=2, seed=0)
+    pil = generate_multitask(pipe, {"a": a}, "a cat", steps=2, seed=0, height=16, width=16)
     assert len(pil["a"]) == 1 and pil["a"][0].size == (16, 16)
 
 

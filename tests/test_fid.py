@@ -1,4 +1,5 @@
-"""FID (restune_diffusion/fid.py, eval_fid.py) with random Inception weights in the standard layout, tiny images."""
+"""FID (restune_diffusion/evaluation/: inception, metrics, images; eval_fid.py) with random Inception weights in the
+standard layout, tiny images."""
 
 import importlib.util
 import json
@@ -12,7 +13,9 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from restune_diffusion import fid
+from restune_diffusion.evaluation import images as image_files
+from restune_diffusion.evaluation import inception as fid_inception
+from restune_diffusion.evaluation import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS_FILE = Path(__file__).parent / "data" / "fid_inception_keys.txt"  # copy of shared/fid_inception_keys.txt
@@ -35,18 +38,18 @@ def weights(tmp_path_factory) -> Path:
     same features (FID ~1e-13); with He init features depend on the image as trained ones do.
     """
     torch.manual_seed(0)
-    model = fid.FIDInceptionV3()
+    model = fid_inception.FIDInceptionV3()
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / fid.WEIGHTS_FILE
+    path = tmp_path_factory.mktemp("inception") / fid_inception.WEIGHTS_FILE
     torch.save(model.state_dict(), path)
     return path
 
 
 @pytest.fixture(scope="module")
 def inception(weights):
-    return fid.load_fid_inception(weights)
+    return fid_inception.load_fid_inception(weights)
 
 
 def _image(seed: int, size: int = 32) -> Image.Image:
@@ -67,14 +70,14 @@ def _write_images(folder: Path, seeds, suffix: str = ".png", size: int = 32) -> 
 
 def _batch(images) -> torch.Tensor:
     """PIL images -> (B, 3, 299, 299) uint8 through the protocol's resize."""
-    arrays = [np.asarray(fid.square_resize(im, fid.INCEPTION_SIZE)) for im in images]
+    arrays = [np.asarray(fid_inception.square_resize(im, fid_inception.INCEPTION_SIZE)) for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the extractor and its weights
 def test_state_dict_keys_and_shapes_equal_the_standard_fid_inception_layout():
-    model = fid.FIDInceptionV3()
+    model = fid_inception.FIDInceptionV3()
     got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     assert got == _expected_layout()
     assert len(got) == 566
@@ -85,7 +88,7 @@ def test_loader_accepts_a_file_without_num_batches_tracked(weights, tmp_path):
     assert len(state) == 566 - 94
     path = tmp_path / "no_nbt.pth"
     torch.save(state, path)
-    model = fid.load_fid_inception(path)
+    model = fid_inception.load_fid_inception(path)
     assert torch.equal(model.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
 
 
@@ -95,7 +98,7 @@ def test_loader_reads_safetensors(weights, tmp_path):
     state = torch.load(weights, weights_only=True)
     path = tmp_path / "inception.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    model = fid.load_fid_inception(path)
+    model = fid_inception.load_fid_inception(path)
     assert torch.equal(model.fc.weight, state["fc.weight"])
 
 
@@ -106,7 +109,7 @@ def test_loader_names_the_key_and_both_shapes_on_a_shape_mismatch(weights, tmp_p
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"Mixed_6b\.branch7x7_2\.conv\.weight: shape \(128, 128, 7, 1\) in file "
                                          r"vs \(128, 128, 1, 7\)"):
-        fid.load_fid_inception(path)
+        fid_inception.load_fid_inception(path)
 
 
 def test_loader_rejects_missing_and_unexpected_keys(weights, tmp_path):
@@ -115,23 +118,24 @@ def test_loader_rejects_missing_and_unexpected_keys(weights, tmp_path):
     path = tmp_path / "torchvision_like.pth"
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"1 keys missing \['fc.weight'\], 1 unexpected \['AuxLogits.fc.weight'\]"):
-        fid.load_fid_inception(path)
+        fid_inception.load_fid_inception(path)
 
 
 def test_missing_weights_error_names_the_file_where_to_get_it_and_the_flag(monkeypatch, tmp_path):
-    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(fid_inception.WEIGHTS_ENV, raising=False)
     with pytest.raises(FileNotFoundError) as err:
-        fid.load_fid_inception()
+        fid_inception.load_fid_inception()
     message = str(err.value)
-    for part in (fid.WEIGHTS_FILE, fid.WEIGHTS_URL, "--inception_weights", fid.WEIGHTS_ENV):
+    for part in (fid_inception.WEIGHTS_FILE, fid_inception.WEIGHTS_URL, "--inception_weights",
+                 fid_inception.WEIGHTS_ENV):
         assert part in message
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.pth"))):
-        fid.load_fid_inception(tmp_path / "nope.pth")
+        fid_inception.load_fid_inception(tmp_path / "nope.pth")
 
 
 def test_weights_path_from_the_environment_variable(weights, monkeypatch):
-    monkeypatch.setenv(fid.WEIGHTS_ENV, str(weights))
-    assert fid.resolve_inception_weights() == weights
+    monkeypatch.setenv(fid_inception.WEIGHTS_ENV, str(weights))
+    assert fid_inception.resolve_inception_weights() == weights
 
 
 def test_extractor_gives_float32_pool3_from_uint8_or_float_values_and_resizes_other_sizes(inception):
@@ -139,16 +143,16 @@ def test_extractor_gives_float32_pool3_from_uint8_or_float_values_and_resizes_ot
     with torch.no_grad():
         from_uint8, from_float = inception(x), inception(x.float())
         small = inception(torch.from_numpy(np.stack([np.asarray(_image(1))])).permute(0, 3, 1, 2))
-    assert from_uint8.shape == (2, fid.NUM_FEATURES) and from_uint8.dtype == torch.float32
+    assert from_uint8.shape == (2, fid_inception.NUM_FEATURES) and from_uint8.dtype == torch.float32
     assert torch.equal(from_uint8, from_float)
-    assert small.shape == (1, fid.NUM_FEATURES) and torch.isfinite(small).all()
+    assert small.shape == (1, fid_inception.NUM_FEATURES) and torch.isfinite(small).all()
 
 
 def test_tf32_is_off_inside_and_restored_after():
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
     try:
-        with fid.tf32_disabled():
+        with fid_inception.tf32_disabled():
             assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
@@ -167,7 +171,7 @@ def shifted_runs(inception):
     real = _batch([_image(s) for s in range(4)])
     captured = []
     hook = inception.register_forward_hook(lambda m, i, out: captured.append(out.detach().double()))
-    metric = fid.fid_metric(inception)
+    metric = metrics.fid_metric(inception)
     try:
         with torch.no_grad():
             metric.update(real, real=True)
@@ -175,7 +179,7 @@ def shifted_runs(inception):
             for shift in SHIFTS:
                 metric.reset()  # reset_real_features=False: the real statistics stay
                 metric.update((real.int() + shift).clamp(0, 255).to(torch.uint8), real=False)
-                fids.append(fid.fid_value(metric))
+                fids.append(metrics.fid_value(metric))
     finally:
         hook.remove()
     return {"fid": fids, "real": captured[0], "fake": captured[1:], "metric": metric}
@@ -225,27 +229,27 @@ def test_fid_equals_the_full_2048_sqrtm_reference(shifted_runs):
 
 def test_fid_from_features_equals_torchmetrics_through_the_extractor(shifted_runs):
     real, fake = shifted_runs["real"].float().numpy(), shifted_runs["fake"][1].float().numpy()
-    assert fid.fid_from_features(real, fake) == pytest.approx(shifted_runs["fid"][1], rel=1e-5)
+    assert metrics.fid_from_features(real, fake) == pytest.approx(shifted_runs["fid"][1], rel=1e-5)
 
 
 def test_low_rank_fid_equals_torchmetrics_on_the_same_features():
     from restune_diffusion.evaluation.metrics import FeatureInput, _feed, low_rank_fid
 
     rng = np.random.default_rng(0)
-    real = rng.random((6, fid.NUM_FEATURES)).astype(np.float32)
-    fake = (rng.random((7, fid.NUM_FEATURES)) * 1.2 + 0.1).astype(np.float32)
-    metric = fid.fid_metric(FeatureInput())
+    real = rng.random((6, fid_inception.NUM_FEATURES)).astype(np.float32)
+    fake = (rng.random((7, fid_inception.NUM_FEATURES)) * 1.2 + 0.1).astype(np.float32)
+    metric = metrics.fid_metric(FeatureInput())
     _feed(metric, real, True)
     _feed(metric, fake, False)
-    assert low_rank_fid(real, fake) == pytest.approx(fid.fid_value(metric), rel=1e-5)
+    assert low_rank_fid(real, fake) == pytest.approx(metrics.fid_value(metric), rel=1e-5)
 
 
 def test_kid_repeats_with_its_seed_and_grows_with_the_shift(shifted_runs):
     real = shifted_runs["real"].float().numpy()
     near, far = (shifted_runs["fake"][i].float().numpy() for i in (0, 1))
-    first = fid.kid_from_features(real, far, subsets=10, subset_size=4, seed=1)
-    assert first == fid.kid_from_features(real, far, subsets=10, subset_size=4, seed=1)
-    assert first[2] == 4 and first[0] > fid.kid_from_features(real, near, subsets=10, subset_size=4, seed=1)[0]
+    first = metrics.kid_from_features(real, far, subsets=10, subset_size=4, seed=1)
+    assert first == metrics.kid_from_features(real, far, subsets=10, subset_size=4, seed=1)
+    assert first[2] == 4 and first[0] > metrics.kid_from_features(real, near, subsets=10, subset_size=4, seed=1)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -254,9 +258,9 @@ def test_kid_repeats_with_its_seed_and_grows_with_the_shift(shifted_runs):
 def test_a_corrupt_inception_file_is_a_named_error(weights, tmp_path, damage):
     data = weights.read_bytes()
     if damage == "truncated":
-        path, content = tmp_path / fid.WEIGHTS_FILE, data[: len(data) // 2]
+        path, content = tmp_path / fid_inception.WEIGHTS_FILE, data[: len(data) // 2]
     elif damage == "garbage":
-        path, content = tmp_path / fid.WEIGHTS_FILE, os.urandom(4096)
+        path, content = tmp_path / fid_inception.WEIGHTS_FILE, os.urandom(4096)
     else:
         from safetensors.torch import save_file
 
@@ -265,14 +269,14 @@ def test_a_corrupt_inception_file_is_a_named_error(weights, tmp_path, damage):
         content = path.read_bytes()[:100_000]
     path.write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(str(path))):
-        fid.load_fid_inception(path)
+        fid_inception.load_fid_inception(path)
 
 
 def test_inception_weights_other_than_the_standard_file_give_a_loud_warning(weights):
     with pytest.warns(UserWarning, match="NOT comparable with published"):
-        message = fid.weights_hash_warning(fid.file_sha256(weights), weights)
-    assert fid.WEIGHTS_SHA256[:16] in message
-    assert fid.weights_hash_warning(fid.WEIGHTS_SHA256, weights) is None
+        message = fid_inception.weights_hash_warning(fid_inception.file_sha256(weights), weights)
+    assert fid_inception.WEIGHTS_SHA256[:16] in message
+    assert fid_inception.weights_hash_warning(fid_inception.WEIGHTS_SHA256, weights) is None
 
 
 def test_features_cache_round_trips_and_a_corrupt_or_foreign_one_is_recomputed(tmp_path):
@@ -296,24 +300,24 @@ def test_features_cache_round_trips_and_a_corrupt_or_foreign_one_is_recomputed(t
 def test_folder_listing_leaves_out_generate_pys_grid(tmp_path):
     _write_images(tmp_path, range(3))
     _image(9, 64).save(tmp_path / "grid.png")
-    assert [p.name for p in fid.list_images(tmp_path, "--fake_dir")] == ["00000.png", "00001.png", "00002.png"]
+    assert [p.name for p in image_files.list_images(tmp_path, "--fake_dir")] == ["00000.png", "00001.png", "00002.png"]
 
 
 def test_small_n_warnings_are_loud_and_recorded():
     with pytest.warns(UserWarning) as record:
-        messages = fid.sample_size_warnings(1000)
+        messages = metrics.sample_size_warnings(1000)
     assert len(messages) == 2 and len(record) == 2
     assert "biased upward" in messages[0] and "N=1000" in messages[0]
     assert "rank-deficient" in messages[1]
-    assert fid.sample_size_warnings(5000) == []
+    assert metrics.sample_size_warnings(5000) == []
 
 
 def test_resume_into_a_folder_made_with_other_settings_is_refused(tmp_path):
     record = {"seed": 0, "steps": 50}
-    fid.check_generation_record(tmp_path, record)
-    fid.check_generation_record(tmp_path, dict(record))
+    image_files.check_generation_record(tmp_path, record)
+    image_files.check_generation_record(tmp_path, dict(record))
     with pytest.raises(ValueError, match="steps: 50 there vs 20 now"):
-        fid.check_generation_record(tmp_path, {**record, "steps": 20})
+        image_files.check_generation_record(tmp_path, {**record, "steps": 20})
 
 
 def _coco(root: Path, n: int = 8, year: str = "2017") -> Path:
@@ -353,12 +357,12 @@ def test_eval_fid_cli_folder_mode_writes_eval_json_and_skips_bad_images_when_ask
 
 
 def test_eval_fid_cli_errors_name_the_flag_or_file(tmp_path, monkeypatch):
-    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(fid_inception.WEIGHTS_ENV, raising=False)
     main = _eval_fid_main()
     _write_images(tmp_path / "a", range(2))
     with pytest.raises(FileNotFoundError) as err:
         main(["--real_dir", str(tmp_path / "a"), "--fake_dir", str(tmp_path / "a")])
-    assert fid.WEIGHTS_FILE in str(err.value) and "--inception_weights" in str(err.value)
+    assert fid_inception.WEIGHTS_FILE in str(err.value) and "--inception_weights" in str(err.value)
     with pytest.raises(FileNotFoundError, match="--real_dir .*missing"):
         main(["--real_dir", str(tmp_path / "missing"), "--fake_dir", str(tmp_path / "a"),
               "--inception_weights", str(KEYS_FILE)])

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import restune_diffusion as rd
-from restune_diffusion.generate import make_grid
+from restune_diffusion.sampling import make_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,6 +177,9 @@ def multitask_runs(two_runs, tmp_path_factory):
         "multi_b1": both + ["--batch_size", "1"],
         "multi_neg": both + ["--negative_prompt", "a green star"],
         "multi_scale0": both + ["--scale", "0"],
+        "multi_euler_a": both + ["--scheduler", "Euler a", "--steps", "4", "--batch_size", "3"],
+        "single_dogs_euler_a": ["--tuners", str(two_runs[0]), "--scheduler", "Euler a", "--steps", "4"],
+        "single_dogs_4": ["--tuners", str(two_runs[0]), "--steps", "4"],
         "single_dogs": ["--tuners", str(two_runs[0]), "--batch_size", "1"],
         "single_dogs_neg": ["--tuners", str(two_runs[0]), "--negative_prompt", "a green star"],
         "single_base": [],
@@ -192,6 +195,15 @@ def test_multitask_images_equal_single_tuner_images_and_ignore_batch_size(multit
     assert _close(_images(r / "multi_b4" / "dogs", 4), single)
     assert _close(_images(r / "multi_b1" / "dogs", 4), single)
     assert not _close(_images(r / "multi_b4" / "cars", 4), single)  # the other task's own bypass
+
+
+def test_multitask_images_equal_single_tuner_images_with_a_stochastic_sampler(multitask_runs):
+    """"Euler a" draws noise at every step: image i draws it from its own generator whatever the tasks beside it
+    and the batch (before issue 24, several files drew one stream per batch, unlike one file)."""
+    r = multitask_runs
+    single = _images(r / "single_dogs_euler_a", 4)
+    assert _close(_images(r / "multi_euler_a" / "dogs", 4), single)
+    assert not _close(single, _images(r / "single_dogs_4", 4))  # the sampler matters
 
 
 def test_multitask_negative_prompt_means_what_it_means_for_one_file(multitask_runs):
@@ -211,7 +223,8 @@ def test_multitask_scale_zero_gives_the_base_model_for_every_task(multitask_runs
 # ---------------------------------------------------------------------------------------------------------------------
 # defaults follow the model; non-finite latents never become silent black images (issue 12.8, 13.8)
 def test_default_size_is_the_models_native_resolution():
-    from restune_diffusion.generate import image_size, native_resolution
+    from restune_diffusion.models import native_resolution
+    from restune_diffusion.sampling import image_size
 
     pipe = rd.load_pipeline("tiny-random", device="cpu")
     assert native_resolution(pipe) == 32 == pipe.vae.config.sample_size  # what the demo trains at, not 16
@@ -220,7 +233,7 @@ def test_default_size_is_the_models_native_resolution():
 
 
 def test_non_finite_latents_raise_a_named_error_instead_of_black_images(tuner_file):
-    from restune_diffusion.generate import NonFiniteImagesError
+    from restune_diffusion.sampling import NonFiniteImagesError
 
     pipe = rd.load_pipeline("tiny-random", tuners=tuner_file, device="cpu")
     with torch.no_grad():

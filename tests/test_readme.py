@@ -70,7 +70,7 @@ def test_multitask_snippet_gives_one_image_list_per_task(tmp_path):
     pipe = rd.load_pipeline("tiny-random", device="cpu")
     ns = run(snippet("generate_multitask"), {"out/dogs/tuners.safetensors": str(dogs),
                                              "out/cars/tuners.safetensors": str(cars),
-                                             "num_inference_steps=50": "num_inference_steps=2"}, {"pipe": pipe})
+                                             "steps=50": "steps=2"}, {"pipe": pipe})
     images = ns["images"]
     assert list(images) == ["dogs", "cars"]
     assert all(len(v) == 1 and isinstance(v[0], Image.Image) for v in images.values())

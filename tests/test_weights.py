@@ -11,15 +11,9 @@ from safetensors import safe_open
 
 from conftest import run_unet
 from restune_diffusion.attach import attach, select_blocks
+from restune_diffusion.files import atomic_write_text
 from restune_diffusion.models import build_unet, tiny_unet_config, unet_fingerprint
-from restune_diffusion.weights import (
-    FORMAT,
-    atomic_write_text,
-    clean_stale_temps,
-    load_tuners,
-    safe_file_pattern,
-    save_tuners,
-)
+from restune_diffusion.weights import FORMAT, load_tuners, safe_file_pattern, save_tuners
 
 CONFIG = [{"type": "res_adapter", "dim": 4, "targets": ["ff", "attn2"]}, {"type": "res_prompt", "num_tokens": 3},
           {"type": "lora", "rank": 2, "blocks": "mid"}]
@@ -106,7 +100,6 @@ def rewrite(path, out, tensors=None, **meta_changes):
 def run_python(code: str, timeout: float = 60):
     import subprocess
     import sys
-    import time
 
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
@@ -211,29 +204,6 @@ def test_outputs_get_normal_modes_honouring_umask(saved, tmp_path, umask, file_m
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == file_mode and stat.S_IMODE(text.stat().st_mode) == file_mode
     assert stat.S_IMODE(path.parent.stat().st_mode) == dir_mode
-
-
-def test_clean_stale_temps_removes_only_dead_or_old_writers(tmp_path):
-    import subprocess
-    import sys
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    me = os.getpid()
-    (tmp_path / "ckpt").mkdir()
-    files = {
-        f".loss.png.tmp{dead.pid}": False, f"ckpt/.state.json.tmp{dead.pid}": False,  # writer gone
-        f".old.png.tmp{me}": False,  # writer alive but 2 h old: a reused PID
-        f".fresh.png.tmp{me}": True, "loss.png": True, ".loss.png.tmpX": True, "notes.tmp123": True,
-    }
-    for name in files:
-        (tmp_path / name).write_text("x")
-    old = time.time() - 7200
-    os.utime(tmp_path / f".old.png.tmp{me}", (old, old))
-    removed = clean_stale_temps(tmp_path, max_age_minutes=60)
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == sorted(k for k, v in files.items() if not v)
-    assert all((tmp_path / name).exists() == keep for name, keep in files.items())
-    assert clean_stale_temps(tmp_path / "missing") == []
 
 
 def test_detaching_a_loaded_full_fine_tuning_file_puts_the_base_weights_back(unet, unet_inputs, tmp_path):

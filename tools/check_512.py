@@ -29,13 +29,10 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import importlib.util
 import json
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,32 +40,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python tools/check_512.py` from anywhere, without installing the package
     sys.path.insert(0, str(ROOT))
 
+from bench import harness as bench  # noqa: E402
+from bench.harness import GB  # noqa: E402
 from restune_diffusion.cli import run_cli  # noqa: E402
-from restune_diffusion.weights import atomic_write_text  # noqa: E402
+from restune_diffusion.files import atomic_write_text  # noqa: E402
+from restune_diffusion.methods import CONFIG_DIR, methods  # noqa: E402
 
-CONFIG_DIR = ROOT / "configs"
-NOT_SHIPPED = ("tiny_demo",)  # the demo config (and configs/tiny/) target the tiny model, not SD v1.5
 PRECISIONS = ("fp32", "bf16")
 QUICK_CONFIGS = ("lora", "res_tuning_bypass")
 LEARNING_RATE = 1e-4  # a tuner's usual rate; the first update makes every zero-initialised layer non-zero
 GUIDANCE_SCALE = 7.5
 SAMPLER_STEPS = 50  # DDIM schedule; the check takes its first (noisiest) step, as a generation does
-GB = 1e9
-
-
-def load_efficiency():
-    """bench/efficiency.py as a module: its memory probes (VmHWM reset, CUDA peaks), autocast and machine info."""
-    spec = importlib.util.spec_from_file_location("bench_efficiency", ROOT / "bench" / "efficiency.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # imports no torch at module level
-    return module
-
-
-bench = load_efficiency()
 
 
 def shipped_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem not in NOT_SHIPPED)
+    """Every method's config (restune_diffusion.methods): the demo config and configs/tiny/ target the tiny model."""
+    return list(methods())
 
 
 def config_path(name: str) -> Path:
@@ -260,14 +247,8 @@ def worker(names: list[str], opts: dict, result_path: Path) -> int:
 
 def run_worker(names: list[str], opts: dict) -> dict:
     """{"environment": ..., "configs": {name: {precision: row}}}; a worker that died leaves an error row."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", ",".join(names), "--result", str(result),
-               "--opts", json.dumps(opts)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        data = json.loads(result.read_text()) if result.is_file() else {"configs": {}}
-    why = (f"worker exited with {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode < 0 else "")
-           + ": " + " | ".join(proc.stderr.strip().splitlines()[-3:]))
+    data, why = bench.run_worker(__file__, names, opts)
+    data = data or {"configs": {}}
     for name in names:
         for precision in opts["precisions"]:
             data["configs"].setdefault(name, {}).setdefault(precision, {"status": "error", "passed": False,

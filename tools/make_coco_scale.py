@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from restune_diffusion.weights import atomic_write, atomic_write_text  # noqa: E402
+from restune_diffusion.files import atomic_write, atomic_write_text  # noqa: E402
 
 COLORS = ("red", "green", "blue", "yellow", "white", "black", "brown", "gray", "orange", "purple")
 THINGS = ("dog", "cat", "bus", "train", "pizza", "clock", "horse", "kite", "bench", "giraffe", "boat", "umbrella")

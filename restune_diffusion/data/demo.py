@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..weights import current_umask
+from ..files import ordinary_mode
 
 _DEMO_COLORS = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (40, 70, 220), "yellow": (240, 220, 40),
@@ -74,7 +74,7 @@ def make_demo_dataset(out_dir: str | os.PathLike, num_images: int = 64, resoluti
                          "Delete it or choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the folder is an ordinary output
+    ordinary_mode(tmp, folder=True)  # mkdtemp makes 0700; the folder is an ordinary output
     try:
         lines = []
         for i in range(num_images):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..weights import current_umask
+from ..files import ordinary_mode
 from .images import PIL_ERRORS
 
 INSTALL = "pip install datasets (or pip install -e '.[datasets]')"
@@ -122,7 +122,7 @@ def export_images(name_or_path: str, split: str = "train", config_name: str | No
         return folder, len(ds)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
-    os.chmod(tmp, 0o777 & ~current_umask())
+    ordinary_mode(tmp, folder=True)
     base = Path(name_or_path) if Path(name_or_path).is_dir() else Path.cwd()
     if isinstance(ds.features.get(image_column), datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))  # the stored bytes, not decoded images

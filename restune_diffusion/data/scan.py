@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..weights import atomic_write_text
+from ..files import atomic_write_text
 from .demo import make_demo_dataset
 from .finegrained import NAMES as FINEGRAINED_SETS
 from .finegrained import finegrained_samples

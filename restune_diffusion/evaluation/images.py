@@ -1,9 +1,9 @@
 """Images on disk: generation by image index (split over processes, resumable) and image folders to measure.
 
-Image i of a prompt list is `{i:05d}.png`, from the noise of seed `seed * 1,000,000 + i`: the same image on any
-device, at any batch size and with any number of processes. Batches are fixed blocks of indices
-[k * batch_size, (k + 1) * batch_size); block k goes to process k mod N. A rerun skips the files already written
-(each is written atomically, so a killed run never leaves half an image).
+Image i of a prompt list is `{i:05d}.png`, from the seed of image i (sampling.py's seed rule; the protocols use
+seed * 1,000,000 + i): the same image on any device, at any batch size and with any number of processes. Batches are
+fixed blocks of indices [k * batch_size, (k + 1) * batch_size); block k goes to process k mod N. A rerun skips the
+files already written (each is written atomically, so a killed run never leaves half an image).
 """
 
 from __future__ import annotations
@@ -14,35 +14,23 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..generate import generate_batch
-from ..weights import atomic_write, atomic_write_text
+from ..files import atomic_write, atomic_write_text
+from ..sampling import SamplingSettings, batches, sample
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 GRID = re.compile(r"^grid(_\d+)?\.png$")  # generate.py's contact sheets (grid.png, grid_00004.png): not samples
-SEED_STRIDE = 1_000_000
 
 
-def image_seed(seed: int, index: int) -> int:
-    return seed * SEED_STRIDE + index
-
-
-def blocks(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[range]:
-    """This process's blocks of image indices (block k -> process k mod world)."""
-    if batch_size < 1:
-        raise ValueError(f"--batch_size: expected a positive integer, got {batch_size}")
-    return [range(lo, min(lo + batch_size, n)) for k, lo in enumerate(range(0, n, batch_size)) if k % world == rank]
-
-
-def generate_by_index(pipe, prompts: Sequence[str], out_dir: str | os.PathLike, *, seed: int, steps: int,
-                      guidance_scale: float, resolution: int, batch_size: int, rank: int = 0, world: int = 1,
-                      progress: bool = True) -> list[Path]:
-    """Write this process's missing `out_dir/{i:05d}.png`; return every image's path (all processes')."""
+def generate_by_index(pipe, prompts: Sequence[str], out_dir: str | os.PathLike, settings: SamplingSettings, *,
+                      resolution: int, rank: int = 0, world: int = 1, progress: bool = True) -> list[Path]:
+    """Write this process's missing `out_dir/{i:05d}.png` (sampling.sample, image i from the seed of image i; blocks
+    of settings.batch_size, block k on process k mod world); return every image's path (all processes')."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{i:05d}.png" for i in range(len(prompts))]
-    mine = blocks(len(prompts), batch_size, rank, world)
+    mine = batches(len(prompts), settings.batch_size, rank, world)
     total = sum(len(b) for b in mine)
     done = sum(paths[i].is_file() for b in mine for i in b)
     with tqdm(total=total, initial=done, desc=f"generating ({out.name})", unit="img",
@@ -51,9 +39,8 @@ def generate_by_index(pipe, prompts: Sequence[str], out_dir: str | os.PathLike, 
             todo = [i for i in block if not paths[i].is_file()]
             if not todo:
                 continue
-            images = generate_batch(pipe, [prompts[i] for i in todo], [image_seed(seed, i) for i in todo],
-                                    steps=steps, guidance_scale=guidance_scale, height=resolution, width=resolution,
-                                    first_index=todo[0])
+            images = pipe.numpy_to_pil(sample(pipe, [prompts[i] for i in todo], todo, settings, height=resolution,
+                                              width=resolution)[0])
             for i, image in zip(todo, images):
                 atomic_write(paths[i], lambda tmp: image.save(tmp, format="PNG"))  # noqa: B023
             bar.update(len(todo))

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..weights import atomic_write
+from ..files import atomic_write
 from .inception import NUM_FEATURES, tf32_disabled
 
 COCO_FULL_N = 5000

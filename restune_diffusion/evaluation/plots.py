@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..weights import atomic_write
+from ..files import atomic_write
 
 Metric = tuple[str, Callable[[dict], float | None]]  # (axis label, row -> value)
 

@@ -24,13 +24,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..generate import native_resolution, task_names
-from ..models import TINY_NAMES, build_pipeline, load_model
+from ..files import atomic_write_text
+from ..generate import task_names
+from ..models import TINY_NAMES, build_pipeline, load_model, native_resolution
 from ..samplers import make_scheduler, sampler_key
-from ..weights import atomic_write_text, load_tuners
+from ..sampling import DEFAULT_GUIDANCE, PROTOCOL_STRIDE, SamplingSettings, batches
+from ..weights import load_tuners
 from . import coco
 from .clip_score import CLIPScorer, resolve_clip_folder
-from .images import blocks, check_generation_record, generate_by_index, list_images
+from .images import check_generation_record, generate_by_index, list_images
 from .inception import (
     file_sha256,
     inception_image,
@@ -141,7 +143,7 @@ def gather_all(state, payload):
 def sharded_features(state, extractor, items: list, prepare, batch_size: int,
                      skip_bad_images: bool = False) -> tuple[np.ndarray, list[int]]:
     """Features of all items, each process extracting its blocks; every process gets the whole (N, D) array."""
-    mine = [i for b in blocks(len(items), batch_size, state.process_index, state.num_processes) for i in b]
+    mine = [i for b in batches(len(items), batch_size, state.process_index, state.num_processes) for i in b]
     features, skipped = extract_features(extractor, [items[i] for i in mine], prepare, batch_size, skip_bad_images)
     out = np.full((len(items), extractor.num_features), np.nan, dtype=np.float32)
     bad: list[int] = []
@@ -156,7 +158,7 @@ def sharded_clip_scores(state, scorer: CLIPScorer, paths: list[Path], captions: 
     from PIL import Image
 
     out = np.zeros(len(paths))
-    mine = blocks(len(paths), batch_size, state.process_index, state.num_processes)
+    mine = batches(len(paths), batch_size, state.process_index, state.num_processes)
     parts = []
     for block in mine:
         images = []
@@ -210,7 +212,7 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
     size (512 for SD v1.5, 32 for tiny). Returns the eval.json content on the main process, None on the others.
     """
     started = time.perf_counter()
-    scales = [float(s) for s in (guidance_scales or [7.5])]
+    scales = [float(s) for s in (guidance_scales or [DEFAULT_GUIDANCE])]
     if mixed_precision not in DTYPES:
         raise ValueError(f"--mixed_precision: expected one of {sorted(DTYPES)}, got {mixed_precision!r}")
     for name, value in (("steps", steps), ("batch_size", batch_size)):
@@ -261,9 +263,10 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
                 if state.is_main_process:
                     check_generation_record(folder, record)
                 state.wait_for_everyone()
-                paths = generate_by_index(pipe, prompts, folder, seed=seed, steps=steps, guidance_scale=scale,
-                                          resolution=resolution, batch_size=batch_size, rank=state.process_index,
-                                          world=state.num_processes, progress=progress)
+                settings = SamplingSettings(scheduler, steps=steps, guidance_scale=scale, seed=seed,
+                                            batch_size=batch_size, seed_stride=PROTOCOL_STRIDE)
+                paths = generate_by_index(pipe, prompts, folder, settings, resolution=resolution,
+                                          rank=state.process_index, world=state.num_processes, progress=progress)
                 state.wait_for_everyone()
                 fake, _ = sharded_features(state, inception, paths, inception_image, batch_size)
                 clip = sharded_clip_scores(state, scorer, paths, prompts, batch_size) if scorer else None

@@ -21,9 +21,10 @@ from pathlib import Path
 from PIL import Image
 
 from .. import world
+from ..files import atomic_write_text
 from ..models import TINY, TINY_ASSETS, build_pipeline, load_model
 from ..samplers import make_scheduler, sampler_key
-from ..weights import atomic_write_text
+from ..sampling import PROTOCOL_STRIDE, SamplingSettings
 from .images import check_generation_record, generate_by_index
 from .inception import file_sha256
 from .plots import plot_sweep, plot_vs_step
@@ -88,10 +89,10 @@ def generate_sets(state, pipe, prompt_sets: dict[str, list[str]], folder: Path, 
             check_generation_record(folder / part, {
                 **record, "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()})
         state.wait_for_everyone()
-        paths = generate_by_index(pipe, prompts, folder / part, seed=record["seed"], steps=record["steps"],
-                                  guidance_scale=record["guidance_scale"], resolution=world.RESOLUTION,
-                                  batch_size=record["batch_size"], rank=state.process_index,
-                                  world=state.num_processes, progress=progress)
+        settings = SamplingSettings(record["scheduler"], steps=record["steps"], guidance_scale=record["guidance_scale"],
+                                    seed=record["seed"], batch_size=record["batch_size"], seed_stride=PROTOCOL_STRIDE)
+        paths = generate_by_index(pipe, prompts, folder / part, settings, resolution=world.RESOLUTION,
+                                  rank=state.process_index, world=state.num_processes, progress=progress)
         state.wait_for_everyone()
         images[part] = read_images(paths) if state.is_main_process else None
     return images

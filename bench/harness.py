@@ -1,0 +1,141 @@
+"""What bench/ and tools/ share: dtypes and autocast as training sets them up, timing, this process's memory (the CUDA
+allocator on a GPU, the resident set on CPU), the machine and library versions, and one worker process per method or
+config so that memory peaks don't mix. Imported as `bench.harness` (the scripts put the repository root on sys.path);
+no torch at module level, so a parent process that only runs workers never loads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 1e9
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def autocast(device, dtype):
+    """Mixed precision as accelerate sets it up for training: autocast in the weight dtype, nothing for fp32."""
+    import torch
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def timed(fn, device) -> tuple[float, object]:
+    """(seconds, fn()) with the device synchronised before and after."""
+    import torch
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# memory of this process: the CUDA allocator on a GPU, the resident set on CPU
+def memory_in_use(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    from restune_diffusion.memory import proc_status
+
+    rss = proc_status("VmRSS")
+    return rss if rss is not None else peak_memory(device)
+
+
+def reset_peak(device) -> bool:
+    from restune_diffusion.memory import reset_peak_memory
+
+    return reset_peak_memory(device)
+
+
+def peak_memory(device) -> int:
+    """CUDA: max_memory_allocated; Linux: VmHWM (reset by reset_peak); elsewhere: memory.peak_memory_bytes."""
+    import torch
+
+    from restune_diffusion.memory import peak_memory_bytes, proc_status
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    hwm = proc_status("VmHWM") if device.type == "cpu" else None
+    return hwm if hwm is not None else peak_memory_bytes(device)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# where it ran
+def environment(device_name: str) -> dict:
+    import diffusers
+    import torch
+
+    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "torch_threads": torch.get_num_threads()}
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        env["peft"] = importlib.metadata.version("peft")
+    if device_name == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine()}
+    with contextlib.suppress(OSError):
+        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        info["cpu"] = names[0] if names else info["cpu"]
+    with contextlib.suppress(OSError, AttributeError):
+        info["ram_gb"] = int(re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024 / GB
+    return info
+
+
+def cpu_jiffies() -> list[int] | None:
+    """The machine's CPU time counters from /proc/stat (user nice system idle iowait irq softirq steal ...)."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_pct(before, after) -> float | None:
+    """% of CPU time the hypervisor gave to other guests between two readings."""
+    if not before or not after or len(before) < 8:
+        return None
+    delta = [a - b for a, b in zip(after, before)]
+    return 100 * delta[7] / max(1, sum(delta[:8]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one worker process per method or config
+def run_worker(script: str | os.PathLike, names: list[str], opts: dict) -> tuple[dict | None, str]:
+    """Run `script --worker NAMES --result FILE --opts JSON` in a fresh process. Returns (the JSON it wrote, or None;
+    one line saying how the worker ended, for the rows it left without a result)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(script).resolve()), "--worker", ",".join(names), "--result", str(result),
+               "--opts", json.dumps(opts)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        data = json.loads(result.read_text()) if result.is_file() else None
+    why = (f"worker exited with {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode < 0 else "")
+           + ": " + " | ".join(proc.stderr.strip().splitlines()[-3:]))
+    return data, why
