@@ -9,7 +9,7 @@
 Flags keep diffusers' names (train_text_to_image_lora.py); `python train_t2i.py --help` lists them.
 """
 
-from restune_diffusion.joint import main
+from restune_diffusion.train import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -210,7 +210,7 @@ def measure_multitask(opts: dict) -> dict:
 
 
 def make_joint_steps(unet, handles: list, inputs, target, amp_dtype, device):
-    """(joint, separate) training steps of K bypasses on one batch. Joint, as restune_diffusion.joint: one backbone
+    """(joint, separate) training steps of K bypasses on one batch. Joint, as train/joint.py: one backbone
     pass feeds every bypass (route_bypasses broadcast), K losses summed, one AdamW with a param group each. Separate:
     K runs' steps one after another, each a full forward + backward + AdamW of one bypass."""
     import torch
@@ -328,7 +328,7 @@ def available(method: str) -> str | None:
     if method == PEFT and importlib.util.find_spec("peft") is None:
         return "peft not installed (pip install peft)"
     if method in SPECIAL:
-        module = "restune_diffusion.multitask" if method == MULTITASK else "restune_diffusion.joint"
+        module = "restune_diffusion.multitask" if method == MULTITASK else "restune_diffusion.train.joint"
         if importlib.util.find_spec(module) is None:
             return f"{module.replace('.', '/')}.py not found"
         if not CONFIGS[BYPASS].is_file():

@@ -153,10 +153,6 @@ class OneLineParser(argparse.ArgumentParser):
         raise ValueError(f"{message} (`{self.prog} --help` lists the flags)")
 
 
-def option_names(parser: argparse.ArgumentParser) -> list[str]:
-    return [s for action in parser._actions for s in action.option_strings]
-
-
 def drop_ignored(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """(argv without the IGNORED flags and their values, one line per flag saying why it changes nothing here)."""
     kept, notes, skip = [], [], 0
@@ -174,10 +170,9 @@ def drop_ignored(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return kept, notes
 
 
-def check_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+def check_flags(argv: Sequence[str], ours: Sequence[str], prog: str = "train_t2i.py") -> tuple[list[str], list[str]]:
     """A flag of diffusers' or kohya's scripts that we do not take: one line naming our equivalent or why it does not
-    apply; any other unknown flag: one line with the closest flags we do take. Returns drop_ignored(argv)."""
-    ours = option_names(parser)
+    apply; any other unknown flag: one line with the closest flags we do take (`ours`). Returns drop_ignored(argv)."""
     argv, notes = drop_ignored(argv)
     for token in argv:
         if not token.startswith("--"):
@@ -191,5 +186,5 @@ def check_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> tuple[l
         if not any(o.startswith(flag) for o in ours):  # argparse takes unique prefixes (e.g. --resume)
             close = difflib.get_close_matches(flag, ours, n=2, cutoff=0.7)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise ValueError(f"unknown flag {flag}{hint} (`{parser.prog} --help` lists the flags)")
+            raise ValueError(f"unknown flag {flag}{hint} (`{prog} --help` lists the flags)")
     return argv, notes

@@ -33,6 +33,7 @@ from restune_diffusion.memory import reset_peak_memory
 from restune_diffusion.methods import BASE, CONFIG_DIR, label, paper_methods
 from restune_diffusion.paper import PAPER, PAPER_SOURCE
 from restune_diffusion.sampling import SamplingSettings, add_sampling_args
+from restune_diffusion.train.options import DATA_KEYS, resolved_config
 from restune_diffusion.tuners import parse_tuner_configs
 
 PAPER_ROWS = paper_methods()  # the paper's tuned rows; sc_tuner (and any method of ours) on request
@@ -54,7 +55,7 @@ BOOKKEEPING = ("checkpointing_steps", "checkpoints_total_limit", "validation_pro
                "validation_steps", "validation_epochs", "report_to", "output_dir", "dataloader_num_workers")
 # what every row must share: the same data, steps, batch, seed and precision (a row YAML's train:/data: may not
 # change them); learning rate and optimizer settings may differ per row
-SHARED = (*T.DATA_KEYS, "pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps",
+SHARED = (*DATA_KEYS, "pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps",
           "max_train_steps", "num_train_epochs", "seed", "mixed_precision", "gradient_checkpointing",
           "prediction_type", "noise_offset")
 
@@ -211,7 +212,7 @@ def row_finished(row: Row) -> bool:
     if not isinstance(saved, dict):
         raise ValueError(f"{saved_path}: missing or unreadable; cannot tell which settings trained row {row.name}. "
                          f"Delete {out} to train the row again")
-    now = comparable(yaml.safe_load(yaml.safe_dump(T.resolved_config(row.args), sort_keys=False)))
+    now = comparable(yaml.safe_load(yaml.safe_dump(resolved_config(row.args), sort_keys=False)))
     then = comparable(saved)
     differ = [f"{k}: {then.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(now) | set(then))
               if then.get(k) != now.get(k)]

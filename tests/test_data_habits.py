@@ -15,6 +15,7 @@ from test_train import fresh_accelerate_state  # noqa: F401 (autouse)
 from restune_diffusion import data
 from restune_diffusion import train as T
 from restune_diffusion.data import finegrained
+from restune_diffusion.train import options as OPT
 
 
 def cell(strings, shape=None):
@@ -424,7 +425,7 @@ def test_diffusers_data_flags_parse_and_enter_the_resolved_config(tmp_path):
     args = T.parse_args(tiny_run_args(tmp_path, "--train_data_dir", str(tmp_path / "d"), "--max_train_samples", "3",
                                       "--image_interpolation_mode", "lanczos", "--caption_dropout_rate", "0.1"))
     assert (args.data_dir, args.dataset) == (str(tmp_path / "d"), "auto")  # --train_data_dir alone: detected
-    body = T.resolved_config(args)["data"]
+    body = OPT.resolved_config(args)["data"]
     assert (body["max_train_samples"], body["image_interpolation_mode"], body["caption_dropout_rate"]) == (3, "lanczos",
                                                                                                            0.1)
     assert {"split", "scan_mode", "dataset_name", "caption_template", "class_names", "latent_cache_dir"} <= set(body)

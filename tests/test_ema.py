@@ -10,6 +10,8 @@ from restune_diffusion import train as T
 from restune_diffusion.attach import attach, attached_sets
 from restune_diffusion.ema import EMA_FILE, TunerEMA
 from restune_diffusion.models import build_tiny_sd
+from restune_diffusion.train import loop as LOOP
+from restune_diffusion.train import validation as V
 from restune_diffusion.weights import load_tuners, read_tuner_file
 
 
@@ -79,7 +81,7 @@ def test_a_resumed_ema_run_equals_the_uninterrupted_one_and_updates_once_per_opt
     common = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
               "--use_ema", "--ema_decay", "0.9", "--learning_rate", "1e-2"]
     T.train(T.parse_args(cli_args(tmp_path / "a", data_dir, *common)))
-    save = T.save_checkpoint
+    save = LOOP.save_checkpoint
 
     def save_then_die(run):
         path = save(run)
@@ -87,11 +89,11 @@ def test_a_resumed_ema_run_equals_the_uninterrupted_one_and_updates_once_per_opt
             raise Stop
         return path
 
-    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(LOOP, "save_checkpoint", save_then_die)
     args = cli_args(tmp_path / "b", data_dir, *common)
     with pytest.raises(Stop):
         T.train(T.parse_args(args))
-    monkeypatch.setattr(T, "save_checkpoint", save)
+    monkeypatch.setattr(LOOP, "save_checkpoint", save)
     reset_accelerate()
     T.train(T.parse_args(args + ["--resume_from_checkpoint", "latest"]))
     a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"
@@ -106,13 +108,13 @@ def test_a_resumed_ema_run_equals_the_uninterrupted_one_and_updates_once_per_opt
 
 def test_validation_images_are_made_with_the_ema_weights(tmp_path, data_dir, monkeypatch):  # noqa: F811
     seen = []
-    grid = T.generate_grid
+    grid = V.generate_grid
 
     def record(sd, *args, **kwargs):
         seen.append({k: v.clone() for k, v in attached_sets(sd.unet)["default"].state_dict().items()})
         return grid(sd, *args, **kwargs)
 
-    monkeypatch.setattr(T, "generate_grid", record)
+    monkeypatch.setattr(V, "generate_grid", record)
     argv = cli_args(tmp_path, data_dir, "--max_train_steps", "3", "--checkpointing_steps", "0", "--use_ema",
                     "--ema_decay", "0.5", "--learning_rate", "1e-2", "--validation_prompt", "a red circle",
                     "--num_validation_images", "1", "--validation_steps", "0")
@@ -135,8 +137,6 @@ def test_resume_refuses_to_turn_ema_on_or_off(tmp_path, data_dir):  # noqa: F811
 def test_a_joint_run_keeps_one_ema_and_one_heldout_loss_per_bypass(tmp_path, data_dir):  # noqa: F811
     import yaml
 
-    from restune_diffusion.joint import train_joint
-
     configs = []
     for name, groups in (("one", 4), ("two", 2)):
         path = tmp_path / f"{name}.yaml"
@@ -144,7 +144,7 @@ def test_a_joint_run_keeps_one_ema_and_one_heldout_loss_per_bypass(tmp_path, dat
         configs += ["--config", str(path)]
     argv = configs + cli_args(tmp_path, data_dir, "--max_train_steps", "2", "--checkpointing_steps", "2",
                               "--use_ema", "--learning_rate", "1e-2", "--validation_split", "0.25")[2:]
-    summaries = train_joint(T.parse_args(argv))
+    summaries = T.train(T.parse_args(argv))
     for task in ("one", "two"):
         out = tmp_path / "out" / task
         _, meta = read_tuner_file(out / EMA_FILE)

@@ -1,6 +1,6 @@
-"""Joint bypass training (restune_diffusion/joint.py, issue 18): K bypasses in one backbone pass per step equal the
-same bypasses trained alone; kill -9 + resume equals the uninterrupted joint run; 2 processes; the K results load
-as K tasks of generate_multitask."""
+"""Joint bypass training (restune_diffusion/train/joint.py, issue 18): K bypasses in one backbone pass per step equal
+the same bypasses trained alone; kill -9 + resume equals the uninterrupted joint run; 2 processes; the K results
+load as K tasks of generate_multitask."""
 
 import signal
 import subprocess
@@ -14,9 +14,8 @@ import yaml
 from safetensors.torch import load_file
 from test_train import REPO, cli_args, data_dir, fresh_accelerate_state  # noqa: F401 (fixtures)
 
-from restune_diffusion import joint as J
 from restune_diffusion import train as T
-from restune_diffusion.checkpoints import find_checkpoint
+from restune_diffusion.train.checkpoints import find_checkpoint
 
 TASKS = {  # three bypasses that differ in shape, activation and learning rate
     "wide": ({"type": "bypass"}, {"learning_rate": 2e-3}),
@@ -64,7 +63,7 @@ def test_three_joint_bypasses_equal_each_trained_alone(tmp_path, data_dir):  # n
     steps = ["--max_train_steps", "5", "--checkpointing_steps", "0", "--gradient_accumulation_steps", "2",
              "--snr_gamma", "5"]
     reset_accelerate()
-    summaries = J.train_joint(T.parse_args(joint_argv(tmp_path / "joint", data_dir, *steps)))
+    summaries = T.train(T.parse_args(joint_argv(tmp_path / "joint", data_dir, *steps)))
     assert list(summaries) == list(TASKS)
     for name in TASKS:
         alone = tmp_path / name
@@ -158,7 +157,7 @@ def test_the_joint_results_load_as_tasks_of_generate_multitask(tmp_path, data_di
     from restune_diffusion.multitask import generate_multitask
 
     reset_accelerate()
-    J.train_joint(T.parse_args(joint_argv(tmp_path, data_dir, "--max_train_steps", "4", "--checkpointing_steps",
+    T.train(T.parse_args(joint_argv(tmp_path, data_dir, "--max_train_steps", "4", "--checkpointing_steps",
                                           "0", names=("wide", "narrow"))))
     pipe = build_pipeline(build_tiny_sd())
     tasks = {name: tmp_path / "out" / name / T.TUNERS_FILE for name in ("wide", "narrow")}
@@ -188,7 +187,7 @@ def test_each_task_gets_its_own_outputs_and_fp32_tuners(tmp_path, data_dir, prec
     validation = ["--validation_steps", "2", "--validation_prompt", "a red circle", "--num_validation_images", "1"]
     argv = joint_argv(tmp_path, data_dir, "--max_train_steps", "2", "--checkpointing_steps", "0", "--mixed_precision",
                       precision, *(validation if precision == "no" else []), names=("wide", "narrow"))
-    summaries = J.train_joint(T.parse_args(argv))
+    summaries = T.train(T.parse_args(argv))
     for name in ("wide", "narrow"):
         folder = tmp_path / "out" / name
         files = ["loss.png", T.TUNERS_FILE, T.CONFIG_FILE, "summary.json", T.LOG_FILE]
@@ -203,7 +202,7 @@ def test_a_joint_resume_refuses_changed_tasks(tmp_path, data_dir, capsys):  # no
     reset_accelerate()
     argv = joint_argv(tmp_path, data_dir, "--max_train_steps", "2", "--checkpointing_steps", "2",
                       names=("wide", "narrow"))
-    J.train_joint(T.parse_args(argv))
+    T.train(T.parse_args(argv))
     reset_accelerate()
     TASKS["narrow"][1]["learning_rate"] *= 2
     try:
@@ -211,7 +210,7 @@ def test_a_joint_resume_refuses_changed_tasks(tmp_path, data_dir, capsys):  # no
                              names=("wide", "narrow"))
     finally:
         TASKS["narrow"][1]["learning_rate"] /= 2
-    assert J.main(changed) == 2
+    assert T.main(changed) == 2
     assert "cannot resume with changed settings: tasks" in capsys.readouterr().err
 
 
@@ -220,7 +219,7 @@ def test_fp16_joint_equals_alone(tmp_path, data_dir):  # noqa: F811
     (unscale once per step for the one optimizer, then per-task clipping) runs only on CUDA."""
     steps = ["--max_train_steps", "3", "--checkpointing_steps", "0", "--mixed_precision", "fp16"]
     reset_accelerate()
-    J.train_joint(T.parse_args(joint_argv(tmp_path / "joint", data_dir, *steps, names=("wide", "narrow"))))
+    T.train(T.parse_args(joint_argv(tmp_path / "joint", data_dir, *steps, names=("wide", "narrow"))))
     reset_accelerate()
     T.train(T.parse_args(joint_argv(tmp_path / "alone", data_dir, *steps, names=("narrow",))))
     joint, alone = tmp_path / "joint" / "out" / "narrow", tmp_path / "alone" / "out"

@@ -15,6 +15,7 @@ from conftest import run_unet
 from restune_diffusion import train as T
 from restune_diffusion.ema import EMA_FILE
 from restune_diffusion.models import build_pipeline, build_tiny_sd
+from restune_diffusion.train import outputs as O
 from restune_diffusion.weights import load_tuners, read_tuner_header
 
 
@@ -89,13 +90,11 @@ def test_the_cards_three_lines_load_the_result(lora_run, monkeypatch):
 
 
 def test_a_joint_run_writes_one_card_per_task(tmp_path, data_dir):  # noqa: F811
-    from restune_diffusion.joint import train_joint
-
     configs = []
     for name in ("one", "two"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"tuners": [{"type": "bypass"}]}))
         configs += ["--config", str(tmp_path / f"{name}.yaml")]
-    summaries = train_joint(T.parse_args(configs + cli_args(tmp_path, data_dir, "--max_train_steps", "1",
+    summaries = T.train(T.parse_args(configs + cli_args(tmp_path, data_dir, "--max_train_steps", "1",
                                                             "--checkpointing_steps", "0")[2:]))
     for name in ("one", "two"):
         card = (tmp_path / "out" / name / "README.md").read_text()
@@ -122,7 +121,7 @@ def test_the_diffusers_lora_file_of_a_training_run_loads_with_load_lora_weights(
 def test_a_lora_run_also_writes_the_kohya_file_a1111_loads(lora_run, unet_inputs):
     pytest.importorskip("peft")
     out, summary = lora_run
-    kohya = out / T.KOHYA_LORA_FILE
+    kohya = out / O.KOHYA_LORA_FILE
     assert summary["files"]["lora_kohya"] == str(kohya)
     _, meta = read_tuner_header(out / T.TUNERS_FILE)
     with safe_open(str(kohya), "pt") as f:

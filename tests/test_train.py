@@ -1,4 +1,4 @@
-"""The training loop (restune_diffusion/train.py, train_t2i.py) on the tiny model, CPU.
+"""The training loop (restune_diffusion/train/, train_t2i.py) on the tiny model, CPU.
 
 Default suite: the loss step per tuner, min-SNR weights, gradient checkpointing, dtypes after validation, options,
 checkpoint bookkeeping, named data errors, in-process runs (resume == uninterrupted, nan loss, LoRA export), and
@@ -23,6 +23,13 @@ from restune_diffusion import train as T
 from restune_diffusion.attach import attach
 from restune_diffusion.data import make_demo_dataset
 from restune_diffusion.models import build_tiny_sd, load_model
+from restune_diffusion.train import checkpoints as C
+from restune_diffusion.train import loop as LOOP
+from restune_diffusion.train import loss as L
+from restune_diffusion.train import options as OPT
+from restune_diffusion.train import outputs as O
+from restune_diffusion.train import run as RUN
+from restune_diffusion.train import validation as V
 from restune_diffusion.weights import load_tuners, read_tuner_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +103,7 @@ def test_a_few_steps_of_each_tuner_reduce_the_loss_on_a_fixed_batch(name):
     batch = fixed_batch()
     losses = []
     for _ in range(20):
-        loss = T.diffusion_loss(sd.unet, sd.noise_scheduler, *batch)
+        loss = L.diffusion_loss(sd.unet, sd.noise_scheduler, *batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -114,7 +121,7 @@ def test_min_snr_weights_equal_the_closed_form(prediction_type):
     snr = alpha_bar / (1 - alpha_bar)
     expected = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64))
     expected = expected / snr if prediction_type == "epsilon" else expected / (snr + 1)
-    got = T.min_snr_weights(sd.noise_scheduler, timesteps, gamma)
+    got = L.min_snr_weights(sd.noise_scheduler, timesteps, gamma)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
     noisiest = 1.0 if prediction_type == "epsilon" else float(snr[-1] / (snr[-1] + 1))  # SNR < γ: no clipping
     assert got[0] < 1 and got[-1] == pytest.approx(noisiest)
@@ -126,7 +133,7 @@ def test_v_prediction_loss_targets_the_velocity():
     latents, text, noise, t = fixed_batch()
     target = sd.noise_scheduler.get_velocity(latents, noise, t)
     zero_unet = lambda *a, **k: (torch.zeros_like(latents),)  # noqa: E731 - predicts 0: loss = mean(target²)
-    loss = T.diffusion_loss(zero_unet, sd.noise_scheduler, latents, text, noise, t)
+    loss = L.diffusion_loss(zero_unet, sd.noise_scheduler, latents, text, noise, t)
     torch.testing.assert_close(loss, target.pow(2).mean())
 
 
@@ -139,7 +146,7 @@ def test_every_trainable_tensor_gets_a_gradient_with_and_without_checkpointing(n
     if checkpointing:
         sd.unet.enable_gradient_checkpointing()
     sd.unet.train()
-    T.diffusion_loss(sd.unet, sd.noise_scheduler, *fixed_batch()).backward()
+    L.diffusion_loss(sd.unet, sd.noise_scheduler, *fixed_batch()).backward()
     starved = [n for n, p in handle.module.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not starved
 
@@ -150,12 +157,12 @@ def test_a_step_after_validation_keeps_trainables_fp32_on_a_bf16_backbone():
         module.to(torch.bfloat16)  # what build_models does under --mixed_precision bf16
     handle = attach(sd.unet, [SMALL["res_adapter"], SMALL["lora"]])
     optimizer = torch.optim.AdamW(handle.trainable_parameters(), lr=1e-3)
-    grid = T.generate_grid(sd, ["a red circle"], 2, 16, 0, torch.bfloat16, torch.device("cpu"))
+    grid = V.generate_grid(sd, ["a red circle"], 2, 16, 0, torch.bfloat16, torch.device("cpu"))
     assert grid.size == (32, 16)
     assert sd.unet.dtype == sd.vae.dtype == sd.text_encoder.dtype == torch.bfloat16
     latents, text, noise, t = (x.to(torch.bfloat16) if x.is_floating_point() else x for x in fixed_batch())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = T.diffusion_loss(sd.unet, sd.noise_scheduler, latents, text, noise, t)
+        loss = L.diffusion_loss(sd.unet, sd.noise_scheduler, latents, text, noise, t)
     loss.backward()
     optimizer.step()
     params = handle.trainable_parameters()
@@ -165,8 +172,8 @@ def test_a_step_after_validation_keeps_trainables_fp32_on_a_bf16_backbone():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # options
-def test_the_config_file_of_the_demo_equals_the_embedded_one():
-    assert yaml.safe_load((REPO / "configs" / "tiny_demo.yaml").read_text()) == yaml.safe_load(T.TINY_DEMO_YAML)
+def test_the_demo_config_is_configs_tiny_demo_yaml():
+    assert OPT.DEMO_CONFIG == REPO / "configs" / "tiny_demo.yaml" and T.parse_args([]).config == str(OPT.DEMO_CONFIG)
 
 
 def test_no_arguments_means_the_tiny_demo():
@@ -225,20 +232,20 @@ def test_latest_is_the_highest_complete_step_never_a_half_written_folder(tmp_pat
         make_checkpoint(tmp_path, name)
     make_checkpoint(tmp_path, ".checkpoint-12.tmp")  # killed during save_state: never renamed
     make_checkpoint(tmp_path, "checkpoint-14", complete=False)  # no state file
-    assert T.find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"  # by integer, not by string
-    assert T.find_checkpoint(tmp_path / "empty", "latest") is None
-    assert T.find_checkpoint(tmp_path, "checkpoint-4") == tmp_path / "checkpoint-4"
+    assert C.find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"  # by integer, not by string
+    assert C.find_checkpoint(tmp_path / "empty", "latest") is None
+    assert C.find_checkpoint(tmp_path, "checkpoint-4") == tmp_path / "checkpoint-4"
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        T.find_checkpoint(tmp_path, str(tmp_path / "checkpoint-14"))
+        C.find_checkpoint(tmp_path, str(tmp_path / "checkpoint-14"))
     with pytest.raises(FileNotFoundError, match="checkpoint-2, checkpoint-4, checkpoint-10"):
-        T.find_checkpoint(tmp_path, "checkpoint-99")
+        C.find_checkpoint(tmp_path, "checkpoint-99")
 
 
 def test_total_limit_prunes_to_the_newest_by_step(tmp_path):
     for step in (2, 4, 6, 8, 10):
         make_checkpoint(tmp_path, f"checkpoint-{step}")
     make_checkpoint(tmp_path, ".checkpoint-12.tmp")
-    T.prune_checkpoints(tmp_path, 2)
+    C.prune_checkpoints(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-8"]
 
 
@@ -249,7 +256,7 @@ def no_models(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("models were loaded before the data error")
 
-    monkeypatch.setattr(T, "build_models", fail)
+    monkeypatch.setattr(RUN, "build_models", fail)
 
 
 def test_a_corrupt_image_is_named_before_loading_models(tmp_path, data_dir, no_models, capsys):
@@ -302,7 +309,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, data_di
               "--snr_gamma", "5", "--noise_offset", "0.05"]
     straight = T.train(T.parse_args(cli_args(tmp_path / "a", data_dir, *common)))
 
-    save = T.save_checkpoint
+    save = LOOP.save_checkpoint
 
     def save_then_die(run):  # a crash right after checkpoint-6, mid-epoch (4 steps per epoch)
         path = save(run)
@@ -310,11 +317,11 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, data_di
             raise Stop
         return path
 
-    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(LOOP, "save_checkpoint", save_then_die)
     args = cli_args(tmp_path / "b", data_dir, *common)
     with pytest.raises(Stop):
         T.train(T.parse_args(args))
-    monkeypatch.setattr(T, "save_checkpoint", save)
+    monkeypatch.setattr(LOOP, "save_checkpoint", save)
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
@@ -366,7 +373,7 @@ def test_lora_run_with_validation_exports_both_formats(tmp_path, data_dir):
     out = tmp_path / "out"
     for name in ("validation/step-1.png", "validation/step-2.png", "samples.png", "loss.png", "losses.json"):
         assert (out / name).is_file(), name
-    lora = load_file(out / T.LORA_FILE)
+    lora = load_file(out / O.LORA_FILE)
     tensors, _ = read_tuner_file(out / T.TUNERS_FILE)
     assert len(lora) == len(tensors) and all(k.startswith("unet.") and ".lora_" in k for k in lora)
     assert summary["trainable_params"] == sum(t.numel() for t in tensors.values()) and summary["peak_memory_bytes"]
@@ -405,13 +412,13 @@ def test_kill_9_then_resume_latest_equals_the_uninterrupted_run(tmp_path, data_d
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (out / T.TUNERS_FILE).exists()  # killed mid-run
-    killed_at = T.find_checkpoint(out, "latest")
+    killed_at = C.find_checkpoint(out, "latest")
 
     resumed = run_cli(argv + ["--resume_from_checkpoint", "latest"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {killed_at}" in resumed.stdout
     assert_same_run(tmp_path / "a" / "out", out, steps=12)
-    assert sorted(p.name for p in T.list_checkpoints(out)) == ["checkpoint-10", "checkpoint-12", "checkpoint-8"]
+    assert sorted(p.name for p in C.list_checkpoints(out)) == ["checkpoint-10", "checkpoint-12", "checkpoint-8"]
 
 
 def test_torchrun_with_two_processes_trains_synchronised_tuners_and_resumes_exactly(tmp_path, data_dir):
@@ -419,14 +426,15 @@ def test_torchrun_with_two_processes_trains_synchronised_tuners_and_resumes_exac
     probe.write_text(
         "import sys, torch\n"
         "import restune_diffusion.train as T\n"
-        "export = T.export\n"
+        "import restune_diffusion.train.run as R\n"
+        "export = R.export\n"
         "def checked(run, *args):\n"
-        "    flat = torch.cat([v.flatten().float() for v in run.handle.state_dict().values()])[None]\n"
+        "    flat = torch.cat([v.flatten().float() for v in run.tasks[0].handle.state_dict().values()])[None]\n"
         "    both = run.accelerator.gather(flat)\n"
         "    if run.accelerator.is_main_process:\n"
         "        open(sys.argv[1], 'w').write(f'{both.shape[0]} {float((both[0] - both[1]).abs().max())}')\n"
         "    return export(run, *args)\n"
-        "T.export = checked\n"
+        "R.export = checked\n"
         "sys.exit(T.main(sys.argv[2:]))\n")
     argv = cli_args(tmp_path, data_dir, "--max_train_steps", "6", "--checkpointing_steps", "2")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe),

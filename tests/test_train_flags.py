@@ -11,7 +11,12 @@ import torch
 from test_train import REPO, SMALL, cli_args, data_dir, fresh_accelerate_state  # noqa: F401 (fixtures)
 
 from restune_diffusion import train as T
-from restune_diffusion.flags import FOREIGN, option_names
+from restune_diffusion.attach import attach
+from restune_diffusion.flags import FOREIGN
+from restune_diffusion.train import loop as LOOP
+from restune_diffusion.train import options as OPT
+from restune_diffusion.train import run as RUN
+from restune_diffusion.train import validation as V
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -68,7 +73,7 @@ def test_the_cli_prints_one_line_for_a_foreign_flag():
 
 
 def test_no_foreign_entry_shadows_a_flag_we_take_and_entries_win_over_prefixes(capsys):
-    assert not set(FOREIGN) & set(option_names(T.build_parser()))
+    assert not set(FOREIGN) & set(OPT.option_names())
     # kohya's --save_state would be argparse's prefix of nothing, --dataset_config of --dataset_config_name (if any):
     # an entry is answered before argparse could read it as an abbreviation of another flag
     assert T.main(["--dataset_config", "x.toml"]) == 2
@@ -79,11 +84,10 @@ def test_no_foreign_entry_shadows_a_flag_we_take_and_entries_win_over_prefixes(c
 # --validation_epochs, --allow_tf32, --report_to
 def test_validation_epochs_validates_at_the_end_of_every_nth_epoch(tmp_path, data_dir, monkeypatch):  # noqa: F811
     seen = []
-    def validate(run):
+    def validate(run, task):
         seen.append(run.global_step)
-        run.validated_at = run.global_step
 
-    monkeypatch.setattr(T, "validate", validate)
+    monkeypatch.setattr(LOOP, "validate", validate)
     # 16 images, batch 2: 8 steps per epoch; 20 steps = 2.5 epochs; every 2 epochs -> step 16, and the end
     T.train(T.parse_args(cli_args(tmp_path, data_dir, "--max_train_steps", "20", "--checkpointing_steps", "0",
                                   "--validation_steps", "0", "--validation_epochs", "2")))
@@ -106,7 +110,7 @@ def test_report_to_wandb_without_wandb_is_a_named_error_with_the_install_command
                                                                                 monkeypatch, capsys):
     find = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find(name, *a))
-    monkeypatch.setattr(T, "build_models", lambda *a: pytest.fail("models loaded"))
+    monkeypatch.setattr(RUN, "build_models", lambda *a: pytest.fail("models loaded"))
     assert T.main(cli_args(tmp_path, data_dir, "--report_to", "wandb")) == 2
     assert "--report_to wandb needs the wandb package: pip install wandb" in capsys.readouterr().err
 
@@ -139,13 +143,13 @@ def reset_accelerate():
 def test_the_heldout_loss_is_the_same_in_two_runs_and_its_images_are_never_trained_on(tmp_path, data_dir,  # noqa: F811
                                                                                       monkeypatch):
     trained_on = []
-    micro = T.micro_step
+    micro = LOOP.micro_step
 
-    def spy(run, params, batch, epoch, index):
+    def spy(run, batch, epoch, index):
         trained_on.extend(batch["paths"])
-        return micro(run, params, batch, epoch, index)
+        return micro(run, batch, epoch, index)
 
-    monkeypatch.setattr(T, "micro_step", spy)
+    monkeypatch.setattr(LOOP, "micro_step", spy)
     extra = ["--max_train_steps", "8", "--validation_steps", "4", "--checkpointing_steps", "0",
              "--validation_split", "0.25", "--learning_rate", "1e-2"]
     logs = []
@@ -175,12 +179,12 @@ def test_the_heldout_loss_does_not_depend_on_the_batch_size(tmp_path, data_dir):
         from restune_diffusion.models import build_tiny_sd
 
         dataset = load_dataset("imagefolder", data_dir, resolution=32, center_crop=True, random_flip=True)
-        _, heldout = T.split_heldout(dataset, args.validation_split, T.validation_seed(args))
+        _, heldout = V.split_heldout(dataset, args.validation_split, V.validation_seed(args))
         sd = build_tiny_sd()
-        T.attach(sd.unet, SMALL["res_adapter"])
-        run = SimpleNamespace(args=args, sd=sd, heldout=heldout, model=torch.nn.Identity(), weight_dtype=torch.float32,
+        attach(sd.unet, SMALL["res_adapter"])
+        run = SimpleNamespace(sd=sd, heldout=heldout, model=torch.nn.Identity(), weight_dtype=torch.float32,
                               accelerator=SimpleNamespace(device=torch.device("cpu")))
-        values.append(T.heldout_loss(run))
+        values.append(V.heldout_loss(run, SimpleNamespace(args=args)))
     assert values[0] == pytest.approx(values[1], rel=1e-6)
 
 
@@ -189,11 +193,11 @@ def test_the_split_is_by_image_seeded_and_leaves_something_to_train_on(data_dir)
 
     dataset = load_dataset("imagefolder", data_dir, resolution=32)
     dataset.samples = dataset.samples + dataset.samples[:4]  # an image with two samples (COCO: five captions)
-    train, held = T.split_heldout(dataset, 0.25, seed=0)
+    train, held = V.split_heldout(dataset, 0.25, seed=0)
     assert not {str(s.path) for s in train.samples} & {str(s.path) for s in held.samples}
     assert len(train) + len(held) == len(dataset) and len({s.path for s in held.samples}) == 4
-    again, _ = T.split_heldout(dataset, 0.25, seed=0)
-    other, _ = T.split_heldout(dataset, 0.25, seed=1)
+    again, _ = V.split_heldout(dataset, 0.25, seed=0)
+    other, _ = V.split_heldout(dataset, 0.25, seed=1)
     assert again.samples == train.samples and other.samples != train.samples
     with pytest.raises(ValueError, match="leaving none to train on"):
-        T.split_heldout(dataset, 0.99, seed=0)
+        V.split_heldout(dataset, 0.99, seed=0)

@@ -7,6 +7,9 @@ import pytest
 from test_train import REPO, cli_args, data_dir, fresh_accelerate_state  # noqa: F401 (fixtures)
 
 from restune_diffusion import train as T
+from restune_diffusion.train import options as OPT
+from restune_diffusion.train import run as RUN
+from restune_diffusion.train import setup as SETUP
 
 
 def test_a_paper_config_with_tiny_trains_at_tinys_native_resolution():
@@ -22,9 +25,9 @@ def test_the_native_resolution_of_a_model_folder_is_read_from_its_configs(tmp_pa
     from restune_diffusion.models import build_tiny_sd, save_components
 
     save_components(build_tiny_sd(), tmp_path / "m")
-    assert T.model_resolution(str(tmp_path / "m")) == 32
+    assert OPT.model_resolution(str(tmp_path / "m")) == 32
     with pytest.raises(FileNotFoundError, match="not a folder"):
-        T.model_resolution(str(tmp_path / "nope"))
+        OPT.model_resolution(str(tmp_path / "nope"))
 
 
 def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path, data_dir, capsys):  # noqa: F811
@@ -37,7 +40,7 @@ def test_report_to_tensorboard_without_tensorboard_is_a_named_error_before_loadi
                                                                                    monkeypatch, capsys):
     find = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find(name, *a))
-    monkeypatch.setattr(T, "build_models", lambda *a: pytest.fail("models loaded"))
+    monkeypatch.setattr(RUN, "build_models", lambda *a: pytest.fail("models loaded"))
     assert T.main(cli_args(tmp_path, data_dir, "--report_to", "tensorboard")) == 2
     assert "--report_to tensorboard needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
 
@@ -52,7 +55,7 @@ def test_one_process_where_several_were_asked_for_is_warned_about(monkeypatch, w
     else:
         monkeypatch.setenv("WORLD_SIZE", world_size)
     said = []
-    T.warn_single_process(SimpleNamespace(num_processes=1, print=said.append))
+    SETUP.warn_single_process(SimpleNamespace(num_processes=1, print=said.append))
     assert bool(said) == warned and (not said or "torchrun --nproc_per_node N" in said[0])
 
 
@@ -67,7 +70,7 @@ def test_stale_temp_files_of_a_killed_writer_are_removed_at_start(tmp_path, data
     out.mkdir()
     stale = out / ".loss.png.tmp999999999"  # no such process
     stale.write_bytes(b"half a png")
-    monkeypatch.setattr(T, "build_models", lambda *a: pytest.fail("stop here"))
+    monkeypatch.setattr(RUN, "build_models", lambda *a: pytest.fail("stop here"))
     with pytest.raises(pytest.fail.Exception):
         T.train(T.parse_args(cli_args(tmp_path, data_dir)))
     assert not stale.exists()

@@ -14,9 +14,13 @@ import torch
 import yaml
 from test_train import REPO, SMALL, cli_args, data_dir, fresh_accelerate_state  # noqa: F401 (fixtures)
 
-from restune_diffusion import checkpoints as C
 from restune_diffusion import train as T
 from restune_diffusion.models import build_tiny_sd, save_components
+from restune_diffusion.train import checkpoints as C
+from restune_diffusion.train import loop as LOOP
+from restune_diffusion.train import options as OPT
+from restune_diffusion.train import resume as R
+from restune_diffusion.train import run as RUN
 
 
 def reset_accelerate():
@@ -50,16 +54,16 @@ def no_models(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("models were loaded before the error")
 
-    monkeypatch.setattr(T, "build_models", fail)
+    monkeypatch.setattr(RUN, "build_models", fail)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # item 1: every setting has a resume rule; applied ones are really used, refused ones say why
 def test_every_setting_has_a_resume_rule():
-    dests = {a.dest for a in T.build_parser()._actions} - {"help"} - set(T.NOT_IN_CONFIG)
-    ruled = set(C.APPLIED) | set(C.REFUSED)
+    dests = {f.dest for f in OPT.FLAGS} - set(OPT.NOT_IN_CONFIG)
+    ruled = set(R.APPLIED) | set(R.REFUSED)
     assert dests <= ruled, dests - ruled
-    assert not set(C.APPLIED) & set(C.REFUSED)
+    assert not set(R.APPLIED) & set(R.REFUSED)
 
 
 def test_a_new_lr_schedule_and_length_on_resume_are_used_as_printed(tmp_path, base_run, data_dir, capsys):  # noqa: F811
@@ -140,14 +144,14 @@ def drift(model) -> float:
 
 
 def test_after_a_nan_the_named_checkpoint_recovers_with_a_lower_lr(tmp_path, data_dir, monkeypatch, capsys):  # noqa: F811
-    loss, seen, limit = T.diffusion_loss, [], []
+    loss, seen, limit = LOOP.task_losses, [], []
 
     def diverging(model, *args, **kwargs):  # the loss overflows once the weights have drifted past a limit
         seen.append(drift(model))
         value = loss(model, *args, **kwargs)
         return value * float("nan") if limit and seen[-1] > limit[0] else value
 
-    monkeypatch.setattr(T, "diffusion_loss", diverging)
+    monkeypatch.setattr(LOOP, "task_losses", diverging)
     common = ["--max_train_steps", "8", "--checkpointing_steps", "1", "--lr_scheduler", "constant"]
     train(tmp_path, data_dir, *common, "--learning_rate", "1e-2")  # lr 1e-2: drift grows by ~8 a step
     limit.append((seen[4] + seen[5]) / 2)  # step 6 (from the weights of step 5) is the first over the limit
@@ -168,7 +172,7 @@ def test_after_a_nan_the_named_checkpoint_recovers_with_a_lower_lr(tmp_path, dat
 
 
 def test_non_finite_gradients_stop_before_the_update(tmp_path, data_dir, monkeypatch):  # noqa: F811
-    loss, calls = T.diffusion_loss, []
+    loss, calls = LOOP.task_losses, []
 
     def nan_grad_at_third(model, *args, **kwargs):
         calls.append(1)
@@ -178,7 +182,7 @@ def test_non_finite_gradients_stop_before_the_update(tmp_path, data_dir, monkeyp
             value = value + torch.sqrt(p.sum() * 0)
         return value
 
-    monkeypatch.setattr(T, "diffusion_loss", nan_grad_at_third)
+    monkeypatch.setattr(LOOP, "task_losses", nan_grad_at_third)
     with pytest.raises(T.NonFiniteLossError, match=r"step 3: the gradient norm is nan .* update was not applied"):
         train(tmp_path, data_dir, "--max_train_steps", "4", "--checkpointing_steps", "1")
     assert C.find_checkpoint(tmp_path / "out", "latest").name == "checkpoint-2"
@@ -297,17 +301,17 @@ def test_the_resolved_config_of_a_resumed_run_still_parses(tmp_path, base_run):
     assert config["data"]["resolution"] == 32
 
 
-@pytest.mark.parametrize("key", sorted(C.REFUSED) + sorted(C.FINGERPRINTS))
+@pytest.mark.parametrize("key", sorted(R.REFUSED) + sorted(R.FINGERPRINTS))
 def test_every_refused_setting_is_named_with_its_reason(tmp_path, key):
     with pytest.raises(ValueError) as err:
-        C.compare_settings(tmp_path, {key: 1, "learning_rate": 1.0}, {key: 2, "learning_rate": 1.0})
-    reason = C.REFUSED.get(key) or C.FINGERPRINTS[key]
+        R.compare_settings(tmp_path, {key: 1, "learning_rate": 1.0}, {key: 2, "learning_rate": 1.0})
+    reason = R.REFUSED.get(key) or R.FINGERPRINTS[key]
     message = str(err.value)
     assert "cannot resume with changed settings" in message and key in message and reason in message
 
 
-@pytest.mark.parametrize("key", sorted(C.APPLIED))
+@pytest.mark.parametrize("key", sorted(R.APPLIED))
 def test_every_applied_setting_resumes_and_the_log_names_the_real_changes(tmp_path, key):
-    notes = C.compare_settings(tmp_path, {key: 1}, {key: 2})
-    quiet = C.APPLIED[key] == "bookkeeping" or C.APPLIED[key].startswith("checked")
-    assert notes == ([] if quiet else [f"{key}: 1 -> 2 (applied from the resumed step: {C.APPLIED[key]})"])
+    notes = R.compare_settings(tmp_path, {key: 1}, {key: 2})
+    quiet = R.APPLIED[key] == "bookkeeping" or R.APPLIED[key].startswith("checked")
+    assert notes == ([] if quiet else [f"{key}: 1 -> 2 (applied from the resumed step: {R.APPLIED[key]})"])

@@ -119,7 +119,7 @@ def train_steps(unet, named: list, precision: str, opts: dict, device) -> dict:
     (at least 2 steps, at most opts["max_train_steps"]): loss, time and a gradient report per step."""
     import torch
 
-    from restune_diffusion.train import diffusion_loss
+    from restune_diffusion.train.loss import diffusion_loss
 
     dtype, size, scheduler = bench.torch_dtype(precision), opts["latent_size"], sd15_noise_scheduler()
     weight_dtype = next(unet.parameters()).dtype

@@ -28,7 +28,7 @@ from restune_diffusion import world  # noqa: E402
 from restune_diffusion.data import tokenize_captions  # noqa: E402
 from restune_diffusion.files import atomic_write_text  # noqa: E402
 from restune_diffusion.models import SDComponents, build_tiny_sd, save_components  # noqa: E402
-from restune_diffusion.train import min_snr_weights  # noqa: E402
+from restune_diffusion.train.loss import min_snr_weights  # noqa: E402
 
 TOKENS = 16  # the tokenizer's max length: captions are 9 tokens, and 77 would make cross-attention 5x dearer
 

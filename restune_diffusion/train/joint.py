@@ -1,0 +1,87 @@
+"""What only a joint run needs: K Res-Tuning-Bypass sets trained in one backbone pass per step (several --config, a
+learning-rate/seed sweep, or a YAML `tasks:` list). Everything else (loop, optimizer, resume, outputs) is the same
+code as for one task, a single run being K = 1.
+
+A bypass reads only detached backbone features (tuners/bypass.py), so K bypasses fed the same batch (same images,
+captions, noise and timesteps) can share ONE frozen backbone forward: inside `shared_pass` the backbone runs on B rows
+and bypass k turns the same features into rows k·B..(k+1)·B of the target's input; only conv_norm_out/conv_out run on
+K·B rows. loss.task_losses gives task k the mean over its rows; the K losses are summed for one backward, and as the
+bypasses share no parameter each gets exactly the gradient it would get alone. Each bypass's activations are
+recomputed in the backward from its detached features (tuners/bypass.py `_routed_output`), so K bypasses keep about
+one bypass's activations, not K (at 512 px, K=8: bench/results/cpu-512.md).
+
+Each task has its own learning rate, schedule, seed (initialisation), Adam settings, clipping and min-SNR weighting
+(PER_TASK: one AdamW param group each), and its own sub-folder `<output_dir>/<task>/` (train_config.yaml there trains
+that bypass alone); the data stream, batch, noise, steps and precision are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from restune_diffusion.multitask import route_bypasses
+from restune_diffusion.tuners import parse_tuner_configs
+
+PER_TASK = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "seed", "adam_beta1", "adam_beta2",
+            "adam_weight_decay", "adam_epsilon", "max_grad_norm", "snr_gamma")
+SHARED_SPECS = ("tuners", "config", "config_name")  # differ per config without making the run two
+
+
+def joint_tasks(runs: list[dict]) -> dict:
+    """The values of a joint run from one dict per config entry (options.config_values): the settings every entry
+    shares (one data stream, one backbone pass), and `tasks`, one per bypass: name, tuners and the PER_TASK
+    settings, crossed with the sweeps."""
+    first = runs[0]
+    for run in runs[1:]:
+        differ = [k for k in first if k not in (*PER_TASK, *SHARED_SPECS) and run[k] != first[k]]
+        if differ:
+            k = differ[0]
+            raise ValueError(f"{run['config']}: {k} is {run[k]!r} where {first['config']} has {first[k]!r}; a joint "
+                             f"run shares it (one data stream, one backbone pass); only {', '.join(PER_TASK)} may "
+                             "differ per bypass")
+    tasks = []
+    for run in runs:
+        types = [c.type for c in parse_tuner_configs(run["tuners"])]
+        if types != ["bypass"]:
+            raise ValueError(f"{run['config']}: a joint run shares one backbone pass per step, which only a bypass "
+                             f"allows (it reads detached features); got tuners {types}. Give each joint config one "
+                             "`type: bypass` tuner, and train the others in runs of their own")
+        for lr in run["sweep_learning_rate"] or [run["learning_rate"]]:
+            for seed in run["sweep_seed"] or [run["seed"]]:
+                name = run["config_name"] + (f"-lr{lr:g}" if run["sweep_learning_rate"] else "") + (
+                    f"-seed{seed}" if run["sweep_seed"] else "")
+                tasks.append({"name": name, "tuners": run["tuners"], **{k: run[k] for k in PER_TASK},
+                              "learning_rate": lr, "seed": seed})
+    names = [t["name"] for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--config: the joint run's bypasses need distinct names (config file stems), got {names}")
+    return {**first, "tasks": tasks, "tuners": None, "config_name": "+".join(dict.fromkeys(
+        r["config_name"] for r in runs))}
+
+
+def task_args(args: argparse.Namespace, task: dict) -> argparse.Namespace:
+    """The args an alone run of this task gets: the shared settings, its tuners and PER_TASK values, its folder."""
+    values = {**vars(args), **{k: task[k] for k in PER_TASK}, "tuners": task["tuners"], "tasks": None,
+              "config_name": task["name"], "output_dir": str(Path(args.output_dir) / task["name"])}
+    return argparse.Namespace(**values)
+
+
+def shared_pass(unet, handles: list):
+    """Inside: a UNet forward on B rows returns K·B rows, task k's bypass in rows k·B.. (one backbone pass)."""
+    return route_bypasses(unet, handles, broadcast=True)
+
+
+@contextlib.contextmanager
+def only(tasks: list, task) -> Iterator[None]:
+    """Inside: a plain UNet forward runs `task`'s tuners alone (validation, held-out loss, export)."""
+    was = [t.handle.enabled for t in tasks]
+    for t in tasks:
+        t.handle.enabled = t is task
+    try:
+        yield
+    finally:
+        for t, enabled in zip(tasks, was):
+            t.handle.enabled = enabled
