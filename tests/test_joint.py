@@ -224,3 +224,26 @@ def test_fp16_joint_equals_alone(tmp_path, data_dir):  # noqa: F811
     T.train(T.parse_args(joint_argv(tmp_path / "alone", data_dir, *steps, names=("narrow",))))
     joint, alone = tmp_path / "joint" / "out" / "narrow", tmp_path / "alone" / "out"
     assert_same_tensors(joint / T.TUNERS_FILE, alone / T.TUNERS_FILE)
+
+
+def test_a_joint_run_of_one_task_equals_the_single_run_bit_for_bit(tmp_path, data_dir):  # noqa: F811
+    """K = 1: the same loop, optimizer, loss and schedule; only the folders and the shared pass's routing differ."""
+    steps = ["--max_train_steps", "5", "--checkpointing_steps", "5", "--gradient_accumulation_steps", "2",
+             "--snr_gamma", "5", "--validation_split", "0.25"]
+    reset_accelerate()
+    single = tmp_path / "single" / "out"
+    T.train(T.parse_args(cli_args(tmp_path / "single", data_dir, *steps, tuners=[TASKS["wide"][0]])))
+    reset_accelerate()
+    joint = tmp_path / "joint" / "out"
+    args = T.parse_args(cli_args(tmp_path / "joint", data_dir, *steps, "--sweep_seed", "0",
+                                 tuners=[TASKS["wide"][0]]))
+    assert [t["name"] for t in args.tasks] == ["config-seed0"]
+    T.train(args)
+    task = joint / "config-seed0"
+    assert_same_tensors(task / T.TUNERS_FILE, single / T.TUNERS_FILE, atol=0)
+    assert_same_tensors(joint / "checkpoint-5" / "config-seed0" / T.TUNERS_FILE,
+                        single / "checkpoint-5" / T.TUNERS_FILE, atol=0)
+    assert T.read_log(task) == T.read_log(single)  # losses, held-out losses and LRs, exactly
+    oa, ob = (torch.load(p / "checkpoint-5" / "optimizer.bin", weights_only=True) for p in (joint, single))
+    assert all(torch.equal(oa["state"][k][m], ob["state"][k][m]) for k in ob["state"] for m in ("exp_avg",
+                                                                                                "exp_avg_sq"))
