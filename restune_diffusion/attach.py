@@ -120,10 +120,10 @@ def _place(root: nn.Module, path: str, module: nn.Module) -> None:
     *parents, leaf = path.split(".")
     node = root
     for part in parents:
-        if part not in node._modules:
+        if part not in dict(node.named_children()):
             node.add_module(part, nn.Module())
-        node = node._modules[part]
-    if leaf in node._modules:
+        node = node.get_submodule(part)
+    if leaf in dict(node.named_children()):
         raise ValueError(f"two tuners at {path}: each tuner type may sit once on an op")
     node.add_module(leaf, module)
 

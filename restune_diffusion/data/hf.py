@@ -69,6 +69,16 @@ def open_split(name_or_path: str, split: str = "train", config_name: str | None 
     return loaded
 
 
+def arrow_files(ds) -> list:
+    """The data set's version from its public surface: its arrow files (name, size, mtime); a rewritten set
+    differs, the same files do not."""
+    found = []
+    for entry in ds.cache_files:
+        stat = os.stat(entry["filename"])
+        found.append([entry["filename"], stat.st_size, stat.st_mtime_ns])
+    return found
+
+
 def _image_bytes(value, base: Path) -> bytes:
     """A row's image as encoded bytes: a PIL image (as PNG), a {bytes, path} dict, or a path."""
     if isinstance(value, Image.Image):
@@ -114,7 +124,7 @@ def export_images(name_or_path: str, split: str = "train", config_name: str | No
     datasets = import_datasets()
     ds = open_split(name_or_path, split, config_name)
     check_columns(ds, name_or_path, image_column, caption_column)
-    key = json.dumps([str(name_or_path), config_name, split, ds._fingerprint, image_column, caption_column, len(ds)])
+    key = json.dumps([str(name_or_path), config_name, split, arrow_files(ds), image_column, caption_column, len(ds)])
     slug = re.sub(r"[^\w.-]+", "_", Path(str(name_or_path).rstrip("/")).name or "dataset")[:60]
     root = Path(out_root) if out_root is not None else Path(datasets.config.HF_DATASETS_CACHE) / EXPORT_DIR
     folder = root / f"{slug}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"

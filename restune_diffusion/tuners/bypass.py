@@ -316,8 +316,8 @@ def _module(unet, name: str, field: str) -> nn.Module:
     try:
         return unet.get_submodule(name)
     except AttributeError:
-        raise ValueError(f"{field}: the UNet has no module {name!r}; top-level modules are {list(unet._modules)}") \
-            from None
+        top = [n for n, _ in unet.named_children()]
+        raise ValueError(f"{field}: the UNet has no module {name!r}; top-level modules are {top}") from None
 
 
 def _width(module: nn.Module, side: str) -> int | None:
