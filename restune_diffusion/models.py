@@ -302,14 +302,3 @@ def native_resolution(pipe) -> int:
     from_unet = pipe.unet.config.sample_size * pipe.vae_scale_factor
     from_vae = getattr(pipe.vae.config, "sample_size", None)
     return max(from_unet, from_vae) if isinstance(from_vae, int) else from_unet
-
-
-def unet_fingerprint(unet) -> str:
-    """A short hash of the UNet config fields that fix tensor shapes (which base a tuner file was made for)."""
-    import hashlib
-
-    keys = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim",
-            "down_block_types", "up_block_types", "transformer_layers_per_block")
-    cfg = {k: unet.config.get(k) for k in keys}
-    cfg = json.loads(json.dumps(cfg, default=list))
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]

@@ -6,6 +6,8 @@ their ops (attn1, attn2, ff, the whole block), which tuner sets a UNet carries, 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -91,3 +93,12 @@ def tuner_sets(unet) -> dict[str, Any]:
 def attached_sets(unet) -> dict[str, Any]:
     """A copy of the tuner sets on `unet`, name -> handle."""
     return dict(unet.__dict__.get("_restune_sets", {}))
+
+
+def unet_fingerprint(unet) -> str:
+    """A short hash of the UNet config fields that fix tensor shapes (which base a tuner file was made for)."""
+    keys = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim",
+            "down_block_types", "up_block_types", "transformer_layers_per_block")
+    cfg = {k: unet.config.get(k) for k in keys}
+    cfg = json.loads(json.dumps(cfg, default=list))
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from restune_diffusion.attach import attach, select_blocks, transformer_blocks
 from restune_diffusion.files import atomic_write
-from restune_diffusion.models import unet_fingerprint
+from restune_diffusion.placement import unet_fingerprint
 from restune_diffusion.tuners import parse_tuner_configs, to_dicts
 from restune_diffusion.version import __version__
 

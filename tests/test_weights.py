@@ -12,7 +12,8 @@ from safetensors import safe_open
 from conftest import run_unet
 from restune_diffusion.attach import attach, select_blocks
 from restune_diffusion.files import atomic_write_text
-from restune_diffusion.models import build_unet, tiny_unet_config, unet_fingerprint
+from restune_diffusion.models import build_unet, tiny_unet_config
+from restune_diffusion.placement import unet_fingerprint
 from restune_diffusion.weights import FORMAT, load_tuners, safe_file_pattern, save_tuners
 
 CONFIG = [{"type": "res_adapter", "dim": 4, "targets": ["ff", "attn2"]}, {"type": "res_prompt", "num_tokens": 3},
