@@ -13,6 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "efficiency.py"
 
 
+def is_time(value) -> bool:
+    """A measured time as the bench writes it: a non-negative number (its size is the bench's figure, not a test's)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
 def load_bench():
     spec = importlib.util.spec_from_file_location("bench_efficiency", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -31,13 +36,19 @@ def test_quick_run_reports_every_available_method(tmp_path):
     for method in expected:
         row = report["methods"][method]
         assert row["status"] == "ok", (method, row.get("note"))
-        assert row["step_s"] > 0 and row["peak_bytes"] > 0 and row["weights_bytes"] > 0, method
+        assert is_time(row["step_s"]) and row["peak_bytes"] > 0 and row["weights_bytes"] > 0, method
         assert (row["params"] > 0) == (method != "floor"), method
         assert row["loss_finite"], method
     assert report["methods"]["lora"]["params"] == report["methods"]["peft_lora"]["params"] == 9_964_800
     if bench.available(bench.MULTITASK) is None:
         assert [r["k"] for r in report["multitask"]["rows"]] == list(bench.MULTITASK_KS)
-        assert all(r["one_pass_s"] > 0 and r["separate_s"] > 0 for r in report["multitask"]["rows"])
+        assert all(is_time(r["one_pass_s"]) and is_time(r["separate_s"]) for r in report["multitask"]["rows"])
+    joint = report[bench.JOINT]  # K bypasses trained in one backbone pass
+    assert joint["status"] == "ok", joint.get("note")
+    assert [r["k"] for r in joint["rows"]] == list(bench.MULTITASK_KS) and joint["rows"][0]["peak_vs_k1"] == 1.0
+    for row in joint["rows"]:
+        assert is_time(row["joint_s"]) and is_time(row["separate_s"]) and row["joint_peak_bytes"] > 0
+    assert "## Joint bypass training" in (tmp_path / "cpu-quick.md").read_text()
     table = (tmp_path / "cpu-quick.md").read_text()
     assert all(f"| `{m}` |" in table for m in expected)
     assert "## Targets" in table and "PASS  params full" in table
@@ -145,6 +156,7 @@ def test_a_partial_run_adds_its_rows_to_a_results_file_of_the_same_settings(tmp_
     assert bench.merge_earlier(tmp_path / "absent.json", opts, rows, specials) == [] and not rows
 
 
+@pytest.mark.slow  # two more bench processes; the joint row itself is measured by the quick run above
 def test_quick_joint_training_row_measures_k_joint_vs_separate(tmp_path):
     """Run alone (--methods joint_training), after a run of the floor into the same file: the floor row stays."""
     bench = load_bench()
@@ -159,7 +171,7 @@ def test_quick_joint_training_row_measures_k_joint_vs_separate(tmp_path):
     assert joint["status"] == "ok", joint.get("note")
     assert [r["k"] for r in joint["rows"]] == list(bench.MULTITASK_KS)
     for row in joint["rows"]:
-        assert row["joint_s"] > 0 and row["separate_s"] > 0 and row["joint_peak_bytes"] > 0
+        assert is_time(row["joint_s"]) and is_time(row["separate_s"]) and row["joint_peak_bytes"] > 0
     assert joint["rows"][0]["peak_vs_k1"] == 1.0
     table = (tmp_path / "cpu-quick.md").read_text()
     assert "## Joint bypass training" in table and "K=8 bypasses trained jointly" in table

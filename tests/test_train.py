@@ -2,7 +2,8 @@
 
 Default suite: the loss step per tuner, min-SNR weights, gradient checkpointing, dtypes after validation, options,
 checkpoint bookkeeping, named data errors, in-process runs (resume == uninterrupted, nan loss, LoRA export), and
-train_t2i.py in subprocesses (kill -9 + resume, torchrun with 2 processes, the no-argument demo; ~75 s together).
+train_t2i.py in subprocesses (kill -9 + resume, torchrun with 2 processes); the default job on 2 steps (its
+500-step run is slow-marked).
 """
 
 import json
@@ -459,8 +460,28 @@ def test_torchrun_with_two_processes_trains_synchronised_tuners_and_resumes_exac
     assert all(torch.equal(straight[k], again[k]) for k in straight) and T.read_log(out) == log
 
 
+def test_the_default_job_runs_end_to_end_on_a_few_steps(tmp_path, monkeypatch):
+    """`python train_t2i.py`'s wiring (its config, the pretrained tiny base, the concept's data, exports, the model
+    card and the tiny world's before/after report) on 2 steps and a one-round report; the 500-step job: the slow
+    test below."""
+    from restune_diffusion import world
+
+    score = world.score
+    monkeypatch.setattr(world, "score", lambda sd, classifier, seed=0: score(sd, classifier, seed, repeats=1))
+    monkeypatch.chdir(tmp_path)
+    summary = T.train(T.parse_args(["--max_train_steps", "2", "--num_validation_images", "1"]))
+    out = tmp_path / "outputs" / "tiny_demo"
+    for name in (T.TUNERS_FILE, "samples.png", "loss.png", "summary.json", "README.md", "before_after.png",
+                 "world_report.json", "concept_data/metadata.jsonl"):
+        assert (out / name).is_file(), name
+    assert summary["global_step"] == 2 and summary["trainable_params"] == 93_383  # the pretrained base
+    assert summary["world"]["before"]["n"] == summary["world"]["after"]["n"] == 12
+    assert [c["type"] for c in summary["tuners"]] == ["res_adapter", "res_prompt"]
+
+
+@pytest.mark.slow
 def test_no_arguments_runs_the_tiny_demo(tmp_path):
-    done = run_cli([], tmp_path, timeout=600)
+    done = run_cli([], tmp_path, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "outputs" / "tiny_demo"
     for name in (T.TUNERS_FILE, "samples.png", "loss.png", "losses.json", "summary.json"):
