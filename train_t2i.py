@@ -1,6 +1,6 @@
 """Fine-tune Stable Diffusion v1.5 with Res-Tuning (arXiv 2310.19859) or a classic tuner.
 
-    python train_t2i.py                      # built-in tiny demo on CPU (about a minute)
+    python train_t2i.py                      # the tiny demo (configs/tiny_demo.yaml) on CPU, about two minutes
     accelerate launch train_t2i.py --config configs/res_tuning.yaml \\
         --pretrained_model_name_or_path /models/stable-diffusion-v1-5 --dataset coco2017 --data_dir /data/coco
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-SECTIONS = ("tuners", "train", "data", "eval", "description", "tasks")  # tasks: a joint bypass run (joint.py)
+SECTIONS = ("tuners", "train", "data", "eval", "description", "tasks")  # tasks: a joint bypass run (train/joint.py)
 
 
 def check(condition: bool, field: str, expected: str, got: Any) -> None:

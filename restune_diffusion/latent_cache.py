@@ -8,7 +8,7 @@ a hash of the VAE's encoder weights and config, the resolution, crop, flips, res
 images, so any change makes a new cache. Both mirrors are cached with random_flip (sd-scripts #214); random crop is
 refused.
 
-What train.py calls (every process; then a barrier; then every process):
+What training calls (train/setup.py; every process; then a barrier; then every process):
     folder = build_latent_cache(dataset, vae, cache_dir, rank=accelerator.process_index,
                                 num_processes=accelerator.num_processes, device=accelerator.device, dtype=...)
     accelerator.wait_for_everyone()

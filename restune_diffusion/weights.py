@@ -3,7 +3,7 @@ in the header (k-diffusion / diffusers keep the config there too). Written atomi
 
 Header keys: `format` ("restune-diffusion/1"), `tuners` (JSON list of tuner configs), `name`, `base_fingerprint`,
 `cross_attention_dim`, `block_out_channels`, `package_version`, `num_tensors`. A training run's files add how they
-were made (train.header_facts, issue 17): `base_model` (name, path or hub id), `base_model_revision`,
+were made (train/outputs.py header_facts, issue 17): `base_model` (name, path or hub id), `base_model_revision`,
 `base_model_variant`, `base_model_fingerprint` (its weights), `global_step`, `dataset`, `data_dir`,
 `num_train_samples`, `data_fingerprint`; an EMA file (ema.py) also `ema_decay` and `ema_updates`.
 

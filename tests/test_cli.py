@@ -36,19 +36,38 @@ CASES = {  # case -> (file maker, what the line must name)
 }
 
 
+def _generate_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_generate_named_errors_are_one_line_and_exit_2(case, tmp_path):
+def test_generate_named_errors_are_one_line_and_exit_2(case, tmp_path, capsys, monkeypatch):
+    """generate.py's main under cli.run_cli, in this process (the script itself: the subprocess test below)."""
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
     make, named = CASES[case]
-    path = make(tmp_path)
+    argv = ["--pretrained_model_name_or_path", "tiny-random", "--tuners", str(make(tmp_path)), "--prompt", "x",
+            "--steps", "1", "--out", str(tmp_path / "out")]
+    assert run_cli(_generate_main(), "generate.py", argv) == EXIT_NAMED_ERROR
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("generate.py: error: ")]
+    assert len(errors) == 1 and named in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_generate_script_says_a_named_error_in_one_line_and_exits_2(tmp_path):
     cmd = [sys.executable, str(ROOT / "generate.py"), "--pretrained_model_name_or_path", "tiny-random", "--tuners",
-           str(path), "--prompt", "x", "--steps", "1",
-           "--out", str(tmp_path / "out")]
+           str(tmp_path / "nope.safetensors"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**_env(), DEBUG_ENV: ""})
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == EXIT_NAMED_ERROR, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in lines if line.startswith("generate.py: error: ")]
-    assert len(errors) == 1 and named in errors[0], proc.stderr
+    assert len(errors) == 1 and "nope.safetensors" in errors[0], proc.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -87,12 +87,9 @@ def test_generate_cli_with_several_bypass_files_writes_one_folder_per_task(tmp_p
                 p.add_(torch.randn_like(p) * 0.2)
         paths.append(rd.save_tuners(tmp_path / f"{task}.safetensors", handle))
     out = tmp_path / "samples"
-    cmd = [sys.executable, str(ROOT / "generate.py"), "--pretrained_model_name_or_path", "tiny-random",
-           "--tuners", str(paths[0]), "--tuners", str(paths[1]),
-           "--prompt", "a red circle", "--num_images", "2", "--steps", "2", "--height", "32", "--width", "32",
-           "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    _generate_main()(["--pretrained_model_name_or_path", "tiny-random", "--tuners", str(paths[0]), "--tuners",
+                      str(paths[1]), "--prompt", "a red circle", "--num_images", "2", "--steps", "2", "--height",
+                      "32", "--width", "32", "--out", str(out)])  # generate.py's main, in this process
     assert sorted(p.name for p in out.iterdir()) == ["cats", "dogs"]
     cats, dogs = (Image.open(out / task / "00000.png") for task in ("cats", "dogs"))
     assert sorted(p.name for p in (out / "cats").iterdir())[-2:] == ["grid.png", "index.json"]
@@ -138,11 +135,9 @@ def _close(a, b, levels=2):
 
 def test_readme_multitask_command_with_two_tuners_safetensors_names_tasks_by_run_folder(two_runs, tmp_path):
     out = tmp_path / "samples"
-    cmd = [sys.executable, str(ROOT / "generate.py"), "--pretrained_model_name_or_path", "tiny-random",
-           "--tuners", str(two_runs[0]), "--tuners", str(two_runs[1]), "--prompt", "a photo of a dog",
-           "--num_images", "1", "--steps", "2", "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    _generate_main()(["--pretrained_model_name_or_path", "tiny-random", "--tuners", str(two_runs[0]), "--tuners",
+                      str(two_runs[1]), "--prompt", "a photo of a dog", "--num_images", "1", "--steps", "2", "--out",
+                      str(out)])  # the README's command, through generate.py's main in this process
     assert sorted(p.name for p in out.iterdir()) == ["cars", "dogs"]
     assert Image.open(out / "dogs" / "00000.png").size == (32, 32)  # the tiny model's native size, as the demo
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_train import REPO, cli_args, data_dir, fresh_accelerate_state  # noqa: F401 (fixtures)
 
 from restune_diffusion import train as T
+from restune_diffusion.train import loop as LOOP
 from restune_diffusion.train.checkpoints import find_checkpoint
 
 TASKS = {  # three bypasses that differ in shape, activation and learning rate
@@ -104,6 +105,45 @@ def test_a_sweep_names_one_task_per_value(tmp_path):
     assert [(t["learning_rate"], t["seed"]) for t in args.tasks] == [(1e-3, 0), (1e-3, 1), (3e-3, 0), (3e-3, 1)]
 
 
+def test_a_crash_then_resume_of_a_joint_run_equals_the_uninterrupted_one(tmp_path, data_dir, monkeypatch):  # noqa: F811
+    """In this process: a crash right after checkpoint-4, then --resume_from_checkpoint latest (the kill -9 of the
+    script: the slow test below)."""
+    common = ["--max_train_steps", "8", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2"]
+    names = ("wide", "narrow")
+    reset_accelerate()
+    T.train(T.parse_args(joint_argv(tmp_path / "a", data_dir, *common, names=names)))
+    save = LOOP.save_checkpoint
+
+    def save_then_die(run):
+        path = save(run)
+        if run.global_step == 4:
+            raise Stop
+        return path
+
+    monkeypatch.setattr(LOOP, "save_checkpoint", save_then_die)
+    argv = joint_argv(tmp_path / "b", data_dir, *common, names=names)
+    reset_accelerate()
+    with pytest.raises(Stop):
+        T.train(T.parse_args(argv))
+    monkeypatch.setattr(LOOP, "save_checkpoint", save)
+    reset_accelerate()
+    summaries = T.train(T.parse_args(argv + ["--resume_from_checkpoint", "latest"]))
+    a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    for name in names:
+        assert summaries[name]["steps_run"] == 4
+        assert_same_tensors(a / name / T.TUNERS_FILE, b / name / T.TUNERS_FILE, atol=0)
+        assert_same_tensors(a / "checkpoint-8" / name / T.TUNERS_FILE, b / "checkpoint-8" / name / T.TUNERS_FILE,
+                            atol=0)
+        assert T.read_log(a / name) == T.read_log(b / name)
+    oa, ob = (torch.load(p / "checkpoint-8" / "optimizer.bin", weights_only=True) for p in (a, b))
+    assert all(torch.equal(oa["state"][k]["exp_avg_sq"], ob["state"][k]["exp_avg_sq"]) for k in oa["state"])
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.slow  # three script runs; the same resume in-process: the test above
 def test_kill_9_then_resume_of_a_joint_run_equals_the_uninterrupted_one(tmp_path, data_dir):  # noqa: F811
     common = ["--max_train_steps", "8", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2"]
     names = ("wide", "narrow")
@@ -136,6 +176,7 @@ def test_kill_9_then_resume_of_a_joint_run_equals_the_uninterrupted_one(tmp_path
     assert all(torch.equal(oa["state"][k]["exp_avg_sq"], ob["state"][k]["exp_avg_sq"]) for k in oa["state"])
 
 
+@pytest.mark.slow  # the single run's torchrun test (test_train.py) runs the same loop in the default suite
 def test_torchrun_with_two_processes_trains_a_joint_run(tmp_path, data_dir):  # noqa: F811
     argv = joint_argv(tmp_path, data_dir, "--max_train_steps", "4", "--checkpointing_steps", "2",
                       names=("wide", "narrow"))

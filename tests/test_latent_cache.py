@@ -104,7 +104,7 @@ def test_loader_workers_read_the_file(tmp_path, vae):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# in training runs (train.py --cache_latents)
+# in training runs (train_t2i.py --cache_latents)
 @pytest.fixture
 def shapes(tmp_path):
     return data.make_demo_dataset(tmp_path / "shapes", num_images=8, resolution=32)

@@ -7,7 +7,7 @@ v1.5 UNet (random weights) at 64x64 latents with 77x768 text states, in fp32 and
     python tools/check_512.py --quick --out /tmp/check          # tiny UNet, 8x8 latents, two configs: seconds (CI)
 
 Per config and precision, on batch 1:
-- training, as train.py does it (diffusion_loss on noised latents, backward, AdamW, zero_grad), for at least 2 steps
+- training, as train/ does it (diffusion_loss on noised latents, backward, AdamW, zero_grad), for at least 2 steps
   and until every trainable tensor has had a non-zero gradient: every loss finite, every gradient present and
   finite, some non-zero at step 1, each tensor non-zero by the last step, trainables fp32. A zero-initialised last
   layer (LoRA's B, an adapter's up-projection, Res-Prompt's lambda = 0) gives the tensors before it an exactly zero
@@ -45,11 +45,12 @@ from bench.harness import GB  # noqa: E402
 from restune_diffusion.cli import run_cli  # noqa: E402
 from restune_diffusion.files import atomic_write_text  # noqa: E402
 from restune_diffusion.methods import CONFIG_DIR, methods  # noqa: E402
+from restune_diffusion.sampling import DEFAULT_GUIDANCE  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 QUICK_CONFIGS = ("lora", "res_tuning_bypass")
 LEARNING_RATE = 1e-4  # a tuner's usual rate; the first update makes every zero-initialised layer non-zero
-GUIDANCE_SCALE = 7.5
+GUIDANCE_SCALE = DEFAULT_GUIDANCE
 SAMPLER_STEPS = 50  # DDIM schedule; the check takes its first (noisiest) step, as a generation does
 
 
@@ -84,7 +85,7 @@ def sd15_noise_scheduler():
 
 def build(path: Path, precision: str, opts: dict, device):
     """The seeded random UNet with the config attached; frozen weights in the precision's dtype, trainables fp32
-    (train.py freeze_and_cast). Returns (unet, handle, named trainables)."""
+    (train/setup.py build_models). Returns (unet, handle, named trainables)."""
     import torch
 
     from restune_diffusion.attach import attach
@@ -115,8 +116,9 @@ def gradient_report(named: list) -> dict:
 
 
 def train_steps(unet, named: list, precision: str, opts: dict, device) -> dict:
-    """Steps of train.py's objective on random latents/text until every trainable tensor has had a non-zero gradient
-    (at least 2 steps, at most opts["max_train_steps"]): loss, time and a gradient report per step."""
+    """Steps of training's objective (train/loss.py) on random latents/text until every trainable tensor has had a
+    non-zero gradient (at least 2 steps, at most opts["max_train_steps"]): loss, time and a gradient report per
+    step."""
     import torch
 
     from restune_diffusion.train.loss import diffusion_loss

@@ -138,7 +138,8 @@ def text_states(sd: SDComponents, captions: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(sd: SDComponents, classifier, n_repeats: int = 1, steps: int = 20, guidance: float = 4.0) -> dict:
+def evaluate(sd: SDComponents, classifier, n_repeats: int = 1, steps: int = world.SAMPLING_STEPS,
+             guidance: float = world.GUIDANCE_SCALE) -> dict:
     out = {}
     for name, shapes in (("pretrain", world.PRETRAIN_SHAPES), ("concept", (world.CONCEPT,))):
         asked = world.prompt_grid(shapes, n_repeats)
