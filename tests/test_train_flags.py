@@ -201,3 +201,11 @@ def test_the_split_is_by_image_seeded_and_leaves_something_to_train_on(data_dir)
     assert again.samples == train.samples and other.samples != train.samples
     with pytest.raises(ValueError, match="leaving none to train on"):
         V.split_heldout(dataset, 0.99, seed=0)
+
+
+def test_help_lists_the_flags_in_their_groups(capsys):
+    with pytest.raises(SystemExit) as done:
+        T.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--learning_rate" in out and "--no-center_crop" in out
+    assert "data (YAML section data:)" in out and "train (YAML section train:)" in out

@@ -163,9 +163,9 @@ def build_parser(given_only: bool = False) -> argparse.ArgumentParser:
 
 
 def option_names() -> list[str]:
-    """Every option string the parser takes (a BooleanOptionalAction also takes --no-<name>)."""
-    return [n for f in FLAGS for name in f.names
-            for n in (name, "--no-" + name[2:]) if n == name or f.kwargs.get("action") is BOOL]
+    """Every option string the parser takes: argparse's help, ours, and --no-<name> of a BooleanOptionalAction."""
+    return ["-h", "--help"] + [n for f in FLAGS for name in f.names
+                               for n in (name, "--no-" + name[2:]) if n == name or f.kwargs.get("action") is BOOL]
 
 
 def _coerce(flag: Flag, value: Any, where: str) -> Any:
