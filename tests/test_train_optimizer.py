@@ -21,6 +21,7 @@ def diffusers_lrs(name: str, lr: float, warmup: int = WARMUP, total: int = TOTAL
     lrs = []
     for _ in range(total + 3):  # and past the end
         lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradients: nothing moves; the order torch expects
         sched.step()
     return lrs
 
@@ -49,6 +50,7 @@ def test_each_task_gets_its_param_group_and_the_schedule_it_would_get_alone():
     seen = []
     for _ in range(TOTAL + 3):
         seen.append(current_lrs(optimizer))
+        optimizer.step()
         lr_schedule.step()
     for k, t in enumerate(tasks):
         assert [lrs[k] for lrs in seen] == diffusers_lrs(t.args.lr_scheduler, t.args.learning_rate), t.name
