@@ -2,7 +2,7 @@
 function (the usual way to hide a cycle), no module reaching into another's private names, and every module in a
 layer of DESIGN.md's picture, reaching (transitively) only its own layer and those below:
 
-    1 base       files, config, memory, hub, paper, kernel, placement, version, cli
+    1 base       files, config, memory, hub, paper, kernel, placement, version, cli, fusion
     2 tuners     tuners/ (the registry in its __init__)
     3 mechanism  attach, weights, exports, methods
     4 models     models, samplers, sampling, report (it builds SD v1.5's UNet: above models, not below them)
@@ -119,7 +119,7 @@ def test_no_module_takes_another_modules_private_names():
 
 
 LAYERS = {
-    1: ("files", "config", "memory", "hub", "paper", "kernel", "placement", "version", "cli"),
+    1: ("files", "config", "memory", "hub", "paper", "kernel", "placement", "version", "cli", "fusion"),
     2: ("tuners", "tuners.*"),
     3: ("attach", "weights", "exports", "methods"),
     4: ("models", "samplers", "sampling", "report"),

@@ -87,6 +87,9 @@ class GroupAdapter(nn.Module):
 class BypassBlock(nn.Module):
     """One link of the chain: s + H(s) + V(resize(P(state))), s a detached stem output."""
 
+    cannot_fuse = ("a side network: it reads detached features of several blocks and replaces the target's input "
+                   "through non-linear adapters, so no weight of the UNet can hold it")
+
     def __init__(self, width: int, state_width: int, cfg: BypassConfig, where: str):
         super().__init__()
         hidden = max(1, round(width * cfg.hidden_ratio))
@@ -219,10 +222,9 @@ class BypassRun:
             raise ValueError(f"bypass '{self.handle.name}': the last stem ({self.names[-1]}) gives "
                              f"{tuple(state.shape)} but the target's input is {tuple(x.shape)}; the last stem must "
                              "feed the target")
-        scale = self.handle.scale
-        if scale != 1.0:  # strength: base + scale·(bypass − base)
-            base = x.to(dtype)
-            state = base + scale * (state - base)
+        # weight s: base + s·(bypass − base); lerp is exact at s = 0 and 1, and reads s from a tensor, so changing the
+        # weight does not recompile a compiled UNet
+        state = torch.lerp(x.to(dtype), state, self.handle.scale_tensor.to(dtype))
         return state.to(x.dtype)
 
 
@@ -238,11 +240,13 @@ def _routed_output(run: BypassRun, x: torch.Tensor, rows: slice, recompute: bool
 
 class BypassHub:
     """All bypasses on one UNet (they share the target). Without a route one enabled bypass replaces the target's
-    input; with a route (multitask.py) batch slice k goes through bypass k (None: the base)."""
+    input, or, with `mix` on, the enabled ones are summed as weighted deltas, x + Σ s_k·(bypass_k − x); with a route
+    (multitask.py) batch slice k goes through bypass k (None: the base)."""
 
     def __init__(self, unet, target_name: str, target: nn.Module):
         self.unet, self.target_name, self.runs = unet, target_name, []
         self.route: list | None = None
+        self.mix = False  # several enabled bypasses: summed (True) or an error (False: they are meant as tasks)
         self.broadcast = False  # route with one input for all: the target input is repeated K times
         self.hooks = [target.register_forward_pre_hook(self._at_target, with_kwargs=True),
                       unet.register_forward_hook(self._clear, always_call=True),
@@ -263,10 +267,11 @@ class BypassHub:
         if self.route is not None:
             return list(self.route)
         runs = [r for r in self.runs if r.handle.enabled]
-        if len(runs) > 1:
+        if len(runs) > 1 and not self.mix:
             names = ", ".join(r.handle.name for r in runs)
             raise RuntimeError(f"bypass sets {names} are all enabled: each would replace {self.target_name}'s input. "
-                               "Disable all but one, or give each its batch slice with restune_diffusion.multitask")
+                               "Disable all but one, give each its batch slice with restune_diffusion.multitask, or "
+                               "sum them as weighted deltas with restune_diffusion.mixing.mix_bypasses(unet)")
         return runs
 
     def capture(self, run: BypassRun, key, x) -> None:
@@ -280,7 +285,10 @@ class BypassHub:
                 return None
             x = call_input(args, kwargs)  # (N, C, H, W), computed without a graph
             if self.route is None:
-                return replace_input(args, kwargs, active[0].output(x, slice(None)))
+                out = active[0].output(x, slice(None))
+                for run in active[1:]:  # mixed: x + Σ_k s_k·(bypass_k − x)
+                    out = out + (run.output(x, slice(None)) - x)
+                return replace_input(args, kwargs, out)
             k, n = len(active), x.shape[0]
             if not self.broadcast and n % k:
                 raise ValueError(f"multi-task batch of {n} rows does not split into {k} equal task slices")

@@ -43,6 +43,8 @@ class LoraConfig:
 class Lora(nn.Module):
     """(…, in) → (…, out): (α/r)·B·A·x, with B = 0 at init."""
 
+    fused = False  # True while folded into the op's weight (handle.fuse()): the hook then adds nothing
+
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float | None = None):
         super().__init__()
         self.down = nn.Linear(in_features, rank, bias=False)  # A
@@ -53,6 +55,11 @@ class Lora(nn.Module):
 
     def forward(self, x):
         return self.up(self.down(x)) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """(out, in) fp32: what fusing adds to the op's weight, (α/r)·B @ A, computed as the diffusers export's
+        B' = (α/r)·B (export_diffusers_lora) times A, so a fused UNet equals diffusers' `fuse_lora()` of that file."""
+        return (self.up.weight * self.scaling).float() @ self.down.weight.float()
 
 
 def install(unet, cfg: LoraConfig, handle) -> None:

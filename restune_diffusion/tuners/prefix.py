@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from restune_diffusion.config import check_blocks, check_positive_int, check_targets
+from restune_diffusion.fusion import cached_kv
 from restune_diffusion.placement import iter_ops
 
 
@@ -32,13 +33,20 @@ class PrefixConfig:
 
 
 class Prefix(nn.Module):
+    kv_cache = None  # set while the set is fused (fusion.KVCache); here it holds the tokens in the backbone's dtype
+
     def __init__(self, width: int, num_tokens: int):
         super().__init__()
         self.key = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
         self.value = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
 
+    def compute_kv(self, attn):
+        dtype = attn.to_k.weight.dtype
+        return self.key.to(dtype), self.value.to(dtype)  # (L, C)
+
     def extend_kv(self, attn, batch: int):
-        return self.key[None].expand(batch, -1, -1), self.value[None].expand(batch, -1, -1)  # (B, L, C)
+        k, v = cached_kv(self, attn)
+        return k[None].expand(batch, -1, -1), v[None].expand(batch, -1, -1)  # (B, L, C)
 
 
 def install(unet, cfg: PrefixConfig, handle) -> None:

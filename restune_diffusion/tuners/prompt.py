@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from restune_diffusion.fusion import cached_kv
 from restune_diffusion.placement import iter_ops
 from restune_diffusion.tuners.prefix import PrefixConfig
 
@@ -25,13 +26,18 @@ class PromptConfig(PrefixConfig):
 
 
 class Prompt(nn.Module):
+    kv_cache = None  # set while the set is fused (fusion.KVCache): the tokens' K/V do not depend on the input
+
     def __init__(self, width: int, num_tokens: int):
         super().__init__()
         self.tokens = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
 
-    def extend_kv(self, attn, batch: int):
+    def compute_kv(self, attn):
         tokens = self.tokens.to(attn.to_k.weight.dtype)
-        k, v = attn.to_k(tokens), attn.to_v(tokens)  # (L, C)
+        return attn.to_k(tokens), attn.to_v(tokens)  # (L, C)
+
+    def extend_kv(self, attn, batch: int):
+        k, v = cached_kv(self, attn)
         return k[None].expand(batch, -1, -1), v[None].expand(batch, -1, -1)
 
 

@@ -41,6 +41,9 @@ class ResAdapterConfig:
 class ResAdapter(nn.Module):
     """down (C→dim) → act → up (dim→C, zero-init) → optional learnable scale. (…, C) → (…, C)."""
 
+    cannot_fuse = ("non-linear (an activation between down and up), so up(act(down(x))) is no matrix to add to the "
+                   "op's weights: it stays a parallel branch")
+
     def __init__(self, width: int, dim: int, act: str = "gelu", scale: str = "none", out_width: int | None = None):
         super().__init__()
         out_width = out_width or width

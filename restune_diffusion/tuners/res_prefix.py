@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from restune_diffusion.config import check, check_blocks, check_choice, check_positive_int, check_targets
+from restune_diffusion.fusion import cached_kv
 from restune_diffusion.kernel import attention, log_partition, split_heads
 from restune_diffusion.placement import iter_ops
 
@@ -45,6 +46,8 @@ class ResPrefixConfig:
 class ParallelBranch(nn.Module):
     """λ·Attn(Q, K_x, V_x) beside the backbone's attention; children say where K_x, V_x come from."""
 
+    kv_cache = None  # set while the set is fused (fusion.KVCache): K_x, V_x do not depend on the input
+
     def __init__(self, lam: str, lam_value: float | None):
         super().__init__()
         self.mode = lam
@@ -53,12 +56,12 @@ class ParallelBranch(nn.Module):
         else:
             self.register_buffer("lam", torch.tensor(float(1.0 if lam_value is None else lam_value)), persistent=False)
 
-    def keys_values(self, attn):  # (L, C) each
+    def compute_kv(self, attn):  # (L, C) each
         raise NotImplementedError
 
     def branch(self, attn, q, k, out, mask, backend):
         """Δ added to the per-head attention output before W_out. q, out: (B, H, N, d); k: keys (B, H, M, d)"""
-        kp, vp = self.keys_values(attn)
+        kp, vp = cached_kv(self, attn)
         dtype = kp.dtype
         batch, heads = q.shape[:2]
         kp, vp = (split_heads(t[None].expand(batch, -1, -1), heads) for t in (kp, vp))  # (B, H, L, d)
@@ -81,7 +84,7 @@ class ResPrefix(ParallelBranch):
         if lam == "fixed":
             nn.init.zeros_(self.value)  # identity at init under a constant λ
 
-    def keys_values(self, attn):
+    def compute_kv(self, attn):
         return self.key, self.value
 
 

@@ -34,7 +34,7 @@ class ResPrompt(ParallelBranch):
         super().__init__(lam, lam_value)
         self.tokens = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
 
-    def keys_values(self, attn):
+    def compute_kv(self, attn):
         tokens = self.tokens.to(attn.to_k.weight.dtype)
         return attn.to_k(tokens).to(self.tokens.dtype), attn.to_v(tokens).to(self.tokens.dtype)  # (L, C)
 

@@ -53,7 +53,7 @@ def _edit_skip(handle, tuner: nn.Module, hidden_width: int):
         x = call_input(args, kwargs, "input_tensor")  # (B, C_hidden + C_skip, H, W)
         hidden, skip = x[:, :hidden_width], x[:, hidden_width:]
         delta = cast_call(tuner, skip.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # the tuner's Linears want (..., C)
-        x = torch.cat([hidden, skip + handle.scale * delta], dim=1)
+        x = torch.cat([hidden, skip + handle.scale_tensor * delta], dim=1)
         return replace_input(args, kwargs, x, "input_tensor")
 
     return pre_hook
