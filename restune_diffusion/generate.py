@@ -1,7 +1,8 @@
 """Text -> images with tuned weights: a plain diffusers StableDiffusionPipeline with tuner files attached.
 
 Image i comes from seed + i through the one sampling path (sampling.py), so a result does not depend on the batch size
-or on how many tuner files run at once. Several bypass files go through one backbone pass per step (multitask.py).
+or on how many tuner files run at once. Several tuner files are mixed on one UNet, each at its weight (mixing.py);
+several bypass files are tasks, run through one backbone pass per step (multitask.py), unless mixed explicitly.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from restune_diffusion.files import atomic_write, atomic_write_text
+from restune_diffusion.mixing import compile_unet, fuse_all, is_bypass_file, load_weighted, parse_weighted
 from restune_diffusion.models import build_pipeline, load_model
 from restune_diffusion.multitask import generate_multitask
 from restune_diffusion.samplers import make_scheduler, sampler_key, sampler_label
@@ -40,13 +42,21 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
 
 def load_pipeline(base: str, tuners=None, device: str | None = None, dtype: torch.dtype | str | None = None,
                   scheduler: str = "ddim", scale: float = 1.0, karras_sigmas: bool = False,
-                  revision: str | None = None, variant: str | None = None):
+                  revision: str | None = None, variant: str | None = None, mix: bool = False, fuse: bool = False,
+                  compile_mode: str | None = None):
     """A StableDiffusionPipeline over `base` ("tiny", a local SD v1.5 folder, or a hub id in the local Hugging Face
     cache at `revision`, `variant` weight files; models.load_model) with tuner file(s) attached.
 
-    The handles are on `pipe.tuner_handles` (name -> handle); `scale` sets the tuners' strength. `scheduler`: a
-    sampler name users know ("Euler a", "DPM++ 2M Karras", ...; restune_diffusion.samplers).
+    `tuners`: a file, "file:0.8", or a list of these and (file, weight) pairs, or {name: any of these}: every set on
+    the one UNet at its weight (default `scale`), named after its file (its run folder when the file names collide).
+    Several bypass files need mix=True (summed as weighted deltas; for one image set per task use
+    restune_diffusion.multitask). The handles are on `pipe.tuner_handles` (name -> handle); change weights with
+    `restune_diffusion.mixing.set_tuner_weights(pipe, names, weights)` or `handle.scale`, no reload. `fuse`: fuse()
+    every set where that is exact (a line says what stays unfused); `compile_mode`: torch.compile the UNet in that
+    mode ("default", "reduce-overhead", ...). `scheduler`: a sampler name users know ("Euler a", "DPM++ 2M Karras",
+    ...; restune_diffusion.samplers).
     """
+    specs = tuner_specs(tuners, scale)  # a bad spec or name fails before any model loads
     sampler = sampler_key(scheduler)  # a bad name fails before any model loads
     device = device or default_device()
     dtype = parse_dtype(dtype, device) if not isinstance(dtype, torch.dtype) else dtype
@@ -54,14 +64,33 @@ def load_pipeline(base: str, tuners=None, device: str | None = None, dtype: torc
     pipe = build_pipeline(sd)
     pipe.scheduler = make_scheduler(scheduler, sd.noise_scheduler.config, karras_sigmas)
     pipe.sampler_name = sampler_label(scheduler, karras_sigmas or sampler[1])
-    pipe.tuner_handles = {}
-    paths = [tuners] if isinstance(tuners, (str, os.PathLike)) else list(tuners or [])
-    for path in paths:
-        name = Path(path).stem if len(paths) > 1 else None
-        handle = load_tuners(sd.unet, path, name=name, device=device)
-        handle.scale = scale
-        pipe.tuner_handles[handle.name] = handle
+    pipe.tuner_handles = load_weighted(sd.unet, specs, mix=mix, device=device)
+    if fuse:
+        for line in fuse_all(pipe.tuner_handles.values()):
+            print(f"fuse: {line}")
+    if compile_mode:
+        compile_unet(pipe.unet, compile_mode)
     return pipe
+
+
+def tuner_specs(tuners, scale: float = 1.0) -> list[tuple[str | None, str, float]]:
+    """load_pipeline's `tuners` as (name, path, weight) rows; name None (one file): the name in the file."""
+    if tuners is None:
+        return []
+    if isinstance(tuners, Mapping):
+        items = list(tuners.items())
+    else:
+        items = [(None, t) for t in ([tuners] if isinstance(tuners, (str, os.PathLike)) else tuners)]
+    rows = []
+    for name, spec in items:
+        if isinstance(spec, (tuple, list)) and len(spec) == 2:
+            path, weight = os.fspath(spec[0]), float(spec[1])
+        else:
+            path, weight = parse_weighted(spec, scale)
+        rows.append((name, path, weight))
+    if len(rows) > 1 and not isinstance(tuners, Mapping):  # named after their files, or their run folders
+        rows = [(name, path, weight) for name, (_, path, weight) in zip(task_names([r[1] for r in rows]), rows)]
+    return rows
 
 
 def generate_images(pipe, prompts: list[str], settings: SamplingSettings | None = None, *, start: int = 0,
@@ -88,9 +117,10 @@ def save_image(image, path: str | os.PathLike, metadata: dict | None = None) -> 
 def a1111_parameters(m: dict) -> str:
     """prompt, then "Negative prompt: ...", then "Steps: 50, Sampler: Euler a, CFG scale: 7.5, Seed: 3, ..."."""
     lines = [m["prompt"]] + ([f"Negative prompt: {m['negative_prompt']}"] if m.get("negative_prompt") else [])
+    listed = lambda v, f=str: ", ".join(map(f, v)) if isinstance(v, list) else (None if v is None else f(v))  # noqa: E731
     fields = {"Steps": m["steps"], "Sampler": m["sampler"], "CFG scale": m["guidance_scale"], "Seed": m["seed"],
-              "Size": f"{m['width']}x{m['height']}", "Model": m["model"], "Tuners": m.get("tuners"),
-              "Tuners hash": (m.get("tuners_sha256") or "")[:10] or None, "Tuner scale": m.get("scale")}
+              "Size": f"{m['width']}x{m['height']}", "Model": m["model"], "Tuners": listed(m.get("tuners")),
+              "Tuners hash": listed(m.get("tuners_sha256"), lambda h: h[:10]), "Tuner scale": listed(m.get("scale"))}
     return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)])
 
 
@@ -112,35 +142,45 @@ def run(args) -> list[Path]:
         raise ValueError(f"--num_images: expected a positive integer, got {args.num_images!r}")
     settings = sampling_settings(args)
     prompts = [p for p in read_prompts(args.prompt, args.prompts_file) for _ in range(args.num_images)]
-    out, tuners = Path(args.out), list(args.tuners or [])
-    names = task_names(tuners, args.task_names) if len(tuners) > 1 else None
+    out, mix = Path(args.out), getattr(args, "mix", False)
+    specs = [parse_weighted(t, args.scale) for t in args.tuners or []]  # (path, weight)
+    tasks = [] if mix else [i for i, (path, _) in enumerate(specs) if is_bypass_file(path)]
+    names = task_names([specs[i][0] for i in tasks], args.task_names) if len(tasks) > 1 else None
     if args.task_names and names is None:
-        raise ValueError(f"--task_names: names the tasks of several --tuners files; got {len(tuners)} --tuners")
-    pipe = load_pipeline(args.pretrained_model_name_or_path, tuners[0] if len(tuners) == 1 else None,
-                         device=args.device, dtype=args.dtype, scheduler=settings.scheduler, scale=args.scale,
-                         karras_sigmas=settings.karras_sigmas, revision=args.revision, variant=args.variant)
+        raise ValueError(f"--task_names: names the tasks of several bypass --tuners files; got {len(tasks)} "
+                         "bypass file(s)")
+    shared = [s for i, s in enumerate(specs) if names is None or i not in tasks]  # on the backbone, for every task
+    pipe = load_pipeline(args.pretrained_model_name_or_path, shared, device=args.device, dtype=args.dtype,
+                         scheduler=settings.scheduler, karras_sigmas=settings.karras_sigmas, revision=args.revision,
+                         variant=args.variant, mix=mix, fuse=getattr(args, "fuse", False),
+                         compile_mode=getattr(args, "compile", None))
     kw = dict(height=args.height, width=args.width, progress=True)
     if names is None:
-        images = {None: generate(pipe, prompts, settings, **kw)[0]}
-    else:
-        handles = {name: load_tuners(pipe.unet, path, name=f"task:{name}") for name, path in zip(names, tuners)}
-        for handle in handles.values():
-            handle.scale = args.scale
-        images = generate_multitask(pipe, handles, prompts, settings, **kw)
+        images, used = {None: generate(pipe, prompts, settings, **kw)[0]}, [specs]
+    else:  # several bypass files: one image set per task, one backbone pass per step
+        handles = {}
+        for name, i in zip(names, tasks):
+            handles[name] = load_tuners(pipe.unet, specs[i][0], name=f"task:{name}")
+            handles[name].scale = specs[i][1]
+        images, used = generate_multitask(pipe, handles, prompts, settings, **kw), [[*shared, specs[i]] for i in tasks]
     paths = []
-    for (name, found), path in zip(images.items(), tuners or [None]):
-        records = _records(args, settings, prompts, path, found[0].size)
+    for (name, found), files in zip(images.items(), used):
+        records = _records(args, settings, prompts, files, found[0].size)
         paths += _save_all(found, out if name is None else out / name, records)
     return paths
 
 
-def _records(args, settings: SamplingSettings, prompts: list[str], tuners, size: tuple[int, int]) -> list[dict]:
-    """What made each image: written into its PNG text and the folder's index.json."""
-    sha = _sha256(tuners) if tuners else None
+def _records(args, settings: SamplingSettings, prompts: list[str], specs: list[tuple[str, float]],
+             size: tuple[int, int]) -> list[dict]:
+    """What made each image: written into its PNG text and the folder's index.json. One tuner file: its path, hash
+    and weight; several (mixed): lists of them."""
+    paths, weights = [str(p) for p, _ in specs], [w for _, w in specs]
+    sha = [_sha256(p) for p in paths]
+    one = lambda values: (values[0] if len(values) == 1 else values) if values else None  # noqa: E731
     return [{"prompt": p, "negative_prompt": settings.negative_prompt, "seed": settings.image_seed(i),
              "steps": settings.steps, "guidance_scale": settings.guidance_scale, "sampler": settings.label(),
              "width": size[0], "height": size[1], "model": str(args.pretrained_model_name_or_path),
-             "tuners": str(tuners) if tuners else None, "tuners_sha256": sha, "scale": args.scale if tuners else None}
+             "tuners": one(paths), "tuners_sha256": one(sha), "scale": one(weights)}
             for i, p in enumerate(prompts)]
 
 

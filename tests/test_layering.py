@@ -4,7 +4,7 @@ layer of DESIGN.md's picture, reaching (transitively) only its own layer and tho
 
     1 base       files, config, memory, hub, paper, kernel, placement, version, cli, fusion
     2 tuners     tuners/ (the registry in its __init__)
-    3 mechanism  attach, weights, exports, methods
+    3 mechanism  attach, weights, exports, methods, mixing
     4 models     models, samplers, sampling, report (it builds SD v1.5's UNet: above models, not below them)
     5 data       data/, latent_cache
     6 work       train/, generate, multitask, evaluation/, world, ema, modelcard, flags
@@ -121,7 +121,7 @@ def test_no_module_takes_another_modules_private_names():
 LAYERS = {
     1: ("files", "config", "memory", "hub", "paper", "kernel", "placement", "version", "cli", "fusion"),
     2: ("tuners", "tuners.*"),
-    3: ("attach", "weights", "exports", "methods"),
+    3: ("attach", "weights", "exports", "methods", "mixing"),
     4: ("models", "samplers", "sampling", "report"),
     5: ("data", "data.*", "latent_cache"),
     6: ("train", "train.*", "generate", "multitask", "evaluation", "evaluation.*", "world", "ema", "modelcard",
