@@ -154,7 +154,7 @@ class TunerHandle:
         param = next(unet.parameters())
         # a buffer of the tuner module: moves with handle.to(), never saved (non-persistent)
         self.module.register_buffer("scale", torch.ones((), device=param.device), persistent=False)
-        self._enabled = True
+        self._enabled, self._scale = True, 1.0
         self.scale_is_one = True  # a Python flag for the one path that must branch on it (bound prefix/prompt)
         self.full_unet = False  # full fine-tuning: the UNet's own weights are the trainables
         self.fused = False
@@ -249,7 +249,7 @@ class TunerHandle:
 
     @property
     def scale(self) -> float:
-        return float(self.scale_tensor)
+        return self._scale
 
     @scale.setter
     def scale(self, value: float) -> None:
@@ -258,9 +258,10 @@ class TunerHandle:
         if value < 0 and any(c.type in ("prefix", "prompt") for c in self.configs):
             raise ValueError(f"tuner set '{self.name}': the weight of a bound prefix/prompt multiplies its tokens' "
                              f"share of the attention, so it must be >= 0, got {value}")
+        self._scale = float(value)
         with torch.no_grad():
-            self.scale_tensor.fill_(float(value))  # in place: a compiled graph reads the new value, no recompile
-        self.scale_is_one = float(value) == 1.0
+            self.scale_tensor.fill_(self._scale)  # in place: a compiled graph reads the new value, no recompile
+        self.scale_is_one = self._scale == 1.0
         self._changed()
 
     @property
