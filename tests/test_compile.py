@@ -101,7 +101,7 @@ def test_inductor_compiled_unet_equals_eager_per_tuner_type(unet, unet_inputs, n
         handle.scale = 0.5
         compiled = run_unet(unet, unet_inputs)
     assert graphs() == 1
-    if "cannot be fused" not in str(handle.fusable()) and handle.fusable() and name != "full":
+    if name != "full" and any(not what.startswith("not fused") for what in handle.fusable().values()):
         handle.fuse()  # fusing changes guarded state once (a flag, a cache): one recompile, then none
         fused = run_unet(unet, unet_inputs)
         with torch._dynamo.config.patch(error_on_recompile=True):

@@ -39,12 +39,12 @@ def run(code: str, replace: dict[str, str], namespace: dict) -> dict:
 
 
 def test_readme_has_the_python_snippets_this_file_runs():
-    assert len(SNIPPETS) == 3
+    assert len(SNIPPETS) == 4
 
 
 def test_load_pipeline_snippet_generates_with_the_tuners(tmp_path):
     path = tuner_file(tmp_path / "t.safetensors", {"type": "res_adapter", "dim": 4}, seed=0)
-    ns = run(snippet("rd.load_pipeline"), {"/models/stable-diffusion-v1-5": "tiny-random",
+    ns = run(snippet('tuners="out/res_tuning/tuners.safetensors")'), {"/models/stable-diffusion-v1-5": "tiny-random",
                                            "out/res_tuning/tuners.safetensors": str(path),
                                            "num_inference_steps=50": "num_inference_steps=2"}, {})
     assert isinstance(ns["image"], Image.Image)
@@ -74,6 +74,19 @@ def test_multitask_snippet_gives_one_image_list_per_task(tmp_path):
     images = ns["images"]
     assert list(images) == ["dogs", "cars"]
     assert all(len(v) == 1 and isinstance(v[0], Image.Image) for v in images.values())
+
+
+def test_mixing_snippet_loads_at_weights_fuses_reweights_and_unfuses(tmp_path):
+    lora = tuner_file(tmp_path / "lora.safetensors", {"type": "lora", "rank": 4}, seed=1)
+    res = tuner_file(tmp_path / "res.safetensors", {"type": "res_adapter", "dim": 4}, seed=2)
+    ns = run(snippet("set_tuner_weights(pipe"), {"/models/stable-diffusion-v1-5": "tiny-random",
+                                                "out/lora/tuners.safetensors": str(lora),
+                                                "out/res_tuning/tuners.safetensors": str(res),
+                                                "num_inference_steps=50": "num_inference_steps=2"}, {})
+    handles = ns["pipe"].tuner_handles
+    assert isinstance(ns["image"], Image.Image)
+    assert {n: h.scale for n, h in handles.items()} == {"lora": 0.5, "res": 1.0}
+    assert not handles["lora"].fused
 
 
 def test_every_config_in_the_readme_table_exists_and_every_config_is_in_it():

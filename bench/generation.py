@@ -1,0 +1,443 @@
+"""What each tuner costs per denoising step at inference (issue 26): seconds per step with classifier-free guidance at
+512 px (64x64 latents, 77x768 text, batch 1 -> 2 UNet rows, a DDIM step) on the SD v1.5 UNet architecture with
+random weights, the base vs each shipped config (configs/*.yaml), eager / fused / compiled / fused+compiled, and
+K = 1, 2, 4 bypass tasks (restune_diffusion.multitask); peak memory beside each.
+
+    python bench/generation.py                              # CPU, every row -> bench/results/generation-cpu.{md,json}
+    python bench/generation.py --device cuda                # fp16 -> generation-cuda.{md,json}
+    python bench/generation.py --configs base lora res_tuning --variants eager fused   # a few rows, same file
+    python bench/generation.py --quick --out /tmp/gen       # tiny UNet, 1 step, one process (tests)
+
+One process per row (--quick: one for all, and dynamo's "eager" backend for the compiled rows: plumbing only), so
+peaks don't mix; ratios are to the base's step measured in the same run. A run adds its rows to a results file of
+the same settings. Tuner weights are left at their initialisation: time and memory don't depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/generation.py` from anywhere, without installing the package
+    sys.path.insert(0, str(ROOT))
+
+
+def load_efficiency():
+    """bench/efficiency.py as a module: its memory probes (VmHWM reset, CUDA peaks), timer and machine info."""
+    spec = importlib.util.spec_from_file_location("bench_efficiency", ROOT / "bench" / "efficiency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports no torch at module level
+    return module
+
+
+bench = load_efficiency()
+CONFIGS = {p.stem: p for p in sorted((ROOT / "configs").glob("*.yaml")) if p.stem != "tiny_demo"}
+BASE, BYPASS = "base", "res_tuning_bypass"
+VARIANTS = ("eager", "fused", "compiled", "fused+compiled")
+TASKS = (1, 2, 4)
+GUIDANCE, SCHEDULE_STEPS = 7.5, 50  # a generation's steps: step 1 shares the backbone across tasks, the rest do not
+DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "fp16"}
+
+
+def row_name(config: str, variant: str) -> str:
+    return config if variant == "eager" else f"{config}:{variant}"
+
+
+def task_row(k: int, variant: str) -> str:
+    return row_name(f"tasks_k{k}", variant)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one row: build, attach, fuse, compile, time denoising steps
+
+
+def build(config: str, variant: str, opts: dict, tasks: int = 0):
+    """(UNet ready for the row, tuner handles, fuse plan or None). Raises ValueError when the row cannot be made."""
+    import torch
+
+    from restune_diffusion.attach import attach
+    from restune_diffusion.models import build_unet
+
+    device, dtype = torch.device(opts["device"]), bench.torch_dtype(opts["dtype"])
+    torch.manual_seed(0)
+    unet = build_unet(opts["model"], device=device, dtype=dtype).eval()
+    if tasks:
+        handles = [attach(unet, CONFIGS[BYPASS], name=f"task{i}") for i in range(tasks)]
+    else:
+        handles = [] if config == BASE else [attach(unet, CONFIGS[config], name=config)]
+    unet.requires_grad_(False)  # inference (a full set made the UNet trainable)
+    plan = handles[0].fuse() if "fused" in variant else None  # ValueError: nothing in the set can be fused
+    if "compiled" in variant:
+        torch._dynamo.reset()
+        if opts["quick"]:  # tracing, guards and graph breaks without inductor's minutes of codegen
+            unet.compile(fullgraph=True, backend="eager")
+        else:
+            from restune_diffusion.mixing import compile_unet
+
+            compile_unet(unet, opts["compile_mode"])
+    return unet, handles, plan
+
+
+def step_inputs(unet, opts: dict):
+    """Latents (1, 4, S, S), text states (2, 77, D) for [unconditional, prompt], a DDIM scheduler at its timesteps."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    device, dtype = torch.device(opts["device"]), bench.torch_dtype(opts["dtype"])
+    g = torch.Generator().manual_seed(0)
+    size, width = opts["latent_size"], unet.config.cross_attention_dim
+    latents = torch.randn(1, unet.config.in_channels, size, size, generator=g).to(device, dtype)
+    text = torch.randn(2, 77, width, generator=g).to(device, dtype)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False)
+    scheduler.set_timesteps(SCHEDULE_STEPS, device=device)
+    return latents, text, scheduler
+
+
+def denoise(scheduler, t, eps, latents):
+    """Guidance on (uncond, cond) rows and one DDIM step: (2, 4, S, S) -> (1, 4, S, S)."""
+    uncond, cond = eps.chunk(2)
+    return scheduler.step(uncond + GUIDANCE * (cond - uncond), t, latents, return_dict=False)[0]
+
+
+def time_steps(step, opts: dict, device) -> tuple[list[float], float]:
+    """(timed step seconds, first call seconds: includes compilation) over warm-up + timed steps."""
+    times = [bench.timed(lambda i=i: step(i), device)[0] for i in range(opts["warmup"] + opts["steps"])]
+    return times[opts["warmup"]:], times[0]
+
+
+def measure_row(config: str, variant: str, opts: dict) -> dict:
+    """One denoising step with CFG: the UNet on 2 rows, guidance, a DDIM step. Peak memory from after the build."""
+    import torch
+
+    device = torch.device(opts["device"])
+    start = time.perf_counter()
+    unet, handles, plan = build(config, variant, opts)
+    build_s = time.perf_counter() - start
+    latents, text, scheduler = step_inputs(unet, opts)
+    weights = bench.memory_in_use(device)
+    bench.reset_peak(device)
+
+    @torch.no_grad()
+    def step(i):
+        t = scheduler.timesteps[i % SCHEDULE_STEPS]
+        eps = unet(scheduler.scale_model_input(torch.cat([latents] * 2), t), t, text).sample  # (2, 4, S, S)
+        return denoise(scheduler, t, eps, latents)
+
+    times, first = time_steps(step, opts, device)
+    return {"step_s": statistics.median(times), "step_times_s": times, "first_call_s": first,
+            "peak_bytes": bench.peak_memory(device), "weights_bytes": weights, "build_s": build_s,
+            "params": sum(h.num_parameters() for h in handles) if config != "full" else None,
+            "fuse": plan}
+
+
+def measure_tasks(k: int, variant: str, opts: dict) -> dict:
+    """K bypass tasks from one noise and prompt (generate_multitask): at step 1 their inputs are equal and one
+    backbone pass on 2 rows feeds every bypass; from step 2 each task has its own latents, stacked to K·2 rows."""
+    import torch
+
+    from restune_diffusion.multitask import multitask_unet_forward
+
+    device = torch.device(opts["device"])
+    unet, handles, _ = build(BYPASS, variant, opts, tasks=k)
+    latents, text, scheduler = step_inputs(unet, opts)
+    bench.reset_peak(device)
+
+    def step(shared: bool):
+        @torch.no_grad()
+        def run(i):
+            t = scheduler.timesteps[i % SCHEDULE_STEPS]
+            x = scheduler.scale_model_input(torch.cat([latents] * 2), t)  # (2, 4, S, S)
+            if shared:
+                eps = multitask_unet_forward(unet, handles, x, t, text, broadcast=True)  # (K·2, 4, S, S)
+            else:
+                eps = multitask_unet_forward(unet, handles, x.repeat(k, 1, 1, 1), t, text.repeat(k, 1, 1))
+            return [denoise(scheduler, t, e, latents) for e in eps.chunk(k)]
+        return run
+
+    first_times, first_call = time_steps(step(True), opts, device)
+    later_times, _ = time_steps(step(False), opts, device)
+    first, later = statistics.median(first_times), statistics.median(later_times)
+    return {"k": k, "first_step_s": first, "later_step_s": later, "first_call_s": first_call,
+            "step_s": (first + (SCHEDULE_STEPS - 1) * later) / SCHEDULE_STEPS, "step_times_s": later_times,
+            "peak_bytes": bench.peak_memory(device)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# worker process
+
+
+def worker(rows: list[str], opts: dict, result_path: Path) -> int:
+    import torch
+
+    if opts["quick"]:
+        torch.set_num_threads(1)
+    results = {"environment": bench.environment(opts["device"]), "rows": {}}
+    for row in rows:
+        load_before = os.getloadavg()[0]
+        config, _, variant = row.partition(":")
+        variant = variant or "eager"
+        try:
+            if config.startswith("tasks_k"):
+                entry = {"status": "ok", **measure_tasks(int(config[len("tasks_k"):]), variant, opts)}
+            else:
+                entry = {"status": "ok", **measure_row(config, variant, opts)}
+        except ValueError as err:  # a row that cannot be made (nothing to fuse): its reason is the result
+            entry = {"status": "skipped", "note": str(err)}
+        except Exception as err:  # one broken row must not take the others down; the report names it
+            entry = {"status": "error", "note": f"{type(err).__name__}: {err}"}
+            print(f"[bench] {row}: {entry['note']}", file=sys.stderr)
+        entry.update(config=config, variant=variant, load_avg=[load_before, os.getloadavg()[0]])
+        results["rows"][row] = entry
+        bench.write_atomic(result_path, json.dumps(results))  # partial results survive a crash in a later row
+    return 0
+
+
+def run_worker(rows: list[str], opts: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", ",".join(rows), "--result", str(result),
+               "--opts", json.dumps(opts)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        data = json.loads(result.read_text()) if result.is_file() else {"rows": {}}
+    why = f"worker exited with {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-3:])
+    for row in rows:
+        data["rows"].setdefault(row, {"status": "error", "note": why})
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ratios, targets, markdown
+
+
+def derive(rows: dict) -> None:
+    """Each row's step and peak as ratios to the base's (eager, same run); fused and compiled rows' step to the row
+    they change (fused and compiled: the eager one; fused+compiled: the fused one); a task row's to one task's."""
+    ok = {n: r for n, r in rows.items() if r.get("status") == "ok"}
+    base = ok.get(BASE, {})
+    before = {"fused": "eager", "compiled": "eager", "fused+compiled": "fused"}
+    for row in ok.values():
+        row["step_vs_base"] = bench._ratio(row["step_s"], base.get("step_s"))
+        row["peak_vs_base"] = bench._ratio(row["peak_bytes"], base.get("peak_bytes"))
+        reference = ok.get(row_name(row["config"], before.get(row["variant"], "")), {})
+        row["step_vs_eager"] = bench._ratio(row["step_s"], reference.get("step_s"))
+        if "k" in row:
+            one = ok.get(task_row(1, row["variant"]), {})
+            row["step_vs_one_task"] = bench._ratio(row["step_s"], one.get("step_s"))
+
+
+def targets(rows: dict) -> list[dict]:
+    """Issue 26's figures to reach (CPU), each with a cause where the miss is structural."""
+    ok = {n: r for n, r in rows.items() if r.get("status") == "ok"}
+    found = []
+
+    def check(name, value, bound, cause=None):
+        passed = None if value is None else value <= bound
+        found.append({"target": name, "measured": value, "bound": bound, "passed": passed,
+                      "cause": cause if passed is False else None})
+
+    get = lambda row, key: ok.get(row, {}).get(key)  # noqa: E731
+    check("lora fused step = base's (<= 1.02x: timing noise)", get("lora:fused", "step_vs_base"), 1.02)
+    check("res_tuning step <= 1.05x base's", get("res_tuning", "step_vs_base"), 1.05)
+    check("res_tuning fused step <= 1.05x base's", get("res_tuning:fused", "step_vs_base"), 1.05)
+    check("res_tuning_bypass step <= 1.10x base's", get(BYPASS, "step_vs_base"), 1.10)
+    k4, k1 = ok.get(task_row(4, "eager"), {}), ok.get(task_row(1, "eager"), {})
+    shared = bench._ratio(k4.get("first_step_s"), k1.get("first_step_s"))
+    check(f"K=4 bypass tasks: step (mean of {SCHEDULE_STEPS}) <= 1.5x one task's", get(task_row(4, "eager"),
+          "step_vs_one_task"), 1.5,
+          "each task's latents follow its own trajectory from step 2, so the backbone runs on K·2 rows there (the "
+          f"same FLOPs as K passes); only step 1 shares one backbone pass (K=4 / K=1 at step 1: "
+          f"{'–' if shared is None else f'{shared:.2f}x'})")
+    for name, row in ok.items():  # compiled <= eager for every config (and fused+compiled <= fused)
+        if row["variant"] in ("compiled", "fused+compiled"):
+            before = "fused" if row["variant"] == "fused+compiled" else "eager"
+            check(f"{name} step <= {row_name(row['config'], before)}'s", row.get("step_vs_eager"), 1.0)
+    return found
+
+
+def _f(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def row_table(rows: dict) -> list[str]:
+    lines = ["| row | config | variant | step (s) | × base | × uncompiled/unfused | peak (GB) | peak × base | "
+             "first call (s) | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if "k" in r or name.startswith("tasks_k"):
+            continue
+        if r.get("status") != "ok":
+            lines.append(f"| `{name}` | {r.get('config')} | {r.get('variant')} | {r['status']} | | | | | | "
+                         f"{r.get('note', '')} |")
+            continue
+        note = "; ".join(f"{k}: {v}" for k, v in (r.get("fuse") or {}).items())
+        lines.append(f"| `{name}` | {r['config']} | {r['variant']} | {bench._s(r['step_s'])} | "
+                     f"{_f(r.get('step_vs_base'), 3)} | {_f(r.get('step_vs_eager'), 3)} | "
+                     f"{bench._gb(r['peak_bytes'])} | {_f(r.get('peak_vs_base'), 3)} | {bench._s(r['first_call_s'])} | "
+                     f"{note} |")
+    return lines
+
+
+def task_table(rows: dict) -> list[str]:
+    lines = ["| row | K tasks | step 1: one backbone pass (s) | steps 2+: K·2 rows (s) | "
+             f"mean of {SCHEDULE_STEPS} steps (s) | × one task | × base | peak (GB) |", "|---" * 8 + "|"]
+    for name, r in rows.items():
+        if not name.startswith("tasks_k"):
+            continue
+        if r.get("status") != "ok":
+            lines.append(f"| `{name}` | {r.get('status')}: {r.get('note', '')} | | | | | | |")
+            continue
+        lines.append(f"| `{name}` | {r['k']} | {bench._s(r['first_step_s'])} | {bench._s(r['later_step_s'])} | "
+                     f"{bench._s(r['step_s'])} | {_f(r.get('step_vs_one_task'), 3)} | {_f(r.get('step_vs_base'), 3)} | "
+                     f"{bench._gb(r['peak_bytes'])} |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    s, env, mach = report["settings"], report["environment"], report["machine"]
+    lines = [f"# Generation: seconds per denoising step, {'tiny UNet (--quick)' if s['quick'] else 'SD v1.5 UNet'}",
+             "", *[f"`{r['command']}`  " for r in report["runs"]],
+             f"{s['device']} ({env.get('gpu') or mach.get('cpu')}, {mach.get('cores')} cores), torch "
+             f"{env.get('torch')}, diffusers {env.get('diffusers')}; {s['dtype']} UNet, latents {s['latent_size']}x"
+             f"{s['latent_size']}, batch 1 with classifier-free guidance (2 UNet rows), a DDIM step; median of "
+             f"{s['steps']} steps after {s['warmup']} warm-up (compilation is in the warm-up: 'first call').", "",
+             "Variants: eager (tuners as hooks and processors); fused (`handle.fuse()`: LoRA folded into its "
+             "weights, prompt/prefix K/V computed once); compiled (`torch.compile(fullgraph=True)`, mode "
+             f"{s['compile_mode']}" + (", dynamo's eager backend in --quick" if s["quick"] else "") + ").", "",
+             *row_table(report["rows"]), "", "## Bypass tasks (restune_diffusion.multitask)", "",
+             *task_table(report["rows"]), "",
+             "Step 1: all tasks start from one noise and prompt, so one backbone pass feeds every bypass. From step 2 "
+             "each task has its own latents: the K·2 rows are stacked into one backbone call.", "", "## Targets", "",
+             "```"]
+    for t in report["targets"]:
+        verdict = {True: "PASS", False: "MISS", None: "SKIP"}[t["passed"]]
+        value = "not measured" if t["measured"] is None else f"{t['measured']:.3f}x"
+        lines.append(f"{verdict}  {t['target']}: {value}" + (f"  (cause: {t['cause']})" if t["cause"] else ""))
+    lines.append("```")
+    loads = [x for r in report["rows"].values() for x in r.get("load_avg", [])]
+    if loads and max(loads) > 1.5 * (mach.get("cores") or 1):
+        lines += ["", f"Note: the machine was shared (1-min load average up to {max(loads):.1f} on "
+                  f"{mach.get('cores')} cores): step times are inflated and noisy."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def plan_rows(configs: list[str], variants: list[str], tasks: list[int]) -> list[str]:
+    rows = []
+    for config in configs:
+        for variant in variants:
+            if config == BASE and "fused" in variant:
+                continue  # nothing to fuse
+            rows.append(row_name(config, variant))
+    rows += [task_row(k, v) for k in tasks for v in variants if "fused" not in v]  # a bypass cannot be fused
+    return rows
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=[BASE, *CONFIGS], choices=[BASE, *CONFIGS])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--tasks", nargs="*", type=int, default=list(TASKS), help="K bypass tasks (none: no task rows)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default=None, choices=bench.DTYPES, help="default: fp32 on cpu, fp16 on cuda")
+    p.add_argument("--latent_size", type=int, default=None, help="latent side (default 64 = 512 px; quick: 8)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps, median reported (default: cpu 3, cuda 10)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2: compilation)")
+    p.add_argument("--compile_mode", default="default", help="torch.compile mode (cuda: try reduce-overhead)")
+    p.add_argument("--quick", action="store_true", help="tiny UNet, 1 step, one process (tests)")
+    p.add_argument("--out", type=Path, default=None, help="folder for generation-<device>.md/.json")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--opts", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("latent_size", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if any(k < 1 for k in args.tasks):
+        p.error(f"--tasks: K must be positive, got {args.tasks}")
+    return args
+
+
+def settings_from(args) -> dict:
+    cpu = args.device == "cpu"
+    return {"device": args.device, "dtype": args.dtype or DEFAULT_DTYPE[args.device], "quick": args.quick,
+            "model": "tiny" if args.quick else "sd15", "latent_size": args.latent_size or (8 if args.quick else 64),
+            "steps": args.steps or (1 if args.quick else 3 if cpu else 10),
+            "warmup": args.warmup if args.warmup is not None else (1 if args.quick else 2),
+            "compile_mode": args.compile_mode}
+
+
+def result_tag(opts: dict) -> str:
+    """generation-cpu, generation-cuda (+ -<dtype> off the device's default, -<px> off 512, -quick)."""
+    tag = f"generation-{opts['device']}"
+    if opts["dtype"] != DEFAULT_DTYPE[opts["device"]]:
+        tag += f"-{opts['dtype']}"
+    if not opts["quick"] and opts["latent_size"] != 64:
+        tag += f"-{opts['latent_size'] * 8}"
+    return tag + ("-quick" if opts["quick"] else "")
+
+
+def merge_earlier(path: Path, opts: dict, rows: dict) -> list[dict]:
+    """Rows of an earlier run into `path` with the same settings that this run did not measure are kept; returns
+    the earlier runs that still supply a row."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if earlier.get("settings") != opts:
+        print(f"[bench] {path} was written with other settings: replacing it", flush=True)
+        return []
+    kept = {n: r for n, r in earlier.get("rows", {}).items() if n not in rows}
+    rows.update(kept)
+    return [r for r in earlier.get("runs", []) if set(r["measured"]) & set(kept)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args.worker.split(","), json.loads(args.opts), args.result)
+    opts = settings_from(args)
+    planned = plan_rows(list(dict.fromkeys(args.configs)), list(dict.fromkeys(args.variants)), args.tasks)
+    rows, env = {}, {}
+    for group in [planned] if args.quick else [[r] for r in planned]:
+        start = time.perf_counter()
+        data = run_worker(group, opts)
+        env = data.get("environment", env)
+        rows.update(data["rows"])
+        for name in group:
+            r = rows[name]
+            what = f"step {bench._s(r['step_s'])} s" if r.get("status") == "ok" else f"{r['status']}: {r.get('note')}"
+            print(f"[bench] {name}: {what} ({time.perf_counter() - start:.0f} s)", flush=True)
+    out = args.out or ROOT / "bench" / "results"
+    tag = result_tag(opts)
+    command = shlex.join(["python", "bench/generation.py", *(sys.argv[1:] if argv is None else argv)])
+    runs = merge_earlier(out / f"{tag}.json", opts, rows)
+    runs.append({"command": command, "at": time.strftime("%Y-%m-%d %H:%M:%S"), "measured": planned})
+    rows = {n: rows[n] for n in [*plan_rows([BASE, *CONFIGS], list(VARIANTS), sorted({*TASKS, *args.tasks})), *rows]
+            if n in rows}
+    derive(rows)
+    report = {"command": command, "runs": runs, "settings": opts, "machine": bench.machine(), "environment": env,
+              "rows": rows}
+    report["targets"] = targets(rows)
+    text = markdown(report)
+    bench.write_atomic(out / f"{tag}.json", json.dumps(report, indent=1))
+    bench.write_atomic(out / f"{tag}.md", text)
+    print(text)
+    print(f"[bench] wrote {out / tag}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

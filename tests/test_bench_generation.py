@@ -1,0 +1,88 @@
+"""bench/generation.py: the --quick run measures rows of every kind (eager, fused, compiled, bypass tasks) on the tiny
+UNet and writes its JSON and table; ratios are to rows of the same run and the targets are judged on them."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "generation.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_generation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports no torch: the parent process only runs workers
+    return module
+
+
+def test_quick_run_measures_eager_fused_compiled_and_task_rows(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--configs", "base", "lora", "res_tuning_bypass", "--variants",
+           "eager", "fused", "compiled", "--tasks", "1", "4", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "generation-cpu-quick.json").read_text())
+    rows = report["rows"]
+    assert list(rows) == ["base", "base:compiled", "lora", "lora:fused", "lora:compiled", "res_tuning_bypass",
+                          "res_tuning_bypass:fused", "res_tuning_bypass:compiled", "tasks_k1", "tasks_k1:compiled",
+                          "tasks_k4", "tasks_k4:compiled"]
+    refused = rows.pop("res_tuning_bypass:fused")
+    assert refused["status"] == "skipped" and "cannot be fused: bypass is a side network" in refused["note"]
+    for name, row in rows.items():
+        assert row["status"] == "ok", (name, row.get("note"))
+        assert row["step_s"] > 0 and row["peak_bytes"] > 0 and row["step_vs_base"] > 0, name
+    assert rows["base"]["step_vs_base"] == 1.0
+    assert rows["lora:fused"]["fuse"] == {"lora": "folded into 56 projection weights"}
+    assert rows["lora:fused"]["step_vs_eager"] == pytest.approx(rows["lora:fused"]["step_s"] / rows["lora"]["step_s"])
+    k4 = rows["tasks_k4"]
+    assert k4["first_step_s"] > 0 and k4["later_step_s"] > 0 and rows["tasks_k1"]["step_vs_one_task"] == 1.0
+    assert k4["step_s"] == pytest.approx((k4["first_step_s"] + 49 * k4["later_step_s"]) / 50)
+    found = {t["target"]: t for t in report["targets"]}
+    assert found["K=4 bypass tasks: step (mean of 50) <= 1.5x one task's"]["measured"] == k4["step_vs_one_task"]
+    assert "lora:compiled step <= lora's" in found and "tasks_k4:compiled step <= tasks_k4's" in found
+    table = (tmp_path / "generation-cpu-quick.md").read_text()
+    assert "| `lora:fused` | lora | fused |" in table and "| `tasks_k4` | 4 |" in table and "## Targets" in table
+
+
+def test_targets_are_ratios_of_one_run_and_a_miss_says_its_cause():
+    bench = load_bench()
+    row = lambda config, variant, step, **kw: dict(status="ok", config=config, variant=variant, step_s=step,  # noqa: E731
+                                                    peak_bytes=1e9, **kw)
+    rows = {
+        "base": row("base", "eager", 2.0), "lora:fused": row("lora", "fused", 2.01),
+        "lora": row("lora", "eager", 2.4), "lora:compiled": row("lora", "compiled", 2.5),
+        "res_tuning": row("res_tuning", "eager", 2.2), "res_tuning_bypass": row("res_tuning_bypass", "eager", 2.1),
+        "tasks_k1": row("tasks_k1", "eager", 2.1, k=1, first_step_s=2.1),
+        "tasks_k4": row("tasks_k4", "eager", 7.9, k=4, first_step_s=2.3),
+    }
+    bench.derive(rows)
+    found = {t["target"]: t for t in bench.targets(rows)}
+    assert found["lora fused step = base's (<= 1.02x: timing noise)"]["passed"] is True  # 1.005
+    assert found["res_tuning step <= 1.05x base's"]["passed"] is False  # 1.1
+    assert found["res_tuning fused step <= 1.05x base's"]["passed"] is None  # not measured
+    assert found["res_tuning_bypass step <= 1.10x base's"]["passed"] is True  # 1.05
+    assert found["lora:compiled step <= lora's"]["passed"] is False and found["lora:compiled step <= lora's"][
+        "measured"] == pytest.approx(2.5 / 2.4)
+    k4 = found["K=4 bypass tasks: step (mean of 50) <= 1.5x one task's"]
+    assert k4["passed"] is False and k4["measured"] == pytest.approx(7.9 / 2.1)
+    assert "backbone runs on K·2 rows" in k4["cause"] and "at step 1: 1.10x" in k4["cause"]
+    assert found["res_tuning step <= 1.05x base's"]["cause"] is None  # no known structural cause: the lead says
+
+
+def test_a_partial_run_adds_its_rows_to_a_file_of_the_same_settings(tmp_path):
+    bench = load_bench()
+    opts = bench.settings_from(bench.parse_args(["--configs", "base"]))
+    assert bench.result_tag(opts) == "generation-cpu" and opts["latent_size"] == 64 and opts["dtype"] == "fp32"
+    assert bench.result_tag(bench.settings_from(bench.parse_args(["--device", "cuda"]))) == "generation-cuda"
+    path = tmp_path / "generation-cpu.json"
+    path.write_text(json.dumps({"settings": opts, "rows": {"base": {"step_s": 1.0}, "lora": {"step_s": 2.0}},
+                                "runs": [{"command": "first", "measured": ["base", "lora"]}]}))
+    rows = {"lora": {"step_s": 3.0}}
+    assert bench.merge_earlier(path, opts, rows) == [{"command": "first", "measured": ["base", "lora"]}]
+    assert rows == {"lora": {"step_s": 3.0}, "base": {"step_s": 1.0}}  # measured now wins, the rest is kept
+    rows = {}
+    assert bench.merge_earlier(path, dict(opts, steps=9), rows) == [] and rows == {}  # other settings: replaced
