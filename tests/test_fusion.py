@@ -1,6 +1,7 @@
 """handle.fuse()/unfuse() (restune_diffusion/fusion.py, issue 26): what is exact is folded in, unfuse is bit for bit,
 fused K/V follow every change of what they are made of, and what cannot be fused says why."""
 
+import collections
 import logging
 
 import pytest
@@ -224,3 +225,36 @@ def test_fused_kv_follow_every_change_of_what_they_are_made_of(unet, unet_inputs
     prompt.unfuse()
     expected = run_unet(unet, unet_inputs)
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+
+
+class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops a forward dispatches, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops(unet, inputs) -> collections.Counter:
+    with CountOps() as counter:
+        run_unet(unet, inputs)
+    return counter.ops
+
+
+def test_a_fused_lora_runs_exactly_the_base_models_ops_and_fused_kv_drop_their_projections(unet, unet_inputs):
+    base = aten_ops(unet, unet_inputs)
+    lora = attach(unet, {"type": "lora", "rank": 4}, name="lora")
+    perturb(lora, std=0.1)
+    assert sum(aten_ops(unet, unet_inputs).values()) > sum(base.values())
+    lora.fuse()
+    assert aten_ops(unet, unet_inputs) == base  # the LoRA row's fused cost is the base's, op for op
+    prompt = attach(unet, {"type": "prompt", "num_tokens": 4}, name="prompt")
+    unfused = aten_ops(unet, unet_inputs)
+    prompt.fuse()
+    aten_ops(unet, unet_inputs)  # fills the caches
+    fused = aten_ops(unet, unet_inputs)
+    assert sum((unfused - fused).values()) >= 2 * 7 and not fused - unfused  # W_k, W_v on the tokens of 7 attn1
