@@ -20,6 +20,7 @@ _LAZY = {
     "load_model": "restune_diffusion.models",
     "load_sd15": "restune_diffusion.models",
     "build_tiny_sd": "restune_diffusion.models",
+    "set_tuner_weights": "restune_diffusion.mixing",
 }
 __all__ = sorted(["attach", "attached_sets", "load_tuners", "save_tuners", *_LAZY])
 

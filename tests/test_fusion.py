@@ -258,3 +258,25 @@ def test_a_fused_lora_runs_exactly_the_base_models_ops_and_fused_kv_drop_their_p
     aten_ops(unet, unet_inputs)  # fills the caches
     fused = aten_ops(unet, unet_inputs)
     assert sum((unfused - fused).values()) >= 2 * 7 and not fused - unfused  # W_k, W_v on the tokens of 7 attn1
+
+
+def test_a_full_set_reweighted_under_a_fused_lora_keeps_both_exact(unet, unet_inputs):
+    before = snapshot(unet)
+    full = attach(unet, {"type": "full"}, name="full")
+    full.keep_base_weights()
+    perturb(full, std=0.01)
+    lora = attach(unet, {"type": "lora", "rank": 4}, name="lora")
+    perturb(lora, std=0.1, seed=4)
+    full.scale = 0.5
+    unfused = run_unet(unet, unet_inputs)
+    full.scale = 1.0
+    lora.fuse()
+    full.scale = 0.5  # rewrites the UNet's weights under the fused LoRA's delta, which is added back after
+    torch.testing.assert_close(run_unet(unet, unet_inputs), unfused, rtol=0, atol=2e-6)
+    lora.unfuse()
+    assert torch.equal(run_unet(unet, unet_inputs), unfused)
+    lora.fuse()
+    full.detach()
+    lora.detach()
+    assert_same_tensors(unet, before)
+

@@ -164,6 +164,14 @@ def test_load_pipeline_names_and_weights_the_files(files, tmp_path):
     assert pipe.tuner_handles["y"].scale == 0.0
 
 
+def test_compile_unet_compiles_in_place_so_the_handles_keep_their_unet(tmp_path):
+    sd = rd.build_tiny_sd(0)
+    path = rd.save_tuners(tmp_path / "t.safetensors", attach(sd.unet, {"type": "lora", "rank": 4}))
+    pipe = rd.load_pipeline("tiny-random", tuners=path, device="cpu", compile_mode="default")
+    assert pipe.unet._compiled_call_impl is not None  # compiled lazily, at the first call
+    assert rd.attached_sets(pipe.unet) == pipe.tuner_handles and pipe.tuner_handles["default"].unet is pipe.unet
+
+
 def _generate(argv):
     from test_generate import _generate_main
 
