@@ -313,8 +313,8 @@ def markdown(report: dict) -> str:
              "Variants: eager (tuners as hooks and processors); fused (`handle.fuse()`: LoRA folded into its "
              "weights, prompt/prefix K/V computed once); compiled (`torch.compile(fullgraph=True)`, mode "
              f"{s['compile_mode']}" + (", dynamo's eager backend in --quick" if s["quick"] else "") + ").", "",
-             *row_table(report["rows"]), "", "## Bypass tasks (restune_diffusion.multitask)", "",
-             *task_table(report["rows"]), "",
+             *row_table(report["methods"]), "", "## Bypass tasks (restune_diffusion.multitask)", "",
+             *task_table(report["methods"]), "",
              "Step 1: all tasks start from one noise and prompt, so one backbone pass feeds every bypass. From step 2 "
              "each task has its own latents: the K·2 rows are stacked into one backbone call.", "", "## Targets", "",
              "```"]
@@ -323,7 +323,7 @@ def markdown(report: dict) -> str:
         value = "not measured" if t["measured"] is None else f"{t['measured']:.3f}x"
         lines.append(f"{verdict}  {t['target']}: {value}" + (f"  (cause: {t['cause']})" if t["cause"] else ""))
     lines.append("```")
-    loads = [x for r in report["rows"].values() for x in r.get("load_avg", [])]
+    loads = [x for r in report["methods"].values() for x in r.get("load_avg", [])]
     if loads and max(loads) > 1.5 * (mach.get("cores") or 1):
         lines += ["", f"Note: the machine was shared (1-min load average up to {max(loads):.1f} on "
                   f"{mach.get('cores')} cores): step times are inflated and noisy."]
@@ -389,21 +389,6 @@ def result_tag(opts: dict) -> str:
     return tag + ("-quick" if opts["quick"] else "")
 
 
-def merge_earlier(path: Path, opts: dict, rows: dict) -> list[dict]:
-    """Rows of an earlier run into `path` with the same settings that this run did not measure are kept; returns
-    the earlier runs that still supply a row."""
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    if earlier.get("settings") != opts:
-        print(f"[bench] {path} was written with other settings: replacing it", flush=True)
-        return []
-    kept = {n: r for n, r in earlier.get("rows", {}).items() if n not in rows}
-    rows.update(kept)
-    return [r for r in earlier.get("runs", []) if set(r["measured"]) & set(kept)]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -423,13 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "bench" / "results"
     tag = result_tag(opts)
     command = shlex.join(["python", "bench/generation.py", *(sys.argv[1:] if argv is None else argv)])
-    runs = merge_earlier(out / f"{tag}.json", opts, rows)
+    runs = bench.merge_earlier(out / f"{tag}.json", opts, rows, {})  # rows of earlier runs, same settings, kept
     runs.append({"command": command, "at": time.strftime("%Y-%m-%d %H:%M:%S"), "measured": planned})
     rows = {n: rows[n] for n in [*plan_rows([BASE, *CONFIGS], list(VARIANTS), sorted({*TASKS, *args.tasks})), *rows]
             if n in rows}
     derive(rows)
     report = {"command": command, "runs": runs, "settings": opts, "machine": bench.machine(), "environment": env,
-              "rows": rows}
+              "methods": rows}  # "methods": the key bench/efficiency.py's merge_earlier reads
     report["targets"] = targets(rows)
     text = markdown(report)
     bench.write_atomic(out / f"{tag}.json", json.dumps(report, indent=1))

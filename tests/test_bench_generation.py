@@ -26,7 +26,7 @@ def test_quick_run_measures_eager_fused_compiled_and_task_rows(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "generation-cpu-quick.json").read_text())
-    rows = report["rows"]
+    rows = report["methods"]
     assert list(rows) == ["base", "base:compiled", "lora", "lora:fused", "lora:compiled", "res_tuning_bypass",
                           "res_tuning_bypass:fused", "res_tuning_bypass:compiled", "tasks_k1", "tasks_k1:compiled",
                           "tasks_k4", "tasks_k4:compiled"]
@@ -79,10 +79,10 @@ def test_a_partial_run_adds_its_rows_to_a_file_of_the_same_settings(tmp_path):
     assert bench.result_tag(opts) == "generation-cpu" and opts["latent_size"] == 64 and opts["dtype"] == "fp32"
     assert bench.result_tag(bench.settings_from(bench.parse_args(["--device", "cuda"]))) == "generation-cuda"
     path = tmp_path / "generation-cpu.json"
-    path.write_text(json.dumps({"settings": opts, "rows": {"base": {"step_s": 1.0}, "lora": {"step_s": 2.0}},
+    path.write_text(json.dumps({"settings": opts, "methods": {"base": {"step_s": 1.0}, "lora": {"step_s": 2.0}},
                                 "runs": [{"command": "first", "measured": ["base", "lora"]}]}))
     rows = {"lora": {"step_s": 3.0}}
-    assert bench.merge_earlier(path, opts, rows) == [{"command": "first", "measured": ["base", "lora"]}]
+    assert bench.bench.merge_earlier(path, opts, rows, {}) == [{"command": "first", "measured": ["base", "lora"]}]
     assert rows == {"lora": {"step_s": 3.0}, "base": {"step_s": 1.0}}  # measured now wins, the rest is kept
     rows = {}
-    assert bench.merge_earlier(path, dict(opts, steps=9), rows) == [] and rows == {}  # other settings: replaced
+    assert bench.bench.merge_earlier(path, dict(opts, steps=9), rows, {}) == [] and rows == {}  # other settings
