@@ -213,6 +213,16 @@ class TunerHandle:
         return params
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The set's tensors as saved: a full set's are its own weights, whatever its weight in a mix and whatever
+        other sets have fused into the UNet."""
+        state = self._live_state()
+        if self.full_unet:
+            unet = self._tuned_weights or fusion.without_fused(self.unet)
+            state.update({f"unet.{k}": v for k, v in unet.items()})
+        return state
+
+    def _live_state(self) -> dict[str, torch.Tensor]:
+        """What load_state_dict writes into: the tuner tensors and, for a full set, the UNet's own."""
         state = dict(self.module.state_dict())
         if self.full_unet:
             state.update({f"unet.{k}": v for k, v in self.unet.state_dict().items()})
@@ -220,7 +230,7 @@ class TunerHandle:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, source: str = "state dict") -> int:
         """Copy tensors in; strict: same keys and shapes, else an error naming each offender. Returns the count."""
-        own = self.state_dict()
+        own = self._live_state()
         problems = [f"{k}: shape {tuple(state[k].shape)} in {source} vs {tuple(v.shape)} in model"
                     for k, v in own.items() if k in state and state[k].shape != v.shape]
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -320,6 +330,8 @@ class TunerHandle:
                                            s))
                 else:
                     value.copy_(tuned)
+            if s == 1.0:  # the UNet holds the set's own weights again, exactly: they may train from here
+                self._tuned_weights = None
 
     def keep_base_weights(self) -> None:
         """Full fine-tuning sets write into the UNet's own weights: keep a CPU copy so `detach` puts the base back

@@ -69,6 +69,15 @@ def rewrite(linear: nn.Linear) -> None:
         weight.copy_(total)
 
 
+def without_fused(module: nn.Module) -> dict[str, torch.Tensor]:
+    """module.state_dict() with each fused linear's weight as it is without the fused deltas (its kept original)."""
+    state = module.state_dict()
+    for name, m in module.named_modules():
+        if RECORD in m.__dict__:
+            state[f"{name}.weight" if name else "weight"] = m.__dict__[RECORD]["original"]
+    return state
+
+
 @contextlib.contextmanager
 def rebased(module: nn.Module) -> Iterator[None]:
     """Inside: every fused linear under `module` holds its original weight, so the block may rewrite the base weights

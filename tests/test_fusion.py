@@ -280,3 +280,17 @@ def test_a_full_set_reweighted_under_a_fused_lora_keeps_both_exact(unet, unet_in
     lora.detach()
     assert_same_tensors(unet, before)
 
+
+
+def test_a_full_set_saves_its_own_weights_at_any_weight_and_under_fused_sets(unet):
+    full = attach(unet, {"type": "full"}, name="full")
+    full.keep_base_weights()
+    perturb(full, std=0.01)
+    own = {k: v.clone() for k, v in full.state_dict().items()}
+    lora = attach(unet, {"type": "lora", "rank": 4}, name="lora")
+    perturb(lora, std=0.1, seed=4)
+    lora.fuse()
+    full.scale = 0.3
+    assert all(torch.equal(full.state_dict()[k], v) for k, v in own.items())
+    full.scale = 1.0
+    assert all(torch.equal(full.state_dict()[k], v) for k, v in own.items())
