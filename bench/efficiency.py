@@ -35,13 +35,16 @@ if str(ROOT) not in sys.path:  # `python bench/efficiency.py` from anywhere, wit
 from bench import harness  # noqa: E402
 from bench.harness import (  # noqa: E402
     DTYPES,
-    GB,
     autocast,
     cpu_jiffies,
     environment,
+    fmt,
+    fmt_gb,
+    fmt_s,
     machine,
     memory_in_use,
     peak_memory,
+    ratio,
     reset_peak,
     steal_pct,
     timed,
@@ -347,11 +350,6 @@ def run_worker(methods: list[str], opts: dict) -> dict:
     return data
 
 
-
-def _ratio(a, b):
-    return None if a is None or b in (None, 0) else a / b
-
-
 def _minus(a, b):
     return None if a is None or b is None else a - b
 
@@ -365,12 +363,12 @@ def derive(rows: dict) -> None:
         # what a method needs beyond the frozen forward (weights + no_grad activations): grads, optimizer state,
         # stored activations; the paper's ratio is of total training memory on GPUs, where activations dominate
         row["above_floor_bytes"] = _minus(row["peak_bytes"], floor.get("peak_bytes"))
-        row["above_floor_vs_full"] = _ratio(row["above_floor_bytes"], full_above)
-        row["peak_vs_full"] = _ratio(row["peak_bytes"], full.get("peak_bytes"))
-        row["peak_vs_floor"] = _ratio(row["peak_bytes"], floor.get("peak_bytes"))
-        row["above_vs_full"] = _ratio(row["above_weights_bytes"], full.get("above_weights_bytes"))
-        row["step_vs_full"] = _ratio(row["step_s"], full.get("step_s"))
-        row["step_vs_floor"] = _ratio(row["step_s"], floor.get("step_s"))
+        row["above_floor_vs_full"] = ratio(row["above_floor_bytes"], full_above)
+        row["peak_vs_full"] = ratio(row["peak_bytes"], full.get("peak_bytes"))
+        row["peak_vs_floor"] = ratio(row["peak_bytes"], floor.get("peak_bytes"))
+        row["above_vs_full"] = ratio(row["above_weights_bytes"], full.get("above_weights_bytes"))
+        row["step_vs_full"] = ratio(row["step_s"], full.get("step_s"))
+        row["step_vs_floor"] = ratio(row["step_s"], floor.get("step_s"))
     for method, row in rows.items():
         paper = PAPER.get(method)
         if paper:
@@ -381,7 +379,7 @@ def derive(rows: dict) -> None:
 def paper_ratios(method: str) -> tuple:
     """The paper's (training memory, hours/epoch) of `method` as ratios to Full's: Bypass 0.29, 0.41."""
     paper, full = PAPER.get(method) or (None,) * 5, PAPER["full"]
-    return _ratio(paper[3], full[3]), _ratio(paper[4], full[4])
+    return ratio(paper[3], full[3]), ratio(paper[4], full[4])
 
 
 def targets(rows: dict, multitask: dict | None, joint: dict | None = None) -> list[dict]:
@@ -409,17 +407,17 @@ def targets(rows: dict, multitask: dict | None, joint: dict | None = None) -> li
     res, above = "res_tuning", "above_floor_bytes"
     for peer in ("lora", PEFT):  # Res-Tuning below LoRA, ours and peft's
         if peer in rows:
-            check(f"Res-Tuning memory above floor < {peer}'s", _ratio(get(res, above), get(peer, above)), 1.0,
+            check(f"Res-Tuning memory above floor < {peer}'s", ratio(get(res, above), get(peer, above)), 1.0,
                   float.__lt__, "x")
-            check(f"Res-Tuning step time < {peer}'s", _ratio(get(res, "step_s"), get(peer, "step_s")), 1.0,
+            check(f"Res-Tuning step time < {peer}'s", ratio(get(res, "step_s"), get(peer, "step_s")), 1.0,
                   float.__lt__, "x")
-    check("bypass peak memory <= 1.05 x floor", _ratio(get(BYPASS, "peak_bytes"), get("floor", "peak_bytes")), 1.05,
+    check("bypass peak memory <= 1.05 x floor", ratio(get(BYPASS, "peak_bytes"), get("floor", "peak_bytes")), 1.05,
           float.__le__, "x")
-    check("bypass step time <= 1.15 x floor", _ratio(get(BYPASS, "step_s"), get("floor", "step_s")), 1.15,
+    check("bypass step time <= 1.15 x floor", ratio(get(BYPASS, "step_s"), get("floor", "step_s")), 1.15,
           float.__le__, "x")
     check("bypass memory above weights <= 0.25 x full's",
-          _ratio(get(BYPASS, "above_weights_bytes"), get("full", "above_weights_bytes")), 0.25, float.__le__, "x")
-    check("bypass step time <= 0.45 x full's", _ratio(get(BYPASS, "step_s"), get("full", "step_s")), 0.45,
+          ratio(get(BYPASS, "above_weights_bytes"), get("full", "above_weights_bytes")), 0.25, float.__le__, "x")
+    check("bypass step time <= 0.45 x full's", ratio(get(BYPASS, "step_s"), get("full", "step_s")), 0.45,
           float.__le__, "x")
     k4 = next((r for r in (multitask or {}).get("rows", []) if r["k"] == 4), None)
     check("K=4 bypasses in one pass >= 3.2 x faster than 4 passes", k4 and k4["speedup"], 3.2, float.__ge__, "x")
@@ -435,21 +433,13 @@ def targets(rows: dict, multitask: dict | None, joint: dict | None = None) -> li
 # markdown
 
 
-def _f(value, digits: int = 2, suffix: str = "") -> str:
-    return "–" if value is None else f"{value:.{digits}f}{suffix}"
 
-
-def _gb(value) -> str:
-    return "–" if value is None else f"{value / GB:.{2 if value >= GB else 3}f}"
-
-
-def _s(value) -> str:
-    return "–" if value is None else f"{value:.{2 if value >= 1 else 4}f}"
 
 
 def _spread(row: dict) -> str:
     times = row["step_times_s"]
-    return f"{_s(row['step_s'])} ({_s(min(times))}–{_s(max(times))})" if len(times) > 1 else _s(row["step_s"])
+    spread = f" ({fmt_s(min(times))}–{fmt_s(max(times))})" if len(times) > 1 else ""
+    return fmt_s(row["step_s"]) + spread
 
 
 def method_table(rows: dict) -> list[str]:
@@ -459,15 +449,16 @@ def method_table(rows: dict) -> list[str]:
     lines = ["| " + head + " |", "|" + "---|" * (head.count("|") + 1)]
     for method, r in rows.items():
         p = r.get("paper") or {}
-        paper = [p.get("row", "–"), _f(p.get("params_m"), 2), _f(p.get("memory_gb"), 2),
-                 _f(p.get("memory_vs_full"), 2), _f(p.get("hours_per_epoch"), 2), _f(p.get("hours_vs_full"), 2),
-                 _f(p.get("fid"), 2)]
+        paper = [p.get("row", "–"), fmt(p.get("params_m"), 2), fmt(p.get("memory_gb"), 2),
+                 fmt(p.get("memory_vs_full"), 2), fmt(p.get("hours_per_epoch"), 2), fmt(p.get("hours_vs_full"), 2),
+                 fmt(p.get("fid"), 2)]
         if r.get("status") != "ok":
             ours = [f"{r.get('status')}: {r.get('note', '')}"] + ["–"] * 10
         else:
-            ours = [_f(r["params"] / 1e6, 3), _f(r["params_pct"], 3), _gb(r["peak_bytes"]), _gb(r["weights_bytes"]),
-                    _gb(r["above_weights_bytes"]), _f(r["peak_vs_full"]), _f(r["peak_vs_floor"]), _spread(r),
-                    _f(r["step_vs_full"]), _f(r["step_vs_floor"])]
+            ours = [fmt(r["params"] / 1e6, 3), fmt(r["params_pct"], 3), fmt_gb(r["peak_bytes"]),
+                    fmt_gb(r["weights_bytes"]), fmt_gb(r["above_weights_bytes"]), fmt(r["peak_vs_full"]),
+                    fmt(r["peak_vs_floor"]), _spread(r),
+                    fmt(r["step_vs_full"]), fmt(r["step_vs_floor"])]
         lines.append("| " + " | ".join([f"`{method}`", *ours, "", *paper]) + " |")
     return lines
 
@@ -480,8 +471,8 @@ def ratio_table(rows: dict) -> list[str]:
         if r.get("status") != "ok" or method == "floor":
             continue
         memory, hours = paper_ratios(method)
-        lines.append(f"| `{method}` | {_gb(r.get('above_floor_bytes'))} | {_f(r.get('above_floor_vs_full'), 3)} | "
-                     f"{_f(memory)} | {_s(r['step_s'])} | {_f(r.get('step_vs_full'), 3)} | {_f(hours)} |")
+        lines.append(f"| `{method}` | {fmt_gb(r.get('above_floor_bytes'))} | {fmt(r.get('above_floor_vs_full'), 3)} | "
+                     f"{fmt(memory)} | {fmt_s(r['step_s'])} | {fmt(r.get('step_vs_full'), 3)} | {fmt(hours)} |")
     return lines + ["", "Ours: peak memory minus the floor's (the frozen forward under no_grad: weights + its "
                     "activations), i.e. what training adds: gradients, optimizer state, stored activations; ÷ the same "
                     "for Full. The paper's: total training memory and hours/epoch ÷ Full's, on GPUs at 512 px."]
@@ -494,8 +485,8 @@ def multitask_table(multitask: dict | None) -> list[str]:
         return [f"{multitask.get('status')}: {multitask.get('note', '')}"]
     lines = ["| K tasks | K separate passes (s) | one backbone pass + K bypasses (s) | speedup | "
              "one call on K·B stacked rows (s) | speedup |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['k']} | {_s(r['separate_s'])} | {_s(r['one_pass_s'])} | {_f(r['speedup'])}x | "
-              f"{_s(r['stacked_s'])} | {_f(r['stacked_speedup'])}x |" for r in multitask["rows"]]
+    lines += [f"| {r['k']} | {fmt_s(r['separate_s'])} | {fmt_s(r['one_pass_s'])} | {fmt(r['speedup'])}x | "
+              f"{fmt_s(r['stacked_s'])} | {fmt(r['stacked_speedup'])}x |" for r in multitask["rows"]]
     return lines + ["", "One backbone pass feeds every task only when their inputs are equal (same latents, timestep "
                     "and text: the first denoising step). From the second step each task has its own latents; "
                     "`generate_multitask` then stacks them into one call (last columns: the same FLOPs as K passes)."]
@@ -508,8 +499,8 @@ def joint_table(joint: dict | None) -> list[str]:
         return [f"{joint.get('status')}: {joint.get('note', '')}"]
     lines = ["| K bypasses | K separate runs: step (s) | joint: step (s) | speedup | separate peak (GB) | "
              "joint peak (GB) | joint peak vs K=1 |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['k']} | {_s(r['separate_s'])} | {_s(r['joint_s'])} | {_f(r['speedup'])}x | "
-              f"{_gb(r['separate_peak_bytes'])} | {_gb(r['joint_peak_bytes'])} | {_f(r['peak_vs_k1'])}x |"
+    lines += [f"| {r['k']} | {fmt_s(r['separate_s'])} | {fmt_s(r['joint_s'])} | {fmt(r['speedup'])}x | "
+              f"{fmt_gb(r['separate_peak_bytes'])} | {fmt_gb(r['joint_peak_bytes'])} | {fmt(r['peak_vs_k1'])}x |"
               for r in joint["rows"]]
     return lines + ["", "Joint: one frozen backbone pass feeds K bypasses (their features are detached), the K losses "
                     "are summed for one backward, one AdamW with a param group per bypass (`train_t2i.py --config "
@@ -539,7 +530,7 @@ def markdown(report: dict) -> str:
         *[f"`{r['command']}`" + (f" ({r['at'] or 'earlier'}: {', '.join(r['measured'])})"
                                   if len(report.get("runs", [])) > 1 else "") + "  "
           for r in report.get("runs") or [{"command": report["command"]}]],
-        f"{s['device']} ({where}, {mach.get('cores')} cores, {_f(mach.get('ram_gb'), 0)} GB RAM), "
+        f"{s['device']} ({where}, {mach.get('cores')} cores, {fmt(mach.get('ram_gb'), 0)} GB RAM), "
         f"torch {env.get('torch')}, diffusers {env.get('diffusers')}, peft {env.get('peft', '–')}; "
         f"batch {s['batch_size']}, latents {s['latent_size']}x{s['latent_size']}, text {text_shape}, "
         f"{s['dtype']} frozen UNet, fp32 trainables; step time: median (min–max) of {s['steps']} steps after "
@@ -604,27 +595,8 @@ def device_tag(settings: dict, env: dict) -> str:
 
 
 def merge_earlier(path: Path, opts: dict, rows: dict, specials: dict) -> list[dict]:
-    """Add the rows of an earlier run written to `path` with the same settings that this run did not measure, so a
-    slow table can be run a few rows at a time (`--methods joint_training` adds a row instead of replacing the
-    table). Returns the earlier runs ({command, at, measured}) that still supply a row; none if the file is absent
-    or its settings differ."""
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    if earlier.get("settings") != opts:
-        print(f"[bench] {path} was written with other settings: replacing it", flush=True)
-        return []
-    now = set(rows) | set(specials)
-    found = {**earlier.get("methods", {}), **{m: earlier[m] for m in SPECIAL if earlier.get(m)}}
-    kept = [m for m in found if m not in now]
-    for method in kept:
-        (specials if method in SPECIAL else rows)[method] = found[method]
-    runs = earlier.get("runs") or [{"command": earlier.get("command"), "at": None, "measured": list(found)}]
-    if kept:
-        print(f"[bench] kept from earlier runs in {path} (same settings): {', '.join(kept)}", flush=True)
-    return [r for r in runs if set(r["measured"]) - now]  # a run all of whose rows were measured again is gone
-
+    """harness.merge_earlier with this bench's top-level entries (multi-task inference, joint training)."""
+    return harness.merge_earlier(path, opts, rows, specials, SPECIAL)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # command line
@@ -711,10 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = {m: e if (e or {}).get("status") == "ok" else None for m, e in specials.items()}
     report["targets"] = targets(rows, ok.get(MULTITASK), ok.get(JOINT))
     text = markdown(report)
-    atomic_write_text(out / f"{tag}.json", json.dumps(report, indent=1))
-    atomic_write_text(out / f"{tag}.md", text)
-    print(text)
-    print(f"[bench] wrote {out / tag}.md and .json")
+    harness.write_report(out, tag, report, text)
     return 0
 
 
@@ -725,8 +694,8 @@ def summary(row: dict | None) -> str:
         return f"{row.get('status')}: {row.get('note')}"
     if "rows" in row:
         return ", ".join(f"K={r['k']} {r['speedup']:.2f}x" for r in row["rows"])
-    return (f"{row['params'] / 1e6:.3f} M params, peak {_gb(row['peak_bytes'])} GB "
-            f"(weights {_gb(row['weights_bytes'])}), step {_s(row['step_s'])} s")
+    return (f"{row['params'] / 1e6:.3f} M params, peak {fmt_gb(row['peak_bytes'])} GB "
+            f"(weights {fmt_gb(row['weights_bytes'])}), step {fmt_s(row['step_s'])} s")
 
 
 def _cuda_available() -> bool:

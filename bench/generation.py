@@ -16,14 +16,11 @@ the same settings. Tuner weights are left at their initialisation: time and memo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,17 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/generation.py` from anywhere, without installing the package
     sys.path.insert(0, str(ROOT))
 
+from bench import harness as bench  # noqa: E402
+from bench.harness import fmt, fmt_gb, fmt_s, ratio  # noqa: E402
+from restune_diffusion.files import atomic_write_text  # noqa: E402
+from restune_diffusion.methods import config_path, methods  # noqa: E402
 
-def load_efficiency():
-    """bench/efficiency.py as a module: its memory probes (VmHWM reset, CUDA peaks), timer and machine info."""
-    spec = importlib.util.spec_from_file_location("bench_efficiency", ROOT / "bench" / "efficiency.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # imports no torch at module level
-    return module
-
-
-bench = load_efficiency()
-CONFIGS = {p.stem: p for p in sorted((ROOT / "configs").glob("*.yaml")) if p.stem != "tiny_demo"}
+CONFIGS = {m: config_path(m) for m in methods()}  # every method's config, the paper's order first
 BASE, BYPASS = "base", "res_tuning_bypass"
 VARIANTS = ("eager", "fused", "compiled", "fused+compiled")
 TASKS = (1, 2, 4)
@@ -105,7 +97,7 @@ def step_inputs(unet, opts: dict):
 
 
 def denoise(scheduler, t, eps, latents):
-    """Guidance on (uncond, cond) rows and one DDIM step: (2, 4, S, S) -> (1, 4, S, S)."""
+    """Guidance on (uncond, cond) rows and one DDIM step, as the pipeline does: (2B, 4, S, S) -> (B, 4, S, S)."""
     uncond, cond = eps.chunk(2)
     return scheduler.step(uncond + GUIDANCE * (cond - uncond), t, latents, return_dict=False)[0]
 
@@ -142,27 +134,30 @@ def measure_row(config: str, variant: str, opts: dict) -> dict:
 
 
 def measure_tasks(k: int, variant: str, opts: dict) -> dict:
-    """K bypass tasks from one noise and prompt (generate_multitask): at step 1 their inputs are equal and one
-    backbone pass on 2 rows feeds every bypass; from step 2 each task has its own latents, stacked to K·2 rows."""
+    """K bypass tasks as generate_multitask runs them: K copies of the batch through multitask.TaskRouter, rows
+    [guidance half][task]. At step 1 every task has the same noise, so one backbone pass on 2 rows feeds every bypass;
+    from step 2 each task has its own latents, and the backbone runs once on the K·2 rows."""
     import torch
 
-    from restune_diffusion.multitask import multitask_unet_forward
+    from restune_diffusion.multitask import TaskRouter
 
     device = torch.device(opts["device"])
     unet, handles, _ = build(BYPASS, variant, opts, tasks=k)
     latents, text, scheduler = step_inputs(unet, opts)
+    router = TaskRouter(unet, handles, groups=2)
+    text = text.repeat_interleave(k, 0)  # (2K, 77, D): K unconditional rows, then K conditional ones
+    same = latents.repeat(k, 1, 1, 1)  # (K, 4, S, S): step 1, one noise for every task
+    apart = same + 1e-3 * torch.arange(k, device=device, dtype=same.dtype)[:, None, None, None]  # steps 2+
     bench.reset_peak(device)
 
     def step(shared: bool):
+        x = same if shared else apart
+
         @torch.no_grad()
         def run(i):
             t = scheduler.timesteps[i % SCHEDULE_STEPS]
-            x = scheduler.scale_model_input(torch.cat([latents] * 2), t)  # (2, 4, S, S)
-            if shared:
-                eps = multitask_unet_forward(unet, handles, x, t, text, broadcast=True)  # (K·2, 4, S, S)
-            else:
-                eps = multitask_unet_forward(unet, handles, x.repeat(k, 1, 1, 1), t, text.repeat(k, 1, 1))
-            return [denoise(scheduler, t, e, latents) for e in eps.chunk(k)]
+            eps = router(scheduler.scale_model_input(torch.cat([x] * 2), t), t, text)[0]  # (2K, 4, S, S)
+            return denoise(scheduler, t, eps, x)
         return run
 
     first_times, first_call = time_steps(step(True), opts, device)
@@ -199,18 +194,14 @@ def worker(rows: list[str], opts: dict, result_path: Path) -> int:
             print(f"[bench] {row}: {entry['note']}", file=sys.stderr)
         entry.update(config=config, variant=variant, load_avg=[load_before, os.getloadavg()[0]])
         results["rows"][row] = entry
-        bench.write_atomic(result_path, json.dumps(results))  # partial results survive a crash in a later row
+        atomic_write_text(result_path, json.dumps(results))  # partial results survive a crash in a later row
     return 0
 
 
 def run_worker(rows: list[str], opts: dict) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", ",".join(rows), "--result", str(result),
-               "--opts", json.dumps(opts)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        data = json.loads(result.read_text()) if result.is_file() else {"rows": {}}
-    why = f"worker exited with {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-3:])
+    """{"environment": ..., "rows": {row: entry}}; a worker that died leaves an error entry for its rows."""
+    data, why = bench.run_worker(__file__, rows, opts)
+    data = data or {"rows": {}}
     for row in rows:
         data["rows"].setdefault(row, {"status": "error", "note": why})
     return data
@@ -227,13 +218,13 @@ def derive(rows: dict) -> None:
     base = ok.get(BASE, {})
     before = {"fused": "eager", "compiled": "eager", "fused+compiled": "fused"}
     for row in ok.values():
-        row["step_vs_base"] = bench._ratio(row["step_s"], base.get("step_s"))
-        row["peak_vs_base"] = bench._ratio(row["peak_bytes"], base.get("peak_bytes"))
+        row["step_vs_base"] = ratio(row["step_s"], base.get("step_s"))
+        row["peak_vs_base"] = ratio(row["peak_bytes"], base.get("peak_bytes"))
         reference = ok.get(row_name(row["config"], before.get(row["variant"], "")), {})
-        row["step_vs_eager"] = bench._ratio(row["step_s"], reference.get("step_s"))
+        row["step_vs_eager"] = ratio(row["step_s"], reference.get("step_s"))
         if "k" in row:
             one = ok.get(task_row(1, row["variant"]), {})
-            row["step_vs_one_task"] = bench._ratio(row["step_s"], one.get("step_s"))
+            row["step_vs_one_task"] = ratio(row["step_s"], one.get("step_s"))
 
 
 def targets(rows: dict) -> list[dict]:
@@ -252,7 +243,7 @@ def targets(rows: dict) -> list[dict]:
     check("res_tuning fused step <= 1.05x base's", get("res_tuning:fused", "step_vs_base"), 1.05)
     check("res_tuning_bypass step <= 1.10x base's", get(BYPASS, "step_vs_base"), 1.10)
     k4, k1 = ok.get(task_row(4, "eager"), {}), ok.get(task_row(1, "eager"), {})
-    shared = bench._ratio(k4.get("first_step_s"), k1.get("first_step_s"))
+    shared = ratio(k4.get("first_step_s"), k1.get("first_step_s"))
     check(f"K=4 bypass tasks: step (mean of {SCHEDULE_STEPS}) <= 1.5x one task's", get(task_row(4, "eager"),
           "step_vs_one_task"), 1.5,
           "each task's latents follow its own trajectory from step 2, so the backbone runs on K·2 rows there (the "
@@ -263,10 +254,6 @@ def targets(rows: dict) -> list[dict]:
             before = "fused" if row["variant"] == "fused+compiled" else "eager"
             check(f"{name} step <= {row_name(row['config'], before)}'s", row.get("step_vs_eager"), 1.0)
     return found
-
-
-def _f(value, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def row_table(rows: dict) -> list[str]:
@@ -280,9 +267,9 @@ def row_table(rows: dict) -> list[str]:
                          f"{r.get('note', '')} |")
             continue
         note = "; ".join(f"{k}: {v}" for k, v in (r.get("fuse") or {}).items())
-        lines.append(f"| `{name}` | {r['config']} | {r['variant']} | {bench._s(r['step_s'])} | "
-                     f"{_f(r.get('step_vs_base'), 3)} | {_f(r.get('step_vs_eager'), 3)} | "
-                     f"{bench._gb(r['peak_bytes'])} | {_f(r.get('peak_vs_base'), 3)} | {bench._s(r['first_call_s'])} | "
+        lines.append(f"| `{name}` | {r['config']} | {r['variant']} | {fmt_s(r['step_s'])} | "
+                     f"{fmt(r.get('step_vs_base'), 3)} | {fmt(r.get('step_vs_eager'), 3)} | "
+                     f"{fmt_gb(r['peak_bytes'])} | {fmt(r.get('peak_vs_base'), 3)} | {fmt_s(r['first_call_s'])} | "
                      f"{note} |")
     return lines
 
@@ -296,9 +283,9 @@ def task_table(rows: dict) -> list[str]:
         if r.get("status") != "ok":
             lines.append(f"| `{name}` | {r.get('status')}: {r.get('note', '')} | | | | | | |")
             continue
-        lines.append(f"| `{name}` | {r['k']} | {bench._s(r['first_step_s'])} | {bench._s(r['later_step_s'])} | "
-                     f"{bench._s(r['step_s'])} | {_f(r.get('step_vs_one_task'), 3)} | {_f(r.get('step_vs_base'), 3)} | "
-                     f"{bench._gb(r['peak_bytes'])} |")
+        lines.append(f"| `{name}` | {r['k']} | {fmt_s(r['first_step_s'])} | {fmt_s(r['later_step_s'])} | "
+                     f"{fmt_s(r['step_s'])} | {fmt(r.get('step_vs_one_task'), 3)} | {fmt(r.get('step_vs_base'), 3)} | "
+                     f"{fmt_gb(r['peak_bytes'])} |")
     return lines
 
 
@@ -403,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.update(data["rows"])
         for name in group:
             r = rows[name]
-            what = f"step {bench._s(r['step_s'])} s" if r.get("status") == "ok" else f"{r['status']}: {r.get('note')}"
+            what = f"step {fmt_s(r['step_s'])} s" if r.get("status") == "ok" else f"{r['status']}: {r.get('note')}"
             print(f"[bench] {name}: {what} ({time.perf_counter() - start:.0f} s)", flush=True)
     out = args.out or ROOT / "bench" / "results"
     tag = result_tag(opts)
@@ -414,13 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             if n in rows}
     derive(rows)
     report = {"command": command, "runs": runs, "settings": opts, "machine": bench.machine(), "environment": env,
-              "methods": rows}  # "methods": the key bench/efficiency.py's merge_earlier reads
+              "methods": rows}  # "methods": the key harness.merge_earlier reads
     report["targets"] = targets(rows)
     text = markdown(report)
-    bench.write_atomic(out / f"{tag}.json", json.dumps(report, indent=1))
-    bench.write_atomic(out / f"{tag}.md", text)
-    print(text)
-    print(f"[bench] wrote {out / tag}.md and .json")
+    bench.write_report(out, tag, report, text)
     return 0
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,3 +140,57 @@ def run_worker(script: str | os.PathLike, names: list[str], opts: dict) -> tuple
     why = (f"worker exited with {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode < 0 else "")
            + ": " + " | ".join(proc.stderr.strip().splitlines()[-3:]))
     return data, why
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reports: ratios and numbers as the tables print them, results files that grow run by run
+def ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def fmt(value, digits: int = 2, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def fmt_gb(value) -> str:
+    return "–" if value is None else f"{value / GB:.{2 if value >= GB else 3}f}"
+
+
+def fmt_s(value) -> str:
+    return "–" if value is None else f"{value:.{2 if value >= 1 else 4}f}"
+
+
+def merge_earlier(path: Path, opts: dict, rows: dict, specials: dict | None = None,
+                  special_names: Collection[str] = ()) -> list[dict]:
+    """Add the rows of an earlier run written to `path` with the same settings that this run did not measure, so a
+    slow table can be run a few rows at a time (a run of one row adds it instead of replacing the table). Rows sit
+    under the report's "methods"; `special_names` are entries kept at the report's top level (into `specials`).
+    Returns the earlier runs ({command, at, measured}) that still supply a row; none if the file is absent or its
+    settings differ."""
+    specials = {} if specials is None else specials
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if earlier.get("settings") != opts:
+        print(f"[bench] {path} was written with other settings: replacing it", flush=True)
+        return []
+    now = set(rows) | set(specials)
+    found = {**earlier.get("methods", {}), **{m: earlier[m] for m in special_names if earlier.get(m)}}
+    kept = [m for m in found if m not in now]
+    for name in kept:
+        (specials if name in special_names else rows)[name] = found[name]
+    runs = earlier.get("runs") or [{"command": earlier.get("command"), "at": None, "measured": list(found)}]
+    if kept:
+        print(f"[bench] kept from earlier runs in {path} (same settings): {', '.join(kept)}", flush=True)
+    return [r for r in runs if set(r["measured"]) - now]  # a run all of whose rows were measured again is gone
+
+
+def write_report(out: Path, tag: str, report: dict, text: str, prefix: str = "bench") -> None:
+    """out/<tag>.json (the report) and out/<tag>.md (its table, also printed), each written atomically."""
+    from restune_diffusion.files import atomic_write_text  # here: importing the package loads torch
+
+    atomic_write_text(out / f"{tag}.json", json.dumps(report, indent=1))
+    atomic_write_text(out / f"{tag}.md", text)
+    print(text)
+    print(f"[{prefix}] wrote {out / tag}.md and .json")

@@ -395,10 +395,7 @@ def main(argv: list[str] | None = None) -> int:
               "results": results, "passed": not failures(results)}
     tag = f"check-{opts['latent_size'] * 8}-{args.device}" + ("-quick" if args.quick else "")
     text = markdown(report)
-    atomic_write_text(args.out / f"{tag}.json", json.dumps(report, indent=1))
-    atomic_write_text(args.out / f"{tag}.md", text)
-    print(text)
-    print(f"[check] wrote {args.out / tag}.md and .json")
+    bench.write_report(args.out, tag, report, text, "check")
     if not report["passed"]:
         raise SystemExit(1)  # a failed check is not a usage error (run_cli's 2): the report above names it
     return 0
