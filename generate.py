@@ -6,8 +6,9 @@
 Several --tuners files are mixed on one UNet, each at its weight (--tuners a.safetensors:0.8 --tuners b.safetensors:0.5;
 the weight is read only from a trailing :NUMBER). Several bypass files are tasks instead: one backbone pass per step
 serves them all and images go to out/<task>/, <task> being the file's stem, or its run folder when stems collide
-(out/dogs/tuners.safetensors -> dogs), or --task_names; the other files then sit on the shared backbone. --mix sums
-the bypasses as weighted deltas into one image set. Every other flag means the same with one file or several.
+(out/dogs/tuners.safetensors -> dogs), or --task_names; the other files then sit on the shared backbone, and a task
+file holding other tuners beside its bypass is refused (they would act on every task). --mix sums the bypasses as
+weighted deltas into one image set. Every other flag means the same with one file or several.
 --fuse folds LoRA into the weights and computes prompt/prefix K/V once; --compile runs the UNet through torch.compile.
 Each PNG carries its prompt, seed, steps, guidance, sampler and tuner file in its text metadata (A1111's
 "parameters"), and out/index.json lists them; a rerun into the same folder continues the numbering.

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from restune_diffusion.files import atomic_write, atomic_write_text
-from restune_diffusion.mixing import compile_unet, fuse_all, is_bypass_file, load_weighted, parse_weighted
+from restune_diffusion.mixing import compile_unet, fuse_all, load_weighted, parse_weighted, tuner_types
 from restune_diffusion.models import build_pipeline, load_model
-from restune_diffusion.multitask import generate_multitask
+from restune_diffusion.multitask import check_bypass_only, generate_multitask
 from restune_diffusion.samplers import make_scheduler, sampler_key, sampler_label
 from restune_diffusion.sampling import SamplingSettings, generate, make_grid, sampling_settings
 from restune_diffusion.weights import load_tuners
@@ -144,11 +144,15 @@ def run(args) -> list[Path]:
     prompts = [p for p in read_prompts(args.prompt, args.prompts_file) for _ in range(args.num_images)]
     out, mix = Path(args.out), getattr(args, "mix", False)
     specs = [parse_weighted(t, args.scale) for t in args.tuners or []]  # (path, weight)
-    tasks = [] if mix else [i for i, (path, _) in enumerate(specs) if is_bypass_file(path)]
+    types = [tuner_types(path) for path, _ in specs]
+    tasks = [] if mix else [i for i, found in enumerate(types) if "bypass" in found]
     names = task_names([specs[i][0] for i in tasks], args.task_names) if len(tasks) > 1 else None
     if args.task_names and names is None:
         raise ValueError(f"--task_names: names the tasks of several bypass --tuners files; got {len(tasks)} "
                          "bypass file(s)")
+    if names:  # several tasks: each file is a bypass and nothing else, checked before any model loads
+        for i in tasks:
+            check_bypass_only(types[i], specs[i][0])
     shared = [s for i, s in enumerate(specs) if names is None or i not in tasks]  # on the backbone, for every task
     pipe = load_pipeline(args.pretrained_model_name_or_path, shared, device=args.device, dtype=args.dtype,
                          scheduler=settings.scheduler, karras_sigmas=settings.karras_sigmas, revision=args.revision,

@@ -35,13 +35,13 @@ def parse_weighted(spec: str | os.PathLike, default: float = 1.0) -> tuple[str, 
     return match["path"], float(match["weight"])
 
 
-def is_bypass_file(path: str | os.PathLike) -> bool:
-    """Whether a tuner file holds a bypass (read from its header: nothing is loaded)."""
+def tuner_types(path: str | os.PathLike) -> list[str]:
+    """The tuner types a file holds, read from its header (nothing is loaded): ["bypass"], ["lora", "res_adapter"]."""
     _, meta = read_tuner_header(path)
     try:
-        return any(entry.get("type") == "bypass" for entry in json.loads(meta["tuners"]))
-    except (ValueError, AttributeError, TypeError):
-        return False  # load_tuners names what is wrong with the header
+        return [str(entry.get("type")) for entry in json.loads(meta["tuners"])]
+    except (KeyError, ValueError, AttributeError, TypeError):
+        return []  # load_tuners names what is wrong with the header
 
 
 def load_weighted(unet, specs: Sequence[tuple[str | None, str | os.PathLike, float]], mix: bool = False,

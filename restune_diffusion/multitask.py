@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,16 @@ from torch import nn
 from restune_diffusion.sampling import SamplingSettings, generate, uses_guidance
 from restune_diffusion.tuners.bypass import BypassHub
 from restune_diffusion.weights import load_tuners
+
+
+def check_bypass_only(types: Iterable[str], what: str) -> None:
+    """A task is a bypass and nothing else: one backbone pass serves every task and only bypasses are routed per
+    task, so any other tuner of a task's set would act on every task's rows. Refused in one line naming `what`."""
+    others = sorted(set(types) - {"bypass"})
+    if others:
+        raise ValueError(f"{what}: holds {' + '.join(others)} tuners besides its bypass; multi-task mode runs one "
+                         "backbone pass for every task and routes only bypasses, so they would act on every task's "
+                         "images. Generate with this file on its own")
 
 
 def _hub(unet, handles: Sequence) -> BypassHub:
@@ -40,6 +50,7 @@ def _hub(unet, handles: Sequence) -> BypassHub:
     for handle in handles:
         if handle is not None:
             hub.run_of(handle)
+            check_bypass_only((c.type for c in handle.configs), f"tuner set '{handle.name}'")
     return hub
 
 
@@ -47,7 +58,8 @@ def _hub(unet, handles: Sequence) -> BypassHub:
 def route_bypasses(unet, handles: Sequence, broadcast: bool = False) -> Iterator[None]:
     """Inside: a UNet forward sends batch slice k (of K equal slices) through bypass handles[k] (None: the base UNet).
     broadcast=True: the input is one slice shared by all tasks, and the output has K times its rows. Inside, the
-    handles' enabled flags are ignored and bypass sets not routed do nothing; non-bypass tuner sets act on every row."""
+    handles' enabled flags are ignored and bypass sets not routed do nothing; non-bypass tuner sets act on every row
+    (a routed set holding anything besides its bypass is refused: check_bypass_only)."""
     hub = _hub(unet, handles)
     if hub.route is not None:
         raise RuntimeError("route_bypasses: a route is already active on this UNet (no nesting)")
@@ -95,8 +107,9 @@ def _task_handles(unet, tasks: Mapping) -> tuple[list, list]:
     try:
         for name, task in tasks.items():
             if isinstance(task, (str, os.PathLike)):
-                task = load_tuners(unet, task, name=f"multitask:{name}")
+                path, task = task, load_tuners(unet, task, name=f"multitask:{name}")
                 loaded.append(task)
+                check_bypass_only((c.type for c in task.configs), os.fspath(path))
             elif task is not None and getattr(task, "unet", None) is not unet:
                 raise ValueError(f"tasks[{name!r}]: expected a tuner file path, a handle attached to pipe.unet, or "
                                  f"None; got {type(task).__name__}")

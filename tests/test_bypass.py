@@ -242,6 +242,22 @@ def test_route_rejects_non_bypass_sets_and_nesting(unet, two_tasks):
     assert BypassHub.of(unet).route is None
 
 
+def test_a_task_set_with_tuners_besides_its_bypass_is_refused_naming_it(tiny_sd, tmp_path, unet_inputs):
+    # one backbone pass serves every task, so a task's LoRA would act on every task's rows: refused, not spread
+    unet = tiny_sd.unet
+    mixed = attach(unet, [BYPASS, {"type": "lora", "rank": 2}], name="mixed")
+    perturb(mixed, seed=1)
+    other = attach(unet, BYPASS, name="other")
+    with pytest.raises(ValueError, match=r"^tuner set 'mixed': holds lora tuners besides its bypass"):
+        multitask_unet_forward(unet, [mixed, other], *unet_inputs, broadcast=True)
+    path = save_tuners(tmp_path / "mixed.safetensors", mixed)
+    mixed.detach()
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'mixed.safetensors'}: holds lora tuners besides its bypass"):
+        generate_multitask(build_pipeline(tiny_sd), {"mixed": path, "other": other}, "a cat", steps=1, height=16,
+                           width=16)
+    assert set(attached_sets(unet)) == {"other"}  # the file's set is gone again
+
+
 def test_generate_multitask_equals_the_pipeline_run_per_task(tiny_sd, tmp_path):
     unet = tiny_sd.unet
     a = attach(unet, BYPASS, name="a")

@@ -96,6 +96,17 @@ def test_generate_cli_with_several_bypass_files_writes_one_folder_per_task(tmp_p
     assert np.abs(pixels(cats) - pixels(dogs)).max() > 0  # each task's own bypass
 
 
+def test_generate_cli_refuses_a_task_file_with_tuners_besides_its_bypass(tmp_path, monkeypatch):
+    sd = rd.build_tiny_sd(0)
+    handle = rd.attach(sd.unet, [{"type": "bypass"}, {"type": "lora", "rank": 2}], name="mixed")
+    mixed = rd.save_tuners(tmp_path / "mixed.safetensors", handle)
+    plain = _bypass_file(tmp_path / "plain.safetensors", seed=1)
+    monkeypatch.setattr("restune_diffusion.generate.load_model", None)  # refused before any model loads
+    with pytest.raises(ValueError, match=rf"^{mixed}: holds lora tuners besides its bypass") as err:
+        _generate_main()(["--tuners", str(mixed), "--tuners", str(plain), "--prompt", "x", "--out", str(tmp_path)])
+    assert "\n" not in str(err.value)  # one line
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # several --tuners: names, and every flag meaning what it means for one file (issue 12 items 5, 6)
 def _generate_main():
