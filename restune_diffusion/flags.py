@@ -115,10 +115,6 @@ FOREIGN: dict[str, tuple[str, str]] = {
     "--max_bucket_reso": (K, _BUCKETS),
     "--bucket_reso_steps": (K, _BUCKETS),
     "--bucket_no_upscale": (K, _BUCKETS),
-    "--shuffle_caption": (K, "caption shuffling is not implemented (--caption_mode picks among several captions)"),
-    "--keep_tokens": (K, "caption shuffling is not implemented"),
-    "--caption_extension": (K, "captions come from metadata.jsonl/.csv (--caption_column), COCO annotations or "
-                               "class folder names"),
     "--reg_data_dir": (K, _PRIOR),
     "--prior_loss_weight": (K, _PRIOR),
     "--multires_noise_iterations": (K, _NOISE),

@@ -8,11 +8,13 @@ every image once and caches the result (scan.py). Images are read for real (imag
 transparency, aspect bound). All randomness of a sample (caption choice and dropout, crop, flip) is a function of
 (seed, epoch, index), so a resumed run sees the same data.
 
-One file per concept: images.py (reading), formats.py (COCO and image-folder layouts -> samples), finegrained.py
+One file per concept: images.py (reading), formats.py (COCO and image-folder layouts -> samples), kohya.py (caption
+files beside the images, N_name repeat folders), captions.py (tag shuffling and dropout), finegrained.py
 (CUB, Dogs, Cars, Flowers, Aircraft, Food, class folders), hf.py (`datasets` -> an image folder), scan.py (the
 start-up scan and its cache), dataset.py (transform, dataset, loader, cached latents), demo.py (the synthetic set).
 """
 
+from .captions import CaptionOptions, process_caption
 from .dataset import (
                       INTERPOLATION_MODES,
                       CachedLatentsDataset,
@@ -40,6 +42,7 @@ from .formats import (
                       image_files,
 )
 from .hf import export_images, open_split
+from .kohya import CAPTION_EXTENSIONS, KOHYA_DATA_KEYS, KOHYA_FLAGS, kohya_samples
 from .images import (
                       IMAGE_EXTENSIONS,
                       MAX_ASPECT_RATIO,
@@ -63,7 +66,8 @@ from .scan import (
 )
 
 __all__ = [
-    "CAPTION_MODES", "DEFAULT_TEMPLATE", "FINEGRAINED_KINDS", "FLOWERS102_NAMES", "IMAGE_EXTENSIONS",
+    "CAPTION_EXTENSIONS", "CAPTION_MODES", "KOHYA_DATA_KEYS", "KOHYA_FLAGS", "CaptionOptions",
+    "kohya_samples", "process_caption", "DEFAULT_TEMPLATE", "FINEGRAINED_KINDS", "FLOWERS102_NAMES", "IMAGE_EXTENSIONS",
     "INTERPOLATION_MODES", "KINDS", "MAX_ASPECT_RATIO", "METADATA_FILES", "PIL_ERRORS", "SCAN_MODES", "SETS",
     "SKIP_HINT", "BadImageError", "CachedLatentsDataset", "CaptionDataset", "EpochSampler", "ImageTransform", "Sample",
     "ScanReport", "build_dataloader", "check_images", "clean_class_name", "coco_caption_pairs", "collate_fn",

@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .captions import CaptionOptions, process_caption
 from .formats import Sample, ScanReport, coco_samples
 from .images import BadImageError, load_rgb, size_problem
 from .scan import scan_samples
 
 # independent random streams of one sample, so e.g. the flip does not depend on how many captions an image has
-_CAPTION, _CROP, _FLIP, _ORDER, _DROP = 0, 1, 2, 4, 5  # (3 was the cached latents' sampling noise, now per batch)
+_CAPTION, _CROP, _FLIP, _ORDER, _DROP, _TAGS = 0, 1, 2, 4, 5, 6  # (3 was the cached latents' noise, now per batch)
 # --image_interpolation_mode: diffusers' choices (torchvision InterpolationMode names) as PIL resampling filters, the
 # mapping torchvision applies to PIL images (nearest_exact is PIL's nearest, which samples pixel centres)
 INTERPOLATION_MODES = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
@@ -77,14 +78,17 @@ class CaptionDataset(Dataset):
     """Images with captions; caption, crop and flip of item i depend only on (seed, epoch, i). With skip_bad_images an
     image that fails to decode here (scan_mode="header") is counted in `skipped` and the next good item is used.
     With caption_dropout_rate p the caption is "" with probability p (classifier-free guidance learns the empty
-    prompt), drawn from its own stream of (seed, epoch, i)."""
+    prompt), drawn from its own stream of (seed, epoch, i); `caption_options` shuffle and thin tag-list captions
+    (kohya's flags, captions.py) from another."""
 
     def __init__(self, samples: list[Sample], transform: ImageTransform, seed: int = 0,
-                 report: ScanReport | None = None, skip_bad_images: bool = False, caption_dropout_rate: float = 0.0):
+                 report: ScanReport | None = None, skip_bad_images: bool = False, caption_dropout_rate: float = 0.0,
+                 caption_options: CaptionOptions | None = None):
         if not 0.0 <= caption_dropout_rate <= 1.0:
             raise ValueError(f"caption_dropout_rate must be in [0, 1], got {caption_dropout_rate!r}")
         self.samples, self.transform, self.seed, self.report = samples, transform, seed, report
         self.skip_bad_images, self.caption_dropout_rate = skip_bad_images, caption_dropout_rate
+        self.caption_options = caption_options or CaptionOptions()
         self.skipped: dict[str, str] = {}  # path -> problem, images skipped at load time (in this process)
         self.epoch = 0
 
@@ -99,9 +103,11 @@ class CaptionDataset(Dataset):
         if rate and sample_rng(self.seed, self.epoch, index, _DROP).random() < rate:
             return ""
         captions = self.samples[index].captions
-        if len(captions) == 1:
-            return captions[0]
-        return captions[int(sample_rng(self.seed, self.epoch, index, _CAPTION).integers(len(captions)))]
+        text = captions[0] if len(captions) == 1 else \
+            captions[int(sample_rng(self.seed, self.epoch, index, _CAPTION).integers(len(captions)))]
+        if not self.caption_options.active:
+            return text
+        return process_caption(text, self.caption_options, sample_rng(self.seed, self.epoch, index, _TAGS))
 
     def flip(self, index: int) -> bool:
         return self.transform.random_flip and bool(sample_rng(self.seed, self.epoch, index, _FLIP).random() < 0.5)
@@ -136,18 +142,23 @@ class CaptionDataset(Dataset):
 
 def load_dataset(kind: str, data_dir: str | os.PathLike, *, resolution: int = 512, center_crop: bool = True,
                  random_flip: bool = False, seed: int = 0, interpolation: str = "bicubic",
-                 caption_dropout_rate: float = 0.0, **options) -> CaptionDataset:
+                 caption_dropout_rate: float = 0.0, shuffle_caption: bool = False, keep_tokens: int = 0,
+                 caption_tag_dropout_rate: float = 0.0, keep_tokens_separator: str | None = None,
+                 **options) -> CaptionDataset:
     """Scan then build a dataset; kind in KINDS ("hf": data_dir is a `datasets` folder or cached hub id). Options:
     split, caption_mode ("random"|"all"|"first"), caption_column, image_column, template (fine-grained: "{}" or
     "{class}" is the class name), category, class_names (a file), dataset_config_name (hf), max_train_samples (the
-    first N after a shuffle seeded by `seed`), skip_bad_images, scan_mode ("decode"|"header", see scan.py),
+    first N after a shuffle seeded by `seed`), caption_extension (kohya layout: default .txt then .caption),
+    shuffle_caption/keep_tokens/caption_tag_dropout_rate/keep_tokens_separator (captions.py), skip_bad_images,
+    scan_mode ("decode"|"header", see scan.py),
     scan_cache (True: <data_dir>/.restune_cache, a folder, or False), progress, demo_num_images/resolution/seed.
     The scan result is `dataset.report` (print `dataset.report.summary()`; `write_caption_set(dataset.report, out)`
     writes the derived captions with their counts)."""
     transform = ImageTransform(resolution, center_crop, random_flip, interpolation)  # its errors before the scan
+    tags = CaptionOptions(shuffle_caption, keep_tokens, caption_tag_dropout_rate, keep_tokens_separator)
     samples, report = scan_samples(kind, data_dir, seed=seed, **options)
     return CaptionDataset(samples, transform, seed, report, skip_bad_images=report.skip_bad_images,
-                          caption_dropout_rate=caption_dropout_rate)
+                          caption_dropout_rate=caption_dropout_rate, caption_options=tags)
 
 
 def coco_caption_pairs(data_dir: str | os.PathLike, split: str = "val", num_samples: int | None = None,

@@ -32,9 +32,10 @@ from .finegrained import finegrained_samples
 from .formats import Sample, ScanReport, coco_samples, detect_kind, imagefolder_samples
 from .hf import export_images
 from .images import SKIP_HINT, image_problem
+from .kohya import kohya_samples
 
 # "hf": a Hugging Face datasets data set (data_dir = its folder or hub id); the fine-grained sets by name
-KINDS = ("auto", "coco2017", "finegrained", "imagefolder", "demo", "hf", *FINEGRAINED_SETS)
+KINDS = ("auto", "coco2017", "finegrained", "imagefolder", "kohya", "demo", "hf", *FINEGRAINED_SETS)
 FINEGRAINED_KINDS = ("finegrained", *FINEGRAINED_SETS)
 CAPTION_MODES = ("random", "all", "first")
 SCAN_MODES = ("decode", "header")
@@ -182,7 +183,8 @@ def _gc_paused(fn):
 def scan_samples(kind: str, data_dir: str | os.PathLike, *, split: str = "train", caption_mode: str = "random",
                  caption_column: str = "text", image_column: str = "file_name", template: str | None = None,
                  category: str | None = None, class_names: str | os.PathLike | None = None,
-                 dataset_config_name: str | None = None, max_train_samples: int | None = None, seed: int = 0,
+                 dataset_config_name: str | None = None, caption_extension: str | None = None,
+                 max_train_samples: int | None = None, seed: int = 0,
                  skip_bad_images: bool = False, scan_mode: str = "decode",
                  scan_cache: bool | str | os.PathLike = True, progress: bool = True, demo_num_images: int = 64,
                  demo_resolution: int = 64, demo_seed: int = 0) -> tuple[list[Sample], ScanReport]:
@@ -200,16 +202,18 @@ def scan_samples(kind: str, data_dir: str | os.PathLike, *, split: str = "train"
         source, image_column, caption_column = f"{data_dir} (split {split}, {rows} rows, exported to {root})", \
             "file_name", "text"
     elif kind == "auto":
-        kind = detect_kind(root)
+        kind = detect_kind(root, caption_extension)
     elif not root.is_dir():
         raise FileNotFoundError(f"{root}: dataset folder not found")
-    if split != "train" and kind in ("imagefolder", "demo"):
+    if split != "train" and kind in ("imagefolder", "kohya", "demo"):
         raise ValueError(f"--split {split}: an image folder has no splits ({root}); drop --split")
     report = ScanReport(kind, str(root), skip_bad_images=skip_bad_images, scan_mode=scan_mode)
     if kind == "coco2017":
         samples = coco_samples(root, split, report)
     elif kind in FINEGRAINED_KINDS:
         samples = finegrained_samples(root, split, kind, template, category, class_names, report)
+    elif kind == "kohya":
+        samples = kohya_samples(root, caption_extension, report)
     else:
         samples = imagefolder_samples(root, caption_column, image_column, report)
     if source:

@@ -21,7 +21,7 @@ import yaml
 
 from restune_diffusion import world
 from restune_diffusion.config import load_yaml
-from restune_diffusion.data import INTERPOLATION_MODES, KINDS, SCAN_MODES
+from restune_diffusion.data import INTERPOLATION_MODES, KINDS, KOHYA_FLAGS, SCAN_MODES
 from restune_diffusion.ema import DEFAULT_DECAY
 from restune_diffusion.files import atomic_write_text
 from restune_diffusion.flags import OneLineParser, check_flags
@@ -88,6 +88,7 @@ FLAGS: tuple[Flag, ...] = (*_flags(
     ("--class_names", dict(help="finegrained: a file with one class name per line, in the set's class order")),
     ("--caption_dropout_rate", dict(type=float, default=0.0, help="probability of an empty caption, so "
                                     "classifier-free guidance keeps working")),
+    *KOHYA_FLAGS,  # kohya's caption flags, declared by the data layer (data/kohya.py)
     ("--max_train_samples", dict(type=int, help="train on the first N after a shuffle seeded by --seed")),
     ("--skip_bad_images", dict(action=BOOL, default=False)),
     ("--scan_mode", dict(choices=SCAN_MODES, default="decode", help="decode: every image decoded once before "

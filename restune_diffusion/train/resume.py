@@ -38,6 +38,7 @@ APPLIED = {
     "split": "checked by the data set's fingerprint instead", "max_train_samples": "checked by the data set's "
     "fingerprint instead", "caption_template": "checked by the data set's fingerprint (it holds the captions)",
     "class_names": "checked by the data set's fingerprint (it holds the captions)",
+    "caption_extension": "checked by the data set's fingerprint (it holds the captions)",
     "scan_mode": "checked by the data set's fingerprint (the images it keeps)",
     "data_dir": "checked by the data set's fingerprint instead (a moved folder is fine)",
     "dataset": "checked by the data set's fingerprint instead",
@@ -59,7 +60,8 @@ REFUSED = {
     "prediction_type": "the tuners learned the other target",
     "resolution": _DATA, "center_crop": _DATA, "random_flip": _DATA, "caption_mode": _DATA,
     "caption_column": _DATA, "image_column": _DATA, "category": _DATA,
-    "image_interpolation_mode": _DATA, "caption_dropout_rate": _DATA,
+    "image_interpolation_mode": _DATA, "caption_dropout_rate": _DATA, "shuffle_caption": _DATA, "keep_tokens": _DATA,
+    "caption_tag_dropout_rate": _DATA, "keep_tokens_separator": _DATA,
     "tuners": "the checkpoint's tuners are other modules (same shapes or not)",
     "tasks": "a joint run's bypasses (names, tuners, per-task settings) are fixed by its checkpoints",
     "use_ema": "the EMA of the tuner weights runs from step 0: turned on at a resume it would average from there, "

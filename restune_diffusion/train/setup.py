@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from restune_diffusion.attach import attach
-from restune_diffusion.data import build_dataloader, load_dataset, write_caption_set
+from restune_diffusion.data import KOHYA_DATA_KEYS, build_dataloader, load_dataset, write_caption_set
 from restune_diffusion.ema import EMA_FILE, TunerEMA
 from restune_diffusion.files import clean_stale_temps
 from restune_diffusion.latent_cache import build_latent_cache, open_latent_cache
@@ -128,7 +128,8 @@ def build_dataset(args, accelerator):
                "category": args.category, "template": args.caption_template, "class_names": args.class_names,
                "dataset_config_name": args.dataset_config_name, "max_train_samples": args.max_train_samples,
                "caption_dropout_rate": args.caption_dropout_rate, "skip_bad_images": args.skip_bad_images,
-               "scan_mode": args.scan_mode, "progress": accelerator.is_local_main_process}
+               "scan_mode": args.scan_mode, "progress": accelerator.is_local_main_process,
+               **{k: getattr(args, k) for k in KOHYA_DATA_KEYS}}
     with accelerator.main_process_first():
         dataset = load_dataset(args.dataset, args.dataset_name if args.dataset == "hf" else args.data_dir, **options)
     accelerator.print(dataset.report.summary())
