@@ -131,9 +131,9 @@ def test_shuffled_captions_are_a_function_of_seed_epoch_and_index(tmp_path):
 def test_train_t2i_trains_on_a_kohya_folder_with_kohya_caption_flags(tmp_path):
     root = write_kohya(tmp_path / "set")
     argv = ["--config", str(Path(__file__).parents[1] / "configs/tiny/lora.yaml"), "--pretrained_model_name_or_path",
-            "tiny-random", "--dataset", "auto", "--train_data_dir", str(root), "--shuffle_caption", "--keep_tokens", "1",
-            "--caption_tag_dropout_rate", "0.1", "--max_train_steps", "2", "--train_batch_size", "2",
-            "--output_dir", str(tmp_path / "out"), "--num_validation_images", "0"]
+            "tiny-random", "--dataset", "auto", "--train_data_dir", str(root), "--shuffle_caption",
+            "--keep_tokens", "1", "--caption_tag_dropout_rate", "0.1", "--max_train_steps", "2",
+            "--train_batch_size", "2", "--output_dir", str(tmp_path / "out"), "--num_validation_images", "0"]
     args = T.parse_args(argv)
     assert (args.dataset, args.shuffle_caption, args.keep_tokens) == ("auto", True, 1)
     summary = T.train(args)

@@ -42,7 +42,6 @@ from .formats import (
                       image_files,
 )
 from .hf import export_images, open_split
-from .kohya import CAPTION_EXTENSIONS, KOHYA_DATA_KEYS, KOHYA_FLAGS, kohya_samples
 from .images import (
                       IMAGE_EXTENSIONS,
                       MAX_ASPECT_RATIO,
@@ -53,6 +52,7 @@ from .images import (
                       load_rgb,
                       to_rgb,
 )
+from .kohya import CAPTION_EXTENSIONS, KOHYA_DATA_KEYS, KOHYA_FLAGS, kohya_samples
 from .scan import (
                       CAPTION_MODES,
                       FINEGRAINED_KINDS,
