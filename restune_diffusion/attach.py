@@ -476,7 +476,10 @@ def attach(unet, config, name: str = "default") -> TunerHandle:
     if name in sets:
         raise ValueError(f"a tuner set named {name!r} is already attached; detach it or pick another name")
     handle = TunerHandle(unet, name, configs)
-    unet.requires_grad_(False)
+    others = [p for h in sets.values() for p in h.module.parameters() if p.requires_grad]  # peft-built ones are in
+    unet.requires_grad_(False)  # the UNet's tree: they stay trainable
+    for p in others:
+        p.requires_grad_(True)
     try:
         for cfg in configs:
             REGISTRY[cfg.type].install(unet, cfg, handle)

@@ -40,7 +40,7 @@ FOREIGN: dict[str, tuple[str, str]] = {
     "--rank": (D, f"set `rank:` of the lora tuner in {_LORA_YAML}"),
     "--lora_alpha": (D, f"set `alpha:` of the lora tuner in {_LORA_YAML}"),
     "--lora_dropout": (D, "LoRA dropout is not implemented"),
-    "--use_dora": (D, "DoRA is not implemented; the tuners are in restune_diffusion/tuners/"),
+    "--use_dora": (D, "DoRA is a tuner type: `- {type: dora, rank: 4}` in the YAML's tuners: list (configs/dora.yaml)"),
     "--lr_num_cycles": (D, _CYCLES),
     "--lr_power": (D, _CYCLES),
     "--cache_dir": (D, "models are read offline from the Hugging Face cache: set HF_HUB_CACHE=DIR (or HF_HOME)"),
@@ -59,7 +59,8 @@ FOREIGN: dict[str, tuple[str, str]] = {
     "--instance_prompt": (D, "captions come with the images (--dataset imagefolder with metadata.jsonl)"),
     "--loss_type": (DK, "the loss is the MSE (L2), min-SNR weighted with --snr_gamma"),
     # kohya sd-scripts
-    "--network_module": (K, "pick the tuner with `type:` in the YAML's tuners: list (lora, res_adapter, bypass, ...)"),
+    "--network_module": (K, "pick the tuner with `type:` in the YAML's tuners: list (lora, dora, loha, lokr, oft, "
+                            "res_adapter, bypass, ...)"),
     "--network_dim": (K, f"set `rank:` of the lora tuner (`dim:` of an adapter) in {_LORA_YAML}"),
     "--network_alpha": (K, f"set `alpha:` of the lora tuner in {_LORA_YAML}"),
     "--network_args": (K, "tuner options are fields of its YAML entry (targets:, blocks:, ...)"),

@@ -12,7 +12,8 @@ from restune_diffusion.tuners import REGISTRY
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the repository's configs/ (one YAML per method)
 BASE = "base"  # the untuned model: a row of the paper's table, not a method to train
-OTHER_LABELS = {"sc_tuner": "SC-Tuner"}  # methods beyond the paper's table (SCEdit, arXiv 2312.11392)
+# methods beyond the paper's table: SCEdit's tuner (arXiv 2312.11392), the baselines built by peft (issue 27)
+OTHER_LABELS = {"sc_tuner": "SC-Tuner", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT"}
 
 
 def paper_methods() -> tuple[str, ...]:
@@ -21,7 +22,8 @@ def paper_methods() -> tuple[str, ...]:
 
 
 def methods(config_dir: Path = CONFIG_DIR) -> tuple[str, ...]:
-    """The paper's methods, then each registered tuner type with a config of its name in `config_dir` (sc_tuner)."""
+    """The paper's methods, then each registered tuner type with a config of its name in `config_dir` (sc_tuner, dora,
+    loha, lokr, oft)."""
     paper = paper_methods()
     return paper + tuple(t for t in REGISTRY if t not in paper and (Path(config_dir) / f"{t}.yaml").is_file())
 

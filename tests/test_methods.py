@@ -6,7 +6,7 @@ from restune_diffusion.paper import PAPER
 
 def test_the_methods_are_the_papers_rows_then_our_registered_tuners_with_a_config():
     assert paper_methods() == ("full", "lora", "adapter", "prefix", "prompt", "res_tuning", "res_tuning_bypass")
-    assert methods() == (*paper_methods(), "sc_tuner")
+    assert methods() == (*paper_methods(), "sc_tuner", "dora", "loha", "lokr", "oft")
     assert all((CONFIG_DIR / f"{m}.yaml").is_file() for m in methods())
     assert set(paper_methods()) | {"base"} == set(PAPER)
 
@@ -15,4 +15,5 @@ def test_a_registered_tuner_with_a_config_of_its_name_becomes_a_method(tmp_path)
     (tmp_path / "res_prefix.yaml").write_text("tuners: [{type: res_prefix}]\n")  # registered, no shipped config
     (tmp_path / "not_a_tuner.yaml").write_text("tuners: [{type: lora}]\n")  # a config, but no registered type
     assert methods(tmp_path) == (*paper_methods(), "res_prefix")
-    assert (label("res_tuning"), label("sc_tuner"), label("res_prefix")) == ("Res-Tuning", "SC-Tuner", "res_prefix")
+    assert (label("res_tuning"), label("sc_tuner"), label("dora"), label("res_prefix")) == (
+        "Res-Tuning", "SC-Tuner", "DoRA", "res_prefix")

@@ -45,6 +45,10 @@ SMALL = {  # one row per tuner type, toy sizes
     "full": {"type": "full"},
     "bypass": {"type": "bypass"},
     "sc_tuner": {"type": "sc_tuner", "ratio": 0.5},
+    "dora": {"type": "dora", "rank": 2},
+    "loha": {"type": "loha", "rank": 2},
+    "lokr": {"type": "lokr", "rank": 2},
+    "oft": {"type": "oft", "block_size": 8},
 }
 
 

@@ -25,7 +25,7 @@ from restune_diffusion.train import validation as V
     ("--rank", "set `rank:` of the lora tuner in the YAML's tuners: list (configs/lora.yaml"),
     ("--lr_num_cycles", "cosine_with_restarts runs diffusers' default 1 cycle"),
     ("--optimizer_type", "AdamW is the optimizer"),
-    ("--use_dora", "DoRA is not implemented"),
+    ("--use_dora", "DoRA is a tuner type: `- {type: dora, rank: 4}`"),
     ("--network_dim", "set `rank:` of the lora tuner (`dim:` of an adapter)"),
     ("--network_alpha", "set `alpha:` of the lora tuner"),
     ("--network_module", "pick the tuner with `type:`"),

@@ -5,6 +5,8 @@ import torch
 
 from conftest import assert_checkpointing_keeps_gradients, assert_step_changes_only_tuners, perturb, run_unet
 from restune_diffusion.attach import attach
+from restune_diffusion.models import build_tiny_sd
+from restune_diffusion.weights import load_tuners, save_tuners
 
 # (name, config) rows; small sizes for the tiny UNet
 CASES = [
@@ -18,6 +20,10 @@ CASES = [
     ("adapter", {"type": "adapter", "dim": 8}),
     ("res_tuning_combo", [{"type": "res_adapter", "dim": 8, "blocks": "up"},
                           {"type": "res_prefix", "num_tokens": 2, "blocks": [0, 1]}]),
+    ("dora", {"type": "dora", "rank": 4}),
+    ("loha", {"type": "loha", "rank": 2}),
+    ("lokr", {"type": "lokr", "rank": 4, "factor": 4}),
+    ("oft", {"type": "oft", "block_size": 8}),
     ("full", {"type": "full"}),
 ]
 IDS = [name for name, _ in CASES]
@@ -79,14 +85,30 @@ def test_detach_restores_outputs_bit_for_bit(unet, unet_inputs, name, config):
     keys = list(unet.state_dict())
     processors = dict(unet.attn_processors)
     flags = [p.requires_grad for p in unet.parameters()]
+    tensors = {k: v.clone() for k, v in unet.state_dict().items()}
+    modules = dict(unet.named_modules())
     handle = attach(unet, config)
     if name != "full":
         perturb(handle)
     handle.detach()
     assert torch.equal(run_unet(unet, unet_inputs), base)
     assert list(unet.state_dict()) == keys
+    assert all(torch.equal(v, tensors[k]) for k, v in unet.state_dict().items())
+    assert all(m is modules[n] for n, m in unet.named_modules()) and len(modules) == len(dict(unet.named_modules()))
     assert all(unet.attn_processors[k] is v for k, v in processors.items())
     assert [p.requires_grad for p in unet.parameters()] == flags
+
+
+@pytest.mark.parametrize("name,config", CASES, ids=IDS)
+def test_save_then_load_into_a_fresh_unet_gives_the_same_output(unet, unet_inputs, tmp_path, name, config):
+    handle = attach(unet, config)
+    perturb(handle)
+    tuned = run_unet(unet, unet_inputs)
+    save_tuners(tmp_path / "t.safetensors", handle)
+    fresh = build_tiny_sd(seed=0).unet
+    loaded = load_tuners(fresh, tmp_path / "t.safetensors")
+    assert torch.equal(run_unet(fresh, unet_inputs), tuned)
+    assert loaded.state_dict().keys() == handle.state_dict().keys()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -96,7 +96,8 @@ def build(path: Path, precision: str, opts: dict, device):
     handle = attach(unet, path, name="default")
     dtype = bench.torch_dtype(precision)
     if not handle.full_unet and dtype != torch.float32:
-        unet.to(dtype)  # the tuners live in handle.module, outside the UNet's tree: they stay fp32
+        unet.to(dtype)
+        handle.module.float()  # peft-built tuners sit in the UNet's tree and were cast with it: back to fp32
     named = [(n, p) for n, p in handle.module.named_parameters() if p.requires_grad]
     if handle.full_unet:
         named += [(f"unet.{n}", p) for n, p in unet.named_parameters() if p.requires_grad]

@@ -37,7 +37,6 @@ from .formats import (
                       Sample,
                       ScanReport,
                       clean_class_name,
-                      detect_kind,
                       fix_articles,
                       image_files,
 )
@@ -59,6 +58,7 @@ from .scan import (
                       KINDS,
                       SCAN_MODES,
                       check_images,
+                      detect_kind,
                       scan_dataset,
                       scan_samples,
                       subset,

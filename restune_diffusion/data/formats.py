@@ -253,27 +253,3 @@ def imagefolder_samples(root: Path, caption_column: str, image_column: str, repo
             report.flag("caption", f"{path}: image has no caption ({meta.name} does not list it). "
                         "Add a line for it or pass --skip_bad_images")
     return samples
-
-
-def detect_kind(data_dir: str | os.PathLike, caption_extension: str | None = None) -> str:
-    """coco2017 if annotations/ exists, imagefolder if metadata.jsonl/.csv, kohya if caption files sit beside the images
-    or sub-folders are named N_name (10_mydog), imagefolder for other loose images, finegrained for class folders."""
-    from .kohya import is_kohya_layout  # kohya.py builds on this module's Sample and ScanReport
-
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: dataset folder not found")
-    if (root / "annotations").is_dir():
-        return "coco2017"
-    if any((root / m).is_file() for m in METADATA_FILES):
-        return "imagefolder"
-    if is_kohya_layout(root, caption_extension):
-        return "kohya"
-    if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file()):
-        return "imagefolder"  # loose images without metadata get the "no metadata.jsonl" error there
-    if any(image_files(d) for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        return "finegrained"
-    raise ValueError(f"{root}: no images found. Expected COCO 2017 (annotations/captions_train2017.json + train2017/), "
-                     "an image folder with metadata.jsonl/metadata.csv or a .txt caption beside each image (kohya: "
-                     "loose or in N_name folders), or class sub-folders of images "
-                     f"({', '.join(IMAGE_EXTENSIONS)})")

@@ -29,10 +29,10 @@ from ..files import atomic_write_text
 from .demo import make_demo_dataset
 from .finegrained import NAMES as FINEGRAINED_SETS
 from .finegrained import finegrained_samples
-from .formats import Sample, ScanReport, coco_samples, detect_kind, imagefolder_samples
+from .formats import METADATA_FILES, Sample, ScanReport, coco_samples, image_files, imagefolder_samples
 from .hf import export_images
-from .images import SKIP_HINT, image_problem
-from .kohya import kohya_samples
+from .images import IMAGE_EXTENSIONS, SKIP_HINT, image_problem
+from .kohya import is_kohya_layout, kohya_samples
 
 # "hf": a Hugging Face datasets data set (data_dir = its folder or hub id); the fine-grained sets by name
 KINDS = ("auto", "coco2017", "finegrained", "imagefolder", "kohya", "demo", "hf", *FINEGRAINED_SETS)
@@ -83,6 +83,28 @@ def _write_cache(path: Path | None, mode: str, entries: dict) -> None:
         atomic_write_text(path, json.dumps(data, separators=(",", ":")))
     except OSError as err:  # a read-only data set: every run scans again
         log.warning("%s: cannot write the scan cache (%s); the next run scans again", path, err)
+
+
+def detect_kind(data_dir: str | os.PathLike, caption_extension: str | None = None) -> str:
+    """coco2017 if annotations/ exists, imagefolder if metadata.jsonl/.csv, kohya if caption files sit beside the images
+    or sub-folders are named N_name (10_mydog), imagefolder for other loose images, finegrained for class folders."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset folder not found")
+    if (root / "annotations").is_dir():
+        return "coco2017"
+    if any((root / m).is_file() for m in METADATA_FILES):
+        return "imagefolder"
+    if is_kohya_layout(root, caption_extension):
+        return "kohya"
+    if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file()):
+        return "imagefolder"  # loose images without metadata get the "no metadata.jsonl" error there
+    if any(image_files(d) for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        return "finegrained"
+    raise ValueError(f"{root}: no images found. Expected COCO 2017 (annotations/captions_train2017.json + train2017/), "
+                     "an image folder with metadata.jsonl/metadata.csv or a .txt caption beside each image (kohya: "
+                     "loose or in N_name folders), or class sub-folders of images "
+                     f"({', '.join(IMAGE_EXTENSIONS)})")
 
 
 def check_images(paths: list[Path], root: Path, mode: str, scan_cache=True, progress: bool = True,

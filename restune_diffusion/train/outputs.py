@@ -1,7 +1,8 @@
 """What a run leaves in each task's folder (the output folder, or `<output_dir>/<task>/` in a joint run): the log of
 every step (train_log.jsonl), the resolved config (train_config.yaml: `--config` on it repeats the task alone), and
-at the end the tuner file (+ EMA, + diffusers and kohya LoRA files for a LoRA), the last validation grid as
-samples.png, the loss curve, summary.json and the model card. Written by the main process; files atomically.
+at the end the tuner file (+ EMA, + diffusers' LoRA file for a LoRA or DoRA, + kohya's for a LoRA), the last
+validation grid as samples.png, the loss curve, summary.json and the model card. Written by the main process; files
+atomically.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from restune_diffusion.ema import EMA_FILE
-from restune_diffusion.exports import DIFFUSERS_LORA_FILE, save_diffusers_lora, save_kohya_lora
+from restune_diffusion.exports import DIFFUSERS_LORA_FILE, has_diffusers_format, save_diffusers_lora, save_kohya_lora
 from restune_diffusion.files import atomic_write, atomic_write_text
 from restune_diffusion.memory import peak_memory_bytes
 from restune_diffusion.modelcard import CARD_FILE, write_model_card
@@ -98,8 +99,8 @@ def plot_losses(records: list[dict], path: Path) -> Path:
 
 
 def export(run, task, seconds: float, steps_run: int) -> dict:
-    """Final tuners (+ EMA, + diffusers and kohya LoRA files), sample grid, loss curve, summary and model card of one
-    task; main process (the others return {})."""
+    """Final tuners (+ EMA, + diffusers' LoRA/DoRA and kohya's LoRA files), sample grid, loss curve, summary and
+    model card of one task; main process (the others return {})."""
     if not run.accelerator.is_main_process:
         return {}
     out, handle = task.output_dir, task.handle  # the tensors of the unwrapped model: keys without DDP's `module.`
@@ -107,8 +108,9 @@ def export(run, task, seconds: float, steps_run: int) -> dict:
     files = {"tuners": str(save_tuners(out / TUNERS_FILE, handle, extra_metadata=header))}
     if task.ema is not None:
         files["tuners_ema"] = str(task.ema.save(out / EMA_FILE, header))
-    if any(c.type == "lora" for c in handle.configs):
+    if has_diffusers_format(handle):  # LoRA, DoRA
         files["lora"] = str(save_diffusers_lora(out, handle))
+    if any(c.type == "lora" for c in handle.configs):
         files["lora_kohya"] = str(save_kohya_lora(out / KOHYA_LORA_FILE, handle,
                                                   base_model=task.args.pretrained_model_name_or_path))
     grid = out / "validation" / f"step-{run.global_step}.png"

@@ -181,19 +181,26 @@ def build_models(args, tasks: list[Task], accelerator, weight_dtype: torch.dtype
     for task in tasks:
         set_seed(task.args.seed)
         task.handle = attach(sd.unet, task.args.tuners, name=task.name if task.prefix else "default")
+    freeze_and_cast(args, sd, [t.handle for t in tasks], weight_dtype)
+    return sd, base_fingerprint
+
+
+def freeze_and_cast(args, sd, handles: list, weight_dtype: torch.dtype) -> None:
+    """The frozen parts in `weight_dtype`, every trainable in fp32 (PITFALLS: unscale FP16 gradients)."""
     sd.vae.requires_grad_(False)
     sd.text_encoder.requires_grad_(False)
-    full = any(t.handle.full_unet for t in tasks)
+    full = any(h.full_unet for h in handles)
     frozen = [sd.vae, sd.text_encoder] + ([] if full else [sd.unet])  # full: the UNet trains, in fp32
     for module in frozen if weight_dtype != torch.float32 else []:
         module.to(weight_dtype)
+    for h in handles:  # peft-built tuners (dora, loha, lokr, oft) sit in the UNet's tree and were cast with it
+        h.module.float()
     if args.gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()  # diffusers 0.42: non-reentrant (PITFALLS: starved adapters)
-    not_fp32 = [tuple(p.shape) for t in tasks for p in t.handle.trainable_parameters() if p.dtype != torch.float32]
+    not_fp32 = [tuple(p.shape) for h in handles for p in h.trainable_parameters() if p.dtype != torch.float32]
     if not_fp32:
         raise RuntimeError(f"trainable parameters must be fp32 (mixed precision keeps master weights in fp32); "
                            f"{len(not_fp32)} are not, e.g. shape {not_fp32[0]}")
-    return sd, base_fingerprint
 
 
 class TunedUNet(nn.Module):

@@ -3,7 +3,8 @@
 Adding a tuner = one new file + one line here.
 
 Unbound Res-Tuners (the paper's): res_adapter, res_prefix, res_prompt. Bound baselines: full, lora, adapter, prefix,
-prompt. Beside the backbone: bypass (Res-Tuning-Bypass), sc_tuner (SCEdit's skip-connection tuner).
+prompt. Beside the backbone: bypass (Res-Tuning-Bypass), sc_tuner (SCEdit's skip-connection tuner). Baselines built by
+peft (peft_layers.py): dora, loha, lokr, oft.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from restune_diffusion.config import from_dict, load_yaml
 from restune_diffusion.tuners import (
     adapter,
     bypass,
+    dora,
     full,
+    loha,
+    lokr,
     lora,
+    oft,
     prefix,
     prompt,
     res_adapter,
@@ -48,6 +53,10 @@ REGISTRY: dict[str, TunerKind] = dict([
     _kind(full, full.FullConfig),
     _kind(bypass, bypass.BypassConfig),
     _kind(sc_tuner, sc_tuner.SCTunerConfig),
+    _kind(dora, dora.DoraConfig),
+    _kind(loha, loha.LohaConfig),
+    _kind(lokr, lokr.LokrConfig),
+    _kind(oft, oft.OftConfig),
 ])
 
 
