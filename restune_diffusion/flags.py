@@ -22,7 +22,8 @@ _EMA_SMALL = "--use_ema averages only the tuner weights (a few million fp32 valu
 _PRIOR = ("prior preservation (class images) is not implemented: train on captioned images (--dataset imagefolder "
           "with metadata.jsonl)")
 _NOISE = "not implemented; --noise_offset is (diffusers' offset noise)"
-_BUCKETS = "aspect-ratio buckets are not implemented: images are resized and cropped to --resolution"
+_NO_UPSCALE = ("not taken: with --enable_bucket every image is resized, up or down, to cover the bucket nearest its "
+               "aspect ratio (kohya without the flag)")
 
 # flags of diffusers' README commands that change nothing we do: said in one line and dropped, so the command runs
 # (flag -> (how many values it takes, why it does not apply))
@@ -111,11 +112,7 @@ FOREIGN: dict[str, tuple[str, str]] = {
     "--flip_aug": (K, "--random_flip"),
     "--random_crop": (K, "random crop is what you get without --center_crop"),
     "--cache_latents_to_disk": (K, "--cache_latents"),
-    "--enable_bucket": (K, _BUCKETS),
-    "--min_bucket_reso": (K, _BUCKETS),
-    "--max_bucket_reso": (K, _BUCKETS),
-    "--bucket_reso_steps": (K, _BUCKETS),
-    "--bucket_no_upscale": (K, _BUCKETS),
+    "--bucket_no_upscale": (K, _NO_UPSCALE),
     "--reg_data_dir": (K, _PRIOR),
     "--prior_loss_weight": (K, _PRIOR),
     "--multires_noise_iterations": (K, _NOISE),

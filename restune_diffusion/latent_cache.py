@@ -3,10 +3,11 @@ memory stays flat however large the data set (the in-memory cache this replaced 
 train at 512 px with flips in fp16).
 
 Layout of `<cache_dir>/<key>/`: `latents.bin` (raw array (num_images, flips, 2C, h, w) in `meta.json`'s dtype, the
-layout `np.memmap` reads), `done.bin` (one byte per image, set once its row is written) and `meta.json`. The key is
-a hash of the VAE's encoder weights and config, the resolution, crop, flips, resize filter, dtype and the list of
-images, so any change makes a new cache. Both mirrors are cached with random_flip (sd-scripts #214); random crop is
-refused.
+layout `np.memmap` reads; with aspect-ratio buckets one `latents-<w>x<h>.bin` per bucket, holding that bucket's images
+in order), `done.bin` (one byte per image, set once its row is written) and `meta.json`. The key is a hash of the
+VAE's encoder weights and config, the resolution, crop, flips, resize filter, dtype, the list of images and the
+bucket settings, so any change makes a new cache. Both mirrors are cached with random_flip (sd-scripts #214);
+random crop is refused.
 
 What training calls (train/setup.py; every process; then a barrier; then every process):
     folder = build_latent_cache(dataset, vae, cache_dir, rank=accelerator.process_index,
@@ -51,10 +52,37 @@ def vae_fingerprint(vae) -> str:
 def cache_key(dataset: CaptionDataset, vae, dtype: torch.dtype) -> dict:
     t = dataset.transform
     images = list(dict.fromkeys(str(s.path) for s in dataset.samples))
-    return {"version": CACHE_VERSION, "vae": vae_fingerprint(vae), "resolution": t.resolution,
-            "center_crop": t.center_crop, "flips": 2 if t.random_flip else 1, "interpolation": t.interpolation,
-            "dtype": DTYPES[dtype],
-            "images": hashlib.sha256("\n".join(images).encode()).hexdigest()[:16], "num_images": len(images)}
+    key = {"version": CACHE_VERSION, "vae": vae_fingerprint(vae), "resolution": t.resolution,
+           "center_crop": t.center_crop, "flips": 2 if t.random_flip else 1, "interpolation": t.interpolation,
+           "dtype": DTYPES[dtype],
+           "images": hashlib.sha256("\n".join(images).encode()).hexdigest()[:16], "num_images": len(images)}
+    if dataset.buckets is not None:  # (absent without buckets: the caches made before buckets stay valid)
+        key["buckets"] = dataset.buckets.spec.as_dict()
+    return key
+
+
+def image_groups(dataset: CaptionDataset) -> list[tuple[str, list[int], tuple[int, int]]]:
+    """(file name, the image numbers it holds in order, the images' (w, h)) per image size: one `latents.bin`
+    without buckets, one `latents-<w>x<h>.bin` per bucket with them. Images are numbered in the order of their first
+    sample."""
+    first: dict[str, int] = {}
+    for index, sample in enumerate(dataset.samples):
+        first.setdefault(str(sample.path), index)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for number, index in enumerate(first.values()):
+        groups.setdefault(dataset.target_size(index), []).append(number)
+    return [("latents.bin" if dataset.buckets is None else f"latents-{w}x{h}.bin", numbers, (w, h))
+            for (w, h), numbers in sorted(groups.items())]
+
+
+def _row_shape(vae, size: tuple[int, int], flips: int) -> tuple[int, ...]:
+    """(F, 2C, h, w) of one image's posterior parameters."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    w, h = size
+    if w % factor or h % factor:
+        raise ValueError(f"--cache_latents: image size {w}x{h} is not a multiple of the VAE's factor {factor}; pick "
+                         "a --resolution (and --bucket_reso_steps) that is")
+    return flips, 2 * vae.config.latent_channels, h // factor, w // factor
 
 
 def _create_once(path: Path, size: int) -> None:
@@ -70,11 +98,6 @@ def _create_once(path: Path, size: int) -> None:
         pass
     finally:
         tmp.unlink()
-
-
-def _row_shape(vae, resolution: int, flips: int) -> tuple[int, ...]:
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return (flips, 2 * vae.config.latent_channels, resolution // factor, resolution // factor)
 
 
 @torch.no_grad()
@@ -93,46 +116,59 @@ def build_latent_cache(dataset: CaptionDataset, vae, cache_dir: str | os.PathLik
     key = cache_key(dataset, vae, dtype)
     folder = Path(cache_dir) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     folder.mkdir(parents=True, exist_ok=True)
-    shape = (key["num_images"], *_row_shape(vae, dataset.transform.resolution, key["flips"]))
-    atomic_write_text(folder / "meta.json", json.dumps({**key, "shape": list(shape)}, indent=1))
+    groups = image_groups(dataset)
+    shapes = {name: _row_shape(vae, size, key["flips"]) for name, _, size in groups}
+    atomic_write_text(folder / "meta.json", json.dumps({**key, "files": {name: [len(numbers), *shapes[name]]
+                                                                         for name, numbers, _ in groups}}, indent=1))
     store_dtype = np.float32 if dtype == torch.float32 else np.float16  # bfloat16 is stored as float16
-    _create_once(folder / "latents.bin", int(np.prod(shape)) * np.dtype(store_dtype).itemsize)
-    _create_once(folder / "done.bin", shape[0])
+    for name, numbers, _ in groups:
+        _create_once(folder / name, len(numbers) * int(np.prod(shapes[name])) * np.dtype(store_dtype).itemsize)
+    _create_once(folder / "done.bin", key["num_images"])
     done = np.fromfile(folder / "done.bin", np.uint8)
     paths = list(dict.fromkeys(s.path for s in dataset.samples))
-    todo = [i for i in range(rank, len(paths), num_processes) if not done[i]]
-    row_bytes = int(np.prod(shape[1:])) * np.dtype(store_dtype).itemsize
     # written with pwrite, never mapped: a mapped file's touched pages count in this process's resident set, which
     # would grow to the file's size (~15.5 GB for COCO train at 512 px with flips)
-    latents_fd = os.open(folder / "latents.bin", os.O_WRONLY)
     done_fd = os.open(folder / "done.bin", os.O_WRONLY)
     try:
-        for start in range(0, len(todo), batch_size):
-            rows = todo[start:start + batch_size]
-            x = torch.stack([dataset.transform(load_rgb(paths[i])) for i in rows])  # (B, 3, R, R)
-            if key["flips"] == 2:
-                x = torch.cat([x, x.flip(-1)])  # (2B, 3, R, R): originals, then mirrors
-            params = vae.encode(x.to(device, vae.dtype)).latent_dist.parameters.float().cpu()  # (F*B, 2C, h, w)
-            params = params.unflatten(0, (key["flips"], -1)).transpose(0, 1)  # (B, F, 2C, h, w)
-            block = params.numpy().astype(store_dtype)
-            for row, values in zip(rows, block):
-                os.pwrite(latents_fd, values.tobytes(), row * row_bytes)
-            _datasync(latents_fd)  # the rows are on disk before they are marked done
-            for row in rows:  # an interrupted run re-encodes only the rows not marked
-                os.pwrite(done_fd, b"\x01", row)
-            _datasync(done_fd)
+        for name, numbers, size in groups:
+            todo = [(row, n) for row, n in enumerate(numbers) if n % num_processes == rank and not done[n]]
+            latents_fd = os.open(folder / name, os.O_WRONLY)
+            try:
+                for start in range(0, len(todo), batch_size):
+                    _encode(dataset, vae, paths, todo[start:start + batch_size], size if dataset.buckets else None,
+                            shapes[name], store_dtype, (latents_fd, done_fd), device)
+            finally:
+                os.close(latents_fd)
     finally:
-        os.close(latents_fd)
         os.close(done_fd)
     return folder
 
 
-class LatentFile:
-    """Rows of `latents.bin` read with pread (no mapping kept): resident memory does not grow with the file."""
+def _encode(dataset, vae, paths, chunk, target, shape, store_dtype, fds, device) -> None:
+    """Encode the images of `chunk` ((row in the file, image number) pairs); their rows are on disk before they
+    are marked done, so an interrupted run re-encodes only the images not marked."""
+    latents_fd, done_fd = fds
+    flips, row_bytes = shape[0], int(np.prod(shape)) * np.dtype(store_dtype).itemsize
+    x = torch.stack([dataset.transform(load_rgb(paths[n]), target=target) for _, n in chunk])  # (B, 3, H, W)
+    if flips == 2:
+        x = torch.cat([x, x.flip(-1)])  # (2B, 3, H, W): originals, then mirrors
+    params = vae.encode(x.to(device, vae.dtype)).latent_dist.parameters.float().cpu()  # (F*B, 2C, h, w)
+    params = params.unflatten(0, (flips, -1)).transpose(0, 1)  # (B, F, 2C, h, w)
+    block = params.numpy().astype(store_dtype)
+    for (row, _), values in zip(chunk, block):
+        os.pwrite(latents_fd, values.tobytes(), row * row_bytes)
+    _datasync(latents_fd)
+    for _, number in chunk:
+        os.pwrite(done_fd, b"\x01", number)
+    _datasync(done_fd)
 
-    def __init__(self, folder: Path, meta: dict):
-        self.path, self.shape = folder / "latents.bin", tuple(meta["shape"])
-        self.dtype = np.dtype(np.float32 if meta["dtype"] == "float32" else np.float16)
+
+class LatentFile:
+    """Rows of one latents file read with pread (no mapping kept): resident memory does not grow with the file."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: str):
+        self.path, self.shape = path, tuple(shape)  # (rows, F, 2C, h, w)
+        self.dtype = np.dtype(np.float32 if dtype == "float32" else np.float16)
         self.row_items = int(np.prod(self.shape[2:]))
         self._fd: int | None = None
         self._pid = -1
@@ -150,6 +186,18 @@ class LatentFile:
         return torch.from_numpy(np.frombuffer(buffer, self.dtype).reshape(self.shape[2:]).copy())  # (2C, h, w)
 
 
+class LatentFiles:
+    """[image number, flip] -> (2C, h, w), whichever file (bucket) holds the image."""
+
+    def __init__(self, files: list[LatentFile], where: list[tuple[int, int]]):
+        self.files, self.where = files, where  # where[image number] = (file, row)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        number, flip = key
+        file, row = self.where[number]
+        return self.files[file][row, flip]
+
+
 def open_latent_cache(folder: str | os.PathLike, dataset: CaptionDataset) -> CachedLatentsDataset:
     """The dataset's items as cached latents (after every process ran build_latent_cache); an error names missing
     rows (a process that did not finish)."""
@@ -162,5 +210,10 @@ def open_latent_cache(folder: str | os.PathLike, dataset: CaptionDataset) -> Cac
     row_of = {p: i for i, p in enumerate(dict.fromkeys(s.path for s in dataset.samples))}
     if len(row_of) != meta["num_images"]:
         raise ValueError(f"{folder}: cache made for {meta['num_images']} images, the dataset has {len(row_of)}")
+    files, where = [], [(0, 0)] * len(row_of)
+    for k, (name, numbers, _) in enumerate(image_groups(dataset)):
+        files.append(LatentFile(folder / name, meta["files"][name], meta["dtype"]))
+        for row, number in enumerate(numbers):
+            where[number] = (k, row)
     rows = [row_of[s.path] for s in dataset.samples]
-    return CachedLatentsDataset(LatentFile(folder, meta), rows, dataset)
+    return CachedLatentsDataset(LatentFiles(files, where), rows, dataset)

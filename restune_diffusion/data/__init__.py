@@ -9,11 +9,23 @@ transparency, aspect bound). All randomness of a sample (caption choice and drop
 (seed, epoch, index), so a resumed run sees the same data.
 
 One file per concept: images.py (reading), formats.py (COCO and image-folder layouts -> samples), kohya.py (caption
-files beside the images, N_name repeat folders), captions.py (tag shuffling and dropout), finegrained.py
+files beside the images, N_name repeat folders), captions.py (tag shuffling and dropout), buckets.py (aspect-ratio
+buckets and their batch sampler), finegrained.py
 (CUB, Dogs, Cars, Flowers, Aircraft, Food, class folders), hf.py (`datasets` -> an image folder), scan.py (the
 start-up scan and its cache), dataset.py (transform, dataset, loader, cached latents), demo.py (the synthetic set).
 """
 
+from .buckets import (
+                      BUCKET_FILE,
+                      BucketBatchSampler,
+                      BucketSpec,
+                      BucketTable,
+                      bucket_rows,
+                      cover_size,
+                      eval_batches,
+                      kept_fraction,
+                      report_buckets,
+)
 from .captions import CaptionOptions, process_caption
 from .dataset import (
                       INTERPOLATION_MODES,
@@ -66,6 +78,8 @@ from .scan import (
 )
 
 __all__ = [
+    "BUCKET_FILE", "BucketBatchSampler", "BucketSpec", "BucketTable", "bucket_rows", "cover_size", "eval_batches",
+    "kept_fraction", "report_buckets",
     "CAPTION_EXTENSIONS", "CAPTION_MODES", "KOHYA_DATA_KEYS", "KOHYA_FLAGS", "CaptionOptions",
     "kohya_samples", "process_caption", "DEFAULT_TEMPLATE", "FINEGRAINED_KINDS", "FLOWERS102_NAMES", "IMAGE_EXTENSIONS",
     "INTERPOLATION_MODES", "KINDS", "MAX_ASPECT_RATIO", "METADATA_FILES", "PIL_ERRORS", "SCAN_MODES", "SETS",

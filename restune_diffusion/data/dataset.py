@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .buckets import BucketBatchSampler, BucketSpec, BucketTable, cover_size
 from .captions import CaptionOptions, process_caption
 from .formats import Sample, ScanReport, coco_samples
 from .images import BadImageError, load_rgb, size_problem
@@ -56,21 +57,23 @@ class ImageTransform:
                              f"{self.interpolation!r}")
 
     def __call__(self, image: Image.Image, crop_rng: np.random.Generator | None = None,
-                 flip: bool = False) -> torch.Tensor:
-        """(3, R, R) float in [-1, 1]; `crop_rng` places a random crop, `flip` mirrors left-right."""
-        r, (w, h) = self.resolution, image.size
-        problem = size_problem((w, h))
+                 flip: bool = False, target: tuple[int, int] | None = None) -> torch.Tensor:
+        """(3, H, W) float in [-1, 1], (W, H) = `target` (a bucket) or (R, R); `crop_rng` places a random crop,
+        `flip` mirrors left-right."""
+        tw, th = target or (self.resolution, self.resolution)
+        problem = size_problem(image.size)
         if problem:
             raise BadImageError(f"{problem} (ImageTransform)")
-        # torchvision Resize(int): the short side becomes r, the long side int(r * long / short)
-        size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+        # covers the target with the aspect kept; for a square one torchvision's Resize(int): the short side becomes
+        # r, the long side int(r * long / short)
+        size = cover_size(image.size, (tw, th))
         image = image.convert("RGB").resize(size, INTERPOLATION_MODES[self.interpolation])
         if self.center_crop or crop_rng is None:
-            left, top = round((size[0] - r) / 2.0), round((size[1] - r) / 2.0)
+            left, top = round((size[0] - tw) / 2.0), round((size[1] - th) / 2.0)
         else:
-            left, top = int(crop_rng.integers(size[0] - r + 1)), int(crop_rng.integers(size[1] - r + 1))
-        x = torch.from_numpy(np.asarray(image.crop((left, top, left + r, top + r)), dtype=np.float32))
-        x = x.permute(2, 0, 1) / 127.5 - 1.0  # (3, R, R), ToTensor + Normalize([0.5], [0.5])
+            left, top = int(crop_rng.integers(size[0] - tw + 1)), int(crop_rng.integers(size[1] - th + 1))
+        x = torch.from_numpy(np.asarray(image.crop((left, top, left + tw, top + th)), dtype=np.float32))
+        x = x.permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W), ToTensor + Normalize([0.5], [0.5])
         return x.flip(-1) if flip else x
 
 
@@ -79,16 +82,18 @@ class CaptionDataset(Dataset):
     image that fails to decode here (scan_mode="header") is counted in `skipped` and the next good item is used.
     With caption_dropout_rate p the caption is "" with probability p (classifier-free guidance learns the empty
     prompt), drawn from its own stream of (seed, epoch, i); `caption_options` shuffle and thin tag-list captions
-    (kohya's flags, captions.py) from another."""
+    (kohya's flags, captions.py) from another. With `buckets` each item is resized to its image's bucket
+    (buckets.py; `target_size`), its size from the scan."""
 
     def __init__(self, samples: list[Sample], transform: ImageTransform, seed: int = 0,
                  report: ScanReport | None = None, skip_bad_images: bool = False, caption_dropout_rate: float = 0.0,
-                 caption_options: CaptionOptions | None = None):
+                 caption_options: CaptionOptions | None = None, buckets: BucketTable | None = None):
         if not 0.0 <= caption_dropout_rate <= 1.0:
             raise ValueError(f"caption_dropout_rate must be in [0, 1], got {caption_dropout_rate!r}")
         self.samples, self.transform, self.seed, self.report = samples, transform, seed, report
         self.skip_bad_images, self.caption_dropout_rate = skip_bad_images, caption_dropout_rate
         self.caption_options = caption_options or CaptionOptions()
+        self.buckets = buckets
         self.skipped: dict[str, str] = {}  # path -> problem, images skipped at load time (in this process)
         self.epoch = 0
 
@@ -109,6 +114,16 @@ class CaptionDataset(Dataset):
             return text
         return process_caption(text, self.caption_options, sample_rng(self.seed, self.epoch, index, _TAGS))
 
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(w, h) item `index` is made at: its image's bucket, or (resolution, resolution)."""
+        if self.buckets is None:
+            return self.transform.resolution, self.transform.resolution
+        size = self.samples[index].size
+        if size is None:
+            raise ValueError(f"{self.samples[index].path}: no image size from the scan; buckets need one (scan the "
+                             "data set with load_dataset)")
+        return self.buckets.select(size)
+
     def flip(self, index: int) -> bool:
         return self.transform.random_flip and bool(sample_rng(self.seed, self.epoch, index, _FLIP).random() < 0.5)
 
@@ -117,7 +132,8 @@ class CaptionDataset(Dataset):
         path = self.samples[index].path
         crop_rng = sample_rng(self.seed, self.epoch, index, _CROP)
         try:
-            pixels = self.transform(load_rgb(path), crop_rng, self.flip(index))
+            target = self.target_size(index) if self.buckets is not None else None
+            pixels = self.transform(load_rgb(path), crop_rng, self.flip(index), target)
         except BadImageError as err:
             raise BadImageError(f"{path}: {err}" if not str(err).startswith(str(path)) else str(err)) from None
         return {"pixel_values": pixels, "caption": self.caption(index), "path": str(path)}
@@ -129,6 +145,9 @@ class CaptionDataset(Dataset):
         if not self.skip_bad_images:
             return self.item(index)
         for step in range(min(MAX_SKIPS, len(self))):
+            if step and self.buckets is not None and self.target_size((index + step) % len(self)) != \
+                    self.target_size(index):
+                continue  # its batch holds one bucket: the next good item of the same one
             try:
                 return self.item((index + step) % len(self))
             except BadImageError as err:
@@ -144,21 +163,25 @@ def load_dataset(kind: str, data_dir: str | os.PathLike, *, resolution: int = 51
                  random_flip: bool = False, seed: int = 0, interpolation: str = "bicubic",
                  caption_dropout_rate: float = 0.0, shuffle_caption: bool = False, keep_tokens: int = 0,
                  caption_tag_dropout_rate: float = 0.0, keep_tokens_separator: str | None = None,
-                 **options) -> CaptionDataset:
+                 enable_bucket: bool = False, min_bucket_reso: int | None = None, max_bucket_reso: int | None = None,
+                 bucket_reso_steps: int | None = None, **options) -> CaptionDataset:
     """Scan then build a dataset; kind in KINDS ("hf": data_dir is a `datasets` folder or cached hub id). Options:
     split, caption_mode ("random"|"all"|"first"), caption_column, image_column, template (fine-grained: "{}" or
     "{class}" is the class name), category, class_names (a file), dataset_config_name (hf), max_train_samples (the
     first N after a shuffle seeded by `seed`), caption_extension (kohya layout: default .txt then .caption),
-    shuffle_caption/keep_tokens/caption_tag_dropout_rate/keep_tokens_separator (captions.py), skip_bad_images,
+    shuffle_caption/keep_tokens/caption_tag_dropout_rate/keep_tokens_separator (captions.py),
+    enable_bucket/min_bucket_reso/max_bucket_reso/bucket_reso_steps (buckets.py), skip_bad_images,
     scan_mode ("decode"|"header", see scan.py),
     scan_cache (True: <data_dir>/.restune_cache, a folder, or False), progress, demo_num_images/resolution/seed.
     The scan result is `dataset.report` (print `dataset.report.summary()`; `write_caption_set(dataset.report, out)`
     writes the derived captions with their counts)."""
     transform = ImageTransform(resolution, center_crop, random_flip, interpolation)  # its errors before the scan
     tags = CaptionOptions(shuffle_caption, keep_tokens, caption_tag_dropout_rate, keep_tokens_separator)
+    spec = BucketSpec(resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps) if enable_bucket else None
     samples, report = scan_samples(kind, data_dir, seed=seed, **options)
     return CaptionDataset(samples, transform, seed, report, skip_bad_images=report.skip_bad_images,
-                          caption_dropout_rate=caption_dropout_rate, caption_options=tags)
+                          caption_dropout_rate=caption_dropout_rate, caption_options=tags,
+                          buckets=BucketTable(spec) if spec else None)
 
 
 def coco_caption_pairs(data_dir: str | os.PathLike, split: str = "val", num_samples: int | None = None,
@@ -191,6 +214,13 @@ class CachedLatentsDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.source.set_epoch(epoch)
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        return self.source.target_size(index)
+
+    @property
+    def buckets(self):
+        return self.source.buckets
 
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):
@@ -232,11 +262,17 @@ def collate_fn(examples: list[dict]) -> dict:
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
-                     drop_last: bool = False) -> DataLoader:
-    """A DataLoader whose order depends only on (seed, epoch); call `loader.sampler.set_epoch(e)` each epoch."""
+                     drop_last: bool = False, num_processes: int = 1) -> DataLoader:
+    """A DataLoader whose order depends only on (seed, epoch); call `loader.batch_sampler.sampler.set_epoch(e)` (the
+    EpochSampler) each epoch. A dataset with aspect-ratio buckets is batched one bucket per batch, and per global
+    batch of `num_processes` batches (buckets.BucketBatchSampler; drop_last does not apply)."""
     # workers are not persistent: each epoch's workers get a fresh copy of the dataset with the new epoch
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset, shuffle, seed),
-                      num_workers=num_workers, collate_fn=collate_fn, drop_last=drop_last)
+    epochs = EpochSampler(dataset, shuffle, seed)
+    if getattr(dataset, "buckets", None) is not None:
+        return DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset, batch_size, epochs, num_processes),
+                          num_workers=num_workers, collate_fn=collate_fn)
+    return DataLoader(dataset, batch_size=batch_size, sampler=epochs, num_workers=num_workers, collate_fn=collate_fn,
+                      drop_last=drop_last)
 
 
 def tokenize_captions(tokenizer, captions: list[str]) -> torch.Tensor:

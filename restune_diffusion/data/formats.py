@@ -30,6 +30,7 @@ LETTERS_WITH_VOWEL_SOUND = "aefhilmnorsx"  # "an F", "an M", "an S"
 class Sample:
     path: Path
     captions: list[str]  # one caption is drawn per (seed, epoch, index) when there are several
+    size: tuple[int, int] | None = None  # (w, h) with EXIF orientation applied, from the scan (what buckets use)
 
 
 @dataclass

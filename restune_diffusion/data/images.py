@@ -101,15 +101,36 @@ def _jpeg_scan_ends_early(data: bytes, small: np.ndarray) -> bool:
     return not np.array_equal(padded, small)
 
 
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def oriented_size(im: Image.Image) -> tuple[int, int]:
+    """(w, h) as `to_rgb` will give the image (EXIF orientation applied), from the EXIF block open() read with the
+    header (JPEG APP1, a PNG eXIf chunk before the pixels); `im.getexif()` would decode a PNG to look further."""
+    w, h = im.size
+    block = im.info.get("exif")
+    if not block:
+        return w, h
+    try:
+        exif = Image.Exif()
+        exif.load(block)
+        turned = exif.get(EXIF_ORIENTATION) in TRANSPOSED
+    except PIL_ERRORS:
+        turned = False  # a broken EXIF block: exif_transpose cannot read it either
+    return (h, w) if turned else (w, h)
+
+
 def image_problem(path: Path, decode: bool = True) -> tuple[str | None, tuple[int, int] | None]:
-    """(why the image cannot be used or None, its (w, h) or None). decode=True reads every pixel once (JPEGs at 1/8
-    scale); decode=False checks the header, PNG checksums and the JPEG end marker only."""
+    """(why the image cannot be used or None, its (w, h) with EXIF orientation applied, or None). decode=True reads
+    every pixel once (JPEGs at 1/8 scale); decode=False checks the header, PNG checksums and the JPEG end marker
+    only."""
     try:
         if not decode:
             return _header_problem(path)
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as im:
-            size, fmt = im.size, im.format
+            size, fmt = oriented_size(im), im.format
             if fmt != "JPEG":
                 im.load()  # PNG: inflates every IDAT (corrupt zlib data raises here, not in verify())
         if fmt == "JPEG":
@@ -127,7 +148,7 @@ def _header_problem(path: Path) -> tuple[str | None, tuple[int, int] | None]:
     image's ~160 KB: the cold scan of 118k files reads ~1 GB instead of ~19 GB); other formats are verified whole
     (PNG chunk checksums)."""
     with open(path, "rb") as f, Image.open(f) as im:
-        size, fmt = im.size, im.format
+        size, fmt = oriented_size(im), im.format
         if fmt != "JPEG":
             im.verify()
         else:

@@ -113,9 +113,17 @@ def kohya_samples(root: Path, caption_extension: str | None, report: ScanReport)
     return samples
 
 
-# the data flags kohya users bring (same names and meaning), declared here as (name, argparse keywords) entries so
-# that the training options add them to their flag list and hand them to load_dataset by name (KOHYA_DATA_KEYS)
+# the data flags kohya users bring, buckets and captions (same names and meaning), declared here as (name, argparse
+# keywords) entries so that the training options add them to their flag list and hand them to load_dataset by name
+# (KOHYA_DATA_KEYS)
 KOHYA_FLAGS: tuple[tuple[str, dict], ...] = (
+    ("--enable_bucket", dict(action=argparse.BooleanOptionalAction, default=False, help="aspect-ratio buckets: each "
+                             "image resized to the bucket nearest its aspect ratio, one bucket per batch "
+                             "(data/buckets.py)")),
+    ("--min_bucket_reso", dict(type=int, help="smallest bucket side (default: resolution / 2)")),
+    ("--max_bucket_reso", dict(type=int, help="largest bucket side (default: 2 x resolution)")),
+    ("--bucket_reso_steps", dict(type=int, help="bucket sides are multiples of this (default 64, at most resolution "
+                                 "/ 4)")),
     ("--caption_extension", dict(help="kohya layout: the caption file beside each image (default: .txt, else "
                                  ".caption)")),
     ("--shuffle_caption", dict(action=argparse.BooleanOptionalAction, default=False, help="shuffle the "

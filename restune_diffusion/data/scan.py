@@ -40,7 +40,7 @@ FINEGRAINED_KINDS = ("finegrained", *FINEGRAINED_SETS)
 CAPTION_MODES = ("random", "all", "first")
 SCAN_MODES = ("decode", "header")
 CACHE_DIR = ".restune_cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries [file size, mtime, problem, width, height] (the sizes buckets need)
 log = logging.getLogger(__name__)
 
 
@@ -109,14 +109,23 @@ def detect_kind(data_dir: str | os.PathLike, caption_extension: str | None = Non
 
 def check_images(paths: list[Path], root: Path, mode: str, scan_cache=True, progress: bool = True,
                  workers: int | None = None) -> tuple[dict[Path, str], int]:
-    """({path: problem} for unusable images, how many were read now); the rest come from the scan cache, whose
-    entries are keyed by name relative to `root`, size and mtime. The images to read are shared by `workers`
-    processes (default: up to 8 of this machine's cores when there are more than PARALLEL_FROM of them)."""
+    """({path: problem} for unusable images, how many were read now): scan_images without the sizes."""
+    problems, num_read, _ = scan_images(paths, root, mode, scan_cache, progress, workers)
+    return problems, num_read
+
+
+def scan_images(paths: list[Path], root: Path, mode: str, scan_cache=True, progress: bool = True,
+                workers: int | None = None) -> tuple[dict[Path, str], int, list[tuple[int, int] | None]]:
+    """({path: problem} for unusable images, how many were read now, each path's (w, h) with EXIF orientation
+    applied or None); the rest come from the scan cache, whose entries are keyed by name relative to `root`, size
+    and mtime. The images to read are shared by `workers` processes (default: up to 8 of this machine's cores when
+    there are more than PARALLEL_FROM of them)."""
     cache_path = _cache_file(root, scan_cache)
     cached = _read_cache(cache_path, mode)
     prefix = os.path.join(os.path.abspath(root), "")
     entries, todo = dict(cached), []  # other splits' entries stay (train and val share one root)
     verdicts: list[str | None] = [None] * len(paths)  # problem per path
+    sizes: list[tuple[int, int] | None] = [None] * len(paths)
     for i, path in enumerate(paths):
         try:
             st = os.stat(path)
@@ -125,19 +134,19 @@ def check_images(paths: list[Path], root: Path, mode: str, scan_cache=True, prog
             continue
         key = _relative(path, prefix)
         hit = cached.get(key)
-        if type(hit) is list and len(hit) == 3 and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            verdicts[i] = hit[2]
+        if type(hit) is list and len(hit) == 5 and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            verdicts[i], sizes[i] = hit[2], (hit[3], hit[4]) if hit[3] else None
         else:
             entries[key] = [st.st_size, st.st_mtime_ns]
             todo.append((i, key))
     read = _read_images([paths[i] for i, _ in todo], mode == "decode", workers, progress and len(todo) >= 1000)
-    for (i, key), problem in zip(todo, read):
-        entries[key] = [*entries[key][:2], problem]
-        verdicts[i] = problem
+    for (i, key), (problem, size) in zip(todo, read):
+        entries[key] = [*entries[key][:2], problem, *(size or (0, 0))]
+        verdicts[i], sizes[i] = problem, size
     problems = {path: problem for path, problem in zip(paths, verdicts) if problem}
     if todo:
         _write_cache(cache_path, mode, entries)
-    return problems, len(todo)
+    return problems, len(todo), sizes
 
 
 def _relative(path: Path, prefix: str) -> str:
@@ -152,11 +161,8 @@ def _relative(path: Path, prefix: str) -> str:
 PARALLEL_FROM = 256  # fewer images are read in this process (a pool's start-up would cost more than it saves)
 
 
-def _problem(path: Path, decode: bool) -> str | None:
-    return image_problem(path, decode=decode)[0]
-
-
-def _read_images(paths: list[Path], decode: bool, workers: int | None, progress: bool) -> list[str | None]:
+def _read_images(paths: list[Path], decode: bool, workers: int | None,
+                 progress: bool) -> list[tuple[str | None, tuple[int, int] | None]]:
     """image_problem of each path, in order, by `workers` processes (forked: they inherit this process's modules
     without re-importing the training script; where fork is missing, or for few images, this process reads all)."""
     if workers is None:
@@ -165,7 +171,7 @@ def _read_images(paths: list[Path], decode: bool, workers: int | None, progress:
         raise ValueError(f"scan workers: expected a positive integer, got {workers!r}")
     bar = dict(total=len(paths), desc=f"scan ({'decode' if decode else 'header'})", unit="img",
                disable=not progress, mininterval=2.0)
-    read = functools.partial(_problem, decode=decode)
+    read = functools.partial(image_problem, decode=decode)
     if workers == 1 or "fork" not in mp.get_all_start_methods():
         return list(tqdm(map(read, paths), **bar))
     with mp.get_context("fork").Pool(workers) as pool:
@@ -244,8 +250,10 @@ def scan_samples(kind: str, data_dir: str | os.PathLike, *, split: str = "train"
     report.num_listed, report.max_train_samples = len(samples), max_train_samples
     samples = subset(samples, max_train_samples, seed)  # before the image check: a subset reads only its images
     images = list({str(s.path): s.path for s in samples}.values())  # each image once
-    problems, report.num_decoded = check_images(images, root, scan_mode,
-                                                scan_cache, progress)
+    problems, report.num_decoded, sizes = scan_images(images, root, scan_mode, scan_cache, progress)
+    size_of = {str(path): size for path, size in zip(images, sizes)}
+    for s in samples:  # kohya's repeats share one Sample: set once
+        s.size = size_of.get(str(s.path))
     for path, problem in problems.items():
         report.flag("image", f"{path}: cannot read image ({problem}). {SKIP_HINT}")
     bad = {str(path) for path in problems}  # str keys: hashing 118k Path objects costs ~0.5 s

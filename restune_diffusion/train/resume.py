@@ -61,7 +61,8 @@ REFUSED = {
     "resolution": _DATA, "center_crop": _DATA, "random_flip": _DATA, "caption_mode": _DATA,
     "caption_column": _DATA, "image_column": _DATA, "category": _DATA,
     "image_interpolation_mode": _DATA, "caption_dropout_rate": _DATA, "shuffle_caption": _DATA, "keep_tokens": _DATA,
-    "caption_tag_dropout_rate": _DATA, "keep_tokens_separator": _DATA,
+    "caption_tag_dropout_rate": _DATA, "keep_tokens_separator": _DATA, "enable_bucket": _DATA,
+    "min_bucket_reso": _DATA, "max_bucket_reso": _DATA, "bucket_reso_steps": _DATA,
     "tuners": "the checkpoint's tuners are other modules (same shapes or not)",
     "tasks": "a joint run's bypasses (names, tuners, per-task settings) are fixed by its checkpoints",
     "use_ema": "the EMA of the tuner weights runs from step 0: turned on at a resume it would average from there, "

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from restune_diffusion.attach import attach
-from restune_diffusion.data import KOHYA_DATA_KEYS, build_dataloader, load_dataset, write_caption_set
+from restune_diffusion.data import KOHYA_DATA_KEYS, build_dataloader, load_dataset, report_buckets, write_caption_set
 from restune_diffusion.ema import EMA_FILE, TunerEMA
 from restune_diffusion.files import clean_stale_temps
 from restune_diffusion.latent_cache import build_latent_cache, open_latent_cache
@@ -133,6 +133,9 @@ def build_dataset(args, accelerator):
     with accelerator.main_process_first():
         dataset = load_dataset(args.dataset, args.dataset_name if args.dataset == "hf" else args.data_dir, **options)
     accelerator.print(dataset.report.summary())
+    buckets = report_buckets(dataset, args.output_dir if accelerator.is_main_process else None)  # bucket_table.json
+    if buckets:
+        accelerator.print(buckets)
     if accelerator.is_main_process:
         path = write_caption_set(dataset.report, args.output_dir)
         if path is not None:
@@ -152,7 +155,7 @@ def build_loader(args, dataset, sd, accelerator, weight_dtype: torch.dtype):
         dataset = open_latent_cache(folder, dataset)
         accelerator.print(f"--cache_latents: the VAE posteriors of {len(dataset)} samples from {folder}")
     return build_dataloader(dataset, args.train_batch_size, shuffle=True, seed=args.seed,
-                            num_workers=args.dataloader_num_workers)
+                            num_workers=args.dataloader_num_workers, num_processes=accelerator.num_processes)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -222,7 +225,7 @@ class TunedUNet(nn.Module):
 def prepare_run(args, tasks: list[Task], accelerator, sd, loader, weight_dtype) -> Run:
     """The optimizer (one param group per task) and the prepared modules; each task's EMA under --use_ema; the
     checkpoint hooks that carry every task's tuners."""
-    sampler = loader.sampler  # ours, before accelerate wraps the loader
+    sampler = loader.batch_sampler.sampler  # ours (data.EpochSampler), before accelerate wraps the loader
     model = TunedUNet(sd.unet, [t.handle for t in tasks], shared=bool(args.tasks))
     n = accelerator.num_processes  # accelerate shards the batches: ceil(len / n) per process (even_batches)
     steps_per_epoch = math.ceil(math.ceil(len(loader) / n) / args.gradient_accumulation_steps)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from restune_diffusion.data import tokenize_captions
+from restune_diffusion.data import eval_batches, tokenize_captions
 from restune_diffusion.files import atomic_write
 from restune_diffusion.models import build_pipeline
 from restune_diffusion.sampling import NonFiniteImagesError, SamplingSettings, generate, make_grid
@@ -122,15 +122,15 @@ def heldout_loss(run, task) -> float:
     training, total = run.model.training, 0.0
     run.model.eval()
     try:
-        for start in range(0, len(data), args.train_batch_size):
-            items = [data[i] for i in range(start, min(start + args.train_batch_size, len(data)))]
+        for indices in eval_batches(data, args.train_batch_size):  # one size per batch (buckets)
+            items = [data[i] for i in indices]
             pixels = torch.stack([item["pixel_values"] for item in items]).to(device, run.weight_dtype)
             latents = sd.vae.encode(pixels).latent_dist.mode() * sd.vae.config.scaling_factor  # (B, 4, h, w)
             ids = tokenize_captions(sd.tokenizer, [item["caption"] for item in items]).to(device)
             text_states = sd.text_encoder(ids, return_dict=False)[0]  # (B, 77, D)
             for k, t in enumerate(steps):
                 noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
-                    seed_for(seed, start + i, k))) for i in range(len(items))]).to(device, latents.dtype)
+                    seed_for(seed, i, k))) for i in indices]).to(device, latents.dtype)
                 timesteps = torch.full((len(items),), t, device=device, dtype=torch.long)
                 with autocast:
                     loss = diffusion_loss(sd.unet, sd.noise_scheduler, latents, text_states, noise, timesteps,
