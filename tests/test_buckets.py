@@ -15,12 +15,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from test_data import write_image
-from test_train import REPO, Stop, assert_same_run, cli_args, fresh_accelerate_state  # noqa: F401 (autouse)
+from test_train import REPO, assert_same_run, cli_args, crash_after_checkpoint, fresh_accelerate_state  # noqa: F401 (autouse)
 
 from restune_diffusion import data
 from restune_diffusion import train as T
 from restune_diffusion.data import BucketSpec, BucketTable, kept_fraction
-from restune_diffusion.train import loop as LOOP
 
 # (w, h) of a mixed-aspect folder at resolution 32 (buckets 16..64 px in steps of 8): portrait, landscape, square and
 # extreme images at a bucket's exact aspect ratio, and three off-aspect ones
@@ -164,23 +163,8 @@ def test_a_bucketed_run_writes_the_table_and_resumes_exactly(tmp_path, monkeypat
     assert sum(r["images"] for r in table["buckets"]) == len(EXACT + OFF) and table["bucket_reso_steps"] == 8
     assert any(r.get("val_loss") is not None for r in T.read_log(tmp_path / "a" / "out"))
 
-    save = LOOP.save_checkpoint
-
-    def save_then_die(run):
-        path = save(run)
-        if run.global_step == 4:
-            raise Stop
-        return path
-
-    monkeypatch.setattr(LOOP, "save_checkpoint", save_then_die)
     argv = cli_args(tmp_path / "b", root, *common)
-    with pytest.raises(Stop):
-        T.train(T.parse_args(argv))
-    monkeypatch.setattr(LOOP, "save_checkpoint", save)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    crash_after_checkpoint(monkeypatch, argv, 4)
     T.train(T.parse_args(argv + ["--resume_from_checkpoint", "latest"]))
     assert_same_run(tmp_path / "a" / "out", tmp_path / "b" / "out", steps=6)
     ema_a, ema_b = (load_file(tmp_path / p / "out" / "tuners_ema.safetensors") for p in "ab")

@@ -4,13 +4,12 @@ exactly, exported as tuners_ema.safetensors (load_tuners reads it), used for val
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import SMALL, Stop, cli_args, data_dir, fresh_accelerate_state  # noqa: F401 (fixtures)
+from test_train import SMALL, cli_args, crash_after_checkpoint, data_dir, fresh_accelerate_state  # noqa: F401 (fixtures)
 
 from restune_diffusion import train as T
 from restune_diffusion.attach import attach, attached_sets
 from restune_diffusion.ema import EMA_FILE, TunerEMA
 from restune_diffusion.models import build_tiny_sd
-from restune_diffusion.train import loop as LOOP
 from restune_diffusion.train import validation as V
 from restune_diffusion.weights import load_tuners, read_tuner_file
 
@@ -81,20 +80,8 @@ def test_a_resumed_ema_run_equals_the_uninterrupted_one_and_updates_once_per_opt
     common = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
               "--use_ema", "--ema_decay", "0.9", "--learning_rate", "1e-2"]
     T.train(T.parse_args(cli_args(tmp_path / "a", data_dir, *common)))
-    save = LOOP.save_checkpoint
-
-    def save_then_die(run):
-        path = save(run)
-        if run.global_step == 4:
-            raise Stop
-        return path
-
-    monkeypatch.setattr(LOOP, "save_checkpoint", save_then_die)
     args = cli_args(tmp_path / "b", data_dir, *common)
-    with pytest.raises(Stop):
-        T.train(T.parse_args(args))
-    monkeypatch.setattr(LOOP, "save_checkpoint", save)
-    reset_accelerate()
+    crash_after_checkpoint(monkeypatch, args, 4)
     T.train(T.parse_args(args + ["--resume_from_checkpoint", "latest"]))
     a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"
     for name in (EMA_FILE, f"checkpoint-6/{EMA_FILE}", f"checkpoint-4/{EMA_FILE}"):

@@ -12,10 +12,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_train import REPO, cli_args, data_dir, fresh_accelerate_state  # noqa: F401 (fixtures)
+from test_train import REPO, cli_args, crash_after_checkpoint, data_dir, fresh_accelerate_state  # noqa: F401 (fixtures)
 
 from restune_diffusion import train as T
-from restune_diffusion.train import loop as LOOP
 from restune_diffusion.train.checkpoints import find_checkpoint
 
 TASKS = {  # three bypasses that differ in shape, activation and learning rate
@@ -112,21 +111,9 @@ def test_a_crash_then_resume_of_a_joint_run_equals_the_uninterrupted_one(tmp_pat
     names = ("wide", "narrow")
     reset_accelerate()
     T.train(T.parse_args(joint_argv(tmp_path / "a", data_dir, *common, names=names)))
-    save = LOOP.save_checkpoint
-
-    def save_then_die(run):
-        path = save(run)
-        if run.global_step == 4:
-            raise Stop
-        return path
-
-    monkeypatch.setattr(LOOP, "save_checkpoint", save_then_die)
     argv = joint_argv(tmp_path / "b", data_dir, *common, names=names)
     reset_accelerate()
-    with pytest.raises(Stop):
-        T.train(T.parse_args(argv))
-    monkeypatch.setattr(LOOP, "save_checkpoint", save)
-    reset_accelerate()
+    crash_after_checkpoint(monkeypatch, argv, 4)
     summaries = T.train(T.parse_args(argv + ["--resume_from_checkpoint", "latest"]))
     a, b = tmp_path / "a" / "out", tmp_path / "b" / "out"
     for name in names:
@@ -137,10 +124,6 @@ def test_a_crash_then_resume_of_a_joint_run_equals_the_uninterrupted_one(tmp_pat
         assert T.read_log(a / name) == T.read_log(b / name)
     oa, ob = (torch.load(p / "checkpoint-8" / "optimizer.bin", weights_only=True) for p in (a, b))
     assert all(torch.equal(oa["state"][k]["exp_avg_sq"], ob["state"][k]["exp_avg_sq"]) for k in oa["state"])
-
-
-class Stop(Exception):
-    pass
 
 
 @pytest.mark.slow  # three script runs; the same resume in-process: the test above

@@ -309,28 +309,33 @@ class Stop(Exception):
     pass
 
 
-def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, data_dir, monkeypatch):
-    common = ["--max_train_steps", "8", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
-              "--snr_gamma", "5", "--noise_offset", "0.05"]
-    straight = T.train(T.parse_args(cli_args(tmp_path / "a", data_dir, *common)))
+def crash_after_checkpoint(monkeypatch, argv: list[str], step: int) -> None:
+    """An in-process run of `argv` that stops right after writing checkpoint-`step`, as a crash would; accelerate's
+    process-wide state reset for the next run."""
+    from accelerate.state import AcceleratorState, GradientState
 
     save = LOOP.save_checkpoint
 
-    def save_then_die(run):  # a crash right after checkpoint-6, mid-epoch (4 steps per epoch)
+    def save_then_die(run):
         path = save(run)
-        if run.global_step == 6:
+        if run.global_step == step:
             raise Stop
         return path
 
     monkeypatch.setattr(LOOP, "save_checkpoint", save_then_die)
-    args = cli_args(tmp_path / "b", data_dir, *common)
     with pytest.raises(Stop):
-        T.train(T.parse_args(args))
+        T.train(T.parse_args(argv))
     monkeypatch.setattr(LOOP, "save_checkpoint", save)
-    from accelerate.state import AcceleratorState, GradientState
-
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, data_dir, monkeypatch):
+    common = ["--max_train_steps", "8", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
+              "--snr_gamma", "5", "--noise_offset", "0.05"]
+    straight = T.train(T.parse_args(cli_args(tmp_path / "a", data_dir, *common)))
+    args = cli_args(tmp_path / "b", data_dir, *common)
+    crash_after_checkpoint(monkeypatch, args, 6)  # mid-epoch (4 steps per epoch)
     resumed = T.train(T.parse_args(args + ["--resume_from_checkpoint", "latest"]))
     assert_same_run(tmp_path / "a" / "out", tmp_path / "b" / "out", steps=8)
     assert (straight["global_step"], resumed["global_step"], resumed["steps_run"]) == (8, 8, 2)
