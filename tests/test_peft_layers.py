@@ -129,3 +129,28 @@ def test_mixed_precision_training_casts_the_backbone_and_keeps_peft_tuners_fp32(
     layer = tiny_sd.unet.get_submodule(next(iter(handle.state_dict())).split(".dora.")[0])
     assert layer.base_layer.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in handle.trainable_parameters())
+
+
+@pytest.mark.parametrize("name,config", [("dora", {"type": "dora", "rank": 2**30}),
+                                         ("loha", {"type": "loha", "rank": 2**30}),
+                                         ("oft", {"type": "oft", "block_size": 2**20})])
+def test_a_huge_size_in_a_peft_file_header_fails_on_the_meta_device_without_allocating(unet, tmp_path, name,
+                                                                                       config):
+    import json
+    import time
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    small = {"dora": {"rank": 2}, "loha": {"rank": 2}, "oft": {"block_size": 8}}[name]
+    path = rd.save_tuners(tmp_path / "t.safetensors", attach(rd.build_tiny_sd(0).unet, {"type": name, **small}))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    entry = {**json.loads(meta["tuners"])[0], **{k: v for k, v in config.items() if k != "type"}}
+    bomb = tmp_path / "bomb.safetensors"
+    save_file(load_file(str(path)), str(bomb), metadata={**meta, "tuners": json.dumps([entry])})
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="bomb.safetensors"):
+        rd.load_tuners(unet, bomb)
+    assert time.perf_counter() - start < 10
+    assert not any(type(m).__module__.startswith("peft") for m in unet.modules())  # nothing left on the UNet
