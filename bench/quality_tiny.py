@@ -1,7 +1,7 @@
 """The paper's SD v1.5 table in miniature, in the tiny world (issue 14): every method fine-tuned on the held-out
 concept with the same data, steps, seeds and budget, then scored on the same held-out prompts and seeds.
 
-    python bench/quality_tiny.py                          # every row: LR sweep on seed 0, then seeds 0-2 (~1-2 h CPU)
+    python bench/quality_tiny.py                          # every row: LR sweep on seed 0, then seeds 0-2 (~2-3 h CPU)
     python bench/quality_tiny.py --quick --out /tmp/q     # the plumbing: res_tuning + base, 2 steps, one seed
 
 Each training run is `train_t2i.py --config configs/tiny/<method>.yaml` in its own process (peak memory per run);
@@ -34,7 +34,8 @@ from restune_diffusion.paper import PAPER as PAPER_TABLE  # noqa: E402
 from restune_diffusion.weights import load_tuners  # noqa: E402
 
 METHODS = (BASE, *methods())  # the untuned base, then every method (restune_diffusion.methods)
-# the paper's (FID, params M) per method; its base row has no trainable parameters, SC-Tuner is not in its table
+# the paper's (FID, params M) per method; its base row has no trainable parameters; SC-Tuner and the baselines
+# built by peft (dora, loha, lokr, oft) are not in its table
 PAPER = {name: (PAPER_TABLE[name]["fid"], PAPER_TABLE[name]["params_m"] or 0) if name in PAPER_TABLE else (None, None)
          for name in METHODS}
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)  # the demo's tuners do best at 5e-3 to 1e-2 in 400 steps
