@@ -57,7 +57,8 @@ FOREIGN: dict[str, tuple[str, str]] = {
     "--optimizer": (D, "AdamW is the optimizer (bitsandbytes' 8-bit AdamW with --use_8bit_adam)"),
     "--with_prior_preservation": (D, _PRIOR),
     "--class_data_dir": (D, _PRIOR),
-    "--instance_prompt": (D, "captions come with the images (--dataset imagefolder with metadata.jsonl)"),
+    "--instance_prompt": (D, "captions come with the images (metadata.jsonl, or a .txt beside each image); or put the "
+                             "images in a folder named 1_<prompt> (kohya's layout): the prompt is their caption"),
     "--loss_type": (DK, "the loss is the MSE (L2), min-SNR weighted with --snr_gamma"),
     # kohya sd-scripts
     "--network_module": (K, "pick the tuner with `type:` in the YAML's tuners: list (lora, dora, loha, lokr, oft, "

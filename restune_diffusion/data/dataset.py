@@ -132,8 +132,7 @@ class CaptionDataset(Dataset):
         path = self.samples[index].path
         crop_rng = sample_rng(self.seed, self.epoch, index, _CROP)
         try:
-            target = self.target_size(index) if self.buckets is not None else None
-            pixels = self.transform(load_rgb(path), crop_rng, self.flip(index), target)
+            pixels = self.transform(load_rgb(path), crop_rng, self.flip(index), self.target_size(index))
         except BadImageError as err:
             raise BadImageError(f"{path}: {err}" if not str(err).startswith(str(path)) else str(err)) from None
         return {"pixel_values": pixels, "caption": self.caption(index), "path": str(path)}
