@@ -1,6 +1,6 @@
 """Joint bypass training (restune_diffusion/train/joint.py, issue 18): K bypasses in one backbone pass per step equal
-the same bypasses trained alone; kill -9 + resume equals the uninterrupted joint run; 2 processes; the K results
-load as K tasks of generate_multitask."""
+the same bypasses trained alone (with aspect-ratio buckets too); kill -9 + resume equals the uninterrupted joint run;
+2 processes; the K results load as K tasks of generate_multitask."""
 
 import signal
 import subprocess
@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_train import REPO, cli_args, crash_after_checkpoint, data_dir, fresh_accelerate_state  # noqa: F401 (fixtures)
 
 from restune_diffusion import train as T
+from restune_diffusion.train import loop as LOOP
 from restune_diffusion.train.checkpoints import find_checkpoint
 
 TASKS = {  # three bypasses that differ in shape, activation and learning rate
@@ -271,3 +272,34 @@ def test_a_joint_run_of_one_task_equals_the_single_run_bit_for_bit(tmp_path, dat
     oa, ob = (torch.load(p / "checkpoint-5" / "optimizer.bin", weights_only=True) for p in (joint, single))
     assert all(torch.equal(oa["state"][k][m], ob["state"][k][m]) for k in ob["state"] for m in ("exp_avg",
                                                                                                 "exp_avg_sq"))
+
+
+def test_a_joint_run_with_buckets_equals_each_bypass_trained_alone(tmp_path, monkeypatch):
+    """--enable_bucket: every step's batch has its bucket's size, shared by the K bypasses' one backbone pass; each
+    bypass (tensors, losses, held-out losses batched by bucket) equals its alone run with buckets."""
+    from test_buckets import write_mixed
+
+    root = write_mixed(tmp_path / "mixed")
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "0", "--gradient_accumulation_steps", "2",
+              "--enable_bucket", "--validation_split", "0.2", "--validation_steps", "2"]
+    names = ("wide", "narrow")
+    sizes, micro = [], LOOP.micro_step
+
+    def spy(run, batch, epoch, index):
+        sizes.append(tuple(batch["pixel_values"].shape[-2:]))
+        return micro(run, batch, epoch, index)
+
+    monkeypatch.setattr(LOOP, "micro_step", spy)
+    reset_accelerate()
+    T.train(T.parse_args(joint_argv(tmp_path / "joint", root, *common, names=names)))
+    assert len(set(sizes)) > 1  # several buckets trained in one joint run
+    assert (tmp_path / "joint" / "out" / "bucket_table.json").is_file()
+    for name in names:
+        reset_accelerate()
+        T.train(T.parse_args(joint_argv(tmp_path / name, root, *common, names=(name,))))
+        joint, alone = tmp_path / "joint" / "out" / name, tmp_path / name / "out"
+        assert_same_tensors(joint / T.TUNERS_FILE, alone / T.TUNERS_FILE)
+        la, lb = T.read_log(joint), T.read_log(alone)
+        for key in ("loss", "val_loss"):
+            assert [r.get(key) for r in la] == pytest.approx([r.get(key) for r in lb], abs=1e-6)
+        assert any(r.get("val_loss") is not None for r in la)
