@@ -3,7 +3,7 @@
 Default suite: the loss step per tuner, min-SNR weights, gradient checkpointing, dtypes after validation, options,
 checkpoint bookkeeping, named data errors, in-process runs (resume == uninterrupted, nan loss, LoRA export), and
 train_t2i.py in subprocesses (kill -9 + resume, torchrun with 2 processes); the default job on 2 steps (its
-500-step run is slow-marked).
+500-step run is slow-marked, as are the loss and loop rows of loha, lokr and oft).
 """
 
 import json
@@ -50,6 +50,9 @@ SMALL = {  # one row per tuner type, toy sizes
     "lokr": {"type": "lokr", "rank": 2},
     "oft": {"type": "oft", "block_size": 8},
 }
+# the loop does not depend on the tuner type: of the peft-built rows, dora (with its diffusers export) stays in the
+# default suite, the other three run with -m slow (test_tuners and test_peft_layers check each in the default suite)
+TYPES = [pytest.param(n, marks=pytest.mark.slow) if n in ("loha", "lokr", "oft") else n for n in SMALL]
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +102,7 @@ def randomize(handle, std=0.05):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the loss and the step
-@pytest.mark.parametrize("name", list(SMALL))
+@pytest.mark.parametrize("name", TYPES)
 def test_a_few_steps_of_each_tuner_reduce_the_loss_on_a_fixed_batch(name):
     sd = build_tiny_sd()
     torch.manual_seed(0)
@@ -358,7 +361,7 @@ def assert_same_run(a: Path, b: Path, steps: int):
     assert [r["step"] for r in lb] == list(range(1, steps + 1)) and la == lb
 
 
-@pytest.mark.parametrize("name", list(SMALL))
+@pytest.mark.parametrize("name", TYPES)
 def test_the_training_loop_trains_and_exports_every_tuner_type(tmp_path, data_dir, name):
     # 6 steps: a bypass chain of zero-init tuners opens one stem per step, from the target back (4 stems in tiny)
     argv = cli_args(tmp_path, data_dir, "--max_train_steps", "6", "--checkpointing_steps", "0", tuners=[SMALL[name]])
