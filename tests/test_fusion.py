@@ -27,6 +27,9 @@ REFUSED = [
     ("adapter", {"type": "adapter", "dim": 8}, "adapter is non-linear"),
     ("sc_tuner", {"type": "sc_tuner", "ratio": 0.5}, "sc_tuner is non-linear"),
     ("bypass", {"type": "bypass"}, "bypass is a side network"),
+    *[(kind, config, f"{kind} is built by peft") for kind, config in (
+        ("dora", {"type": "dora", "rank": 4}), ("loha", {"type": "loha", "rank": 4}),
+        ("lokr", {"type": "lokr", "rank": 4}), ("oft", {"type": "oft", "block_size": 8}))],
 ]
 
 

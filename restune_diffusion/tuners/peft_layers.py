@@ -45,9 +45,15 @@ class _Unload:
             owner._modules[leaf] = self.layer.get_base_layer()
 
 
-def _adapter_tensors(layer) -> nn.Module:
-    """A module holding the layer's adapter modules and parameters (the same objects) under peft's names."""
-    holder = nn.Module()
+class PeftTensors(nn.Module):
+    """A peft layer's adapter modules and parameters (the same objects) under peft's names, in the handle's tree."""
+
+    cannot_fuse = ("built by peft, whose layer runs the adapter at every call (peft's merge_adapter would fold it in, "
+                   "but its unmerge subtracts it again, with round-off, where unfuse() restores weights bit for bit)")
+
+
+def _adapter_tensors(layer) -> PeftTensors:
+    holder = PeftTensors()
     for name in dict.fromkeys(layer.adapter_layer_names):  # LoRA lists lora_magnitude_vector twice
         container = getattr(layer, name, None)
         if container is None or ADAPTER not in container:
