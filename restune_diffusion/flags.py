@@ -19,8 +19,8 @@ _TEXT_ENCODER = "the text encoder stays frozen here: only UNet tuners train"
 _CYCLES = ("not taken: cosine_with_restarts runs diffusers' default 1 cycle and polynomial its power 1.0; pick another "
            "--lr_scheduler")
 _EMA_SMALL = "--use_ema averages only the tuner weights (a few million fp32 values on the training device)"
-_PRIOR = ("prior preservation (class images) is not implemented: train on captioned images (--dataset imagefolder "
-          "with metadata.jsonl)")
+_PRIOR = ("kohya's regularization images are our class images: --with_prior_preservation --class_data_dir DIR "
+          "--class_prompt PROMPT (the missing ones are drawn by the base; --prior_loss_weight as kohya's)")
 _NOISE = "not implemented; --noise_offset is (diffusers' offset noise)"
 _NO_UPSCALE = ("not taken: with --enable_bucket every image is resized, up or down, to cover the bucket nearest its "
                "aspect ratio (kohya without the flag)")
@@ -55,8 +55,6 @@ FOREIGN: dict[str, tuple[str, str]] = {
     "--text_encoder_lr": (DK, _TEXT_ENCODER),
     "--pretrained_vae_model_name_or_path": (D, "the VAE comes from --pretrained_model_name_or_path"),
     "--optimizer": (D, "AdamW is the optimizer (bitsandbytes' 8-bit AdamW with --use_8bit_adam)"),
-    "--with_prior_preservation": (D, _PRIOR),
-    "--class_data_dir": (D, _PRIOR),
     "--instance_prompt": (D, "captions come with the images (metadata.jsonl, or a .txt beside each image); or put the "
                              "images in a folder named 1_<prompt> (kohya's layout): the prompt is their caption"),
     "--loss_type": (DK, "the loss is the MSE (L2), min-SNR weighted with --snr_gamma"),
@@ -115,7 +113,6 @@ FOREIGN: dict[str, tuple[str, str]] = {
     "--cache_latents_to_disk": (K, "--cache_latents"),
     "--bucket_no_upscale": (K, _NO_UPSCALE),
     "--reg_data_dir": (K, _PRIOR),
-    "--prior_loss_weight": (K, _PRIOR),
     "--multires_noise_iterations": (K, _NOISE),
     "--adaptive_noise_scale": (K, _NOISE),
     "--ip_noise_gamma": (K, _NOISE),

@@ -475,10 +475,9 @@ def test_the_default_job_runs_end_to_end_on_a_few_steps(tmp_path, monkeypatch):
     """`python train_t2i.py`'s wiring (its config, the pretrained tiny base, the concept's data, exports, the model
     card and the tiny world's before/after report) on 2 steps and a one-round report; the 500-step job: the slow
     test below."""
-    from restune_diffusion import world
+    from restune_diffusion.world import report
 
-    score = world.score
-    monkeypatch.setattr(world, "score", lambda sd, classifier, seed=0: score(sd, classifier, seed, repeats=1))
+    monkeypatch.setattr(report, "REPORT_REPEATS", {"concept": 1, "kept": 1, "combos": 1})
     monkeypatch.chdir(tmp_path)
     summary = T.train(T.parse_args(["--max_train_steps", "2", "--num_validation_images", "1"]))
     out = tmp_path / "outputs" / "tiny_demo"
@@ -486,7 +485,8 @@ def test_the_default_job_runs_end_to_end_on_a_few_steps(tmp_path, monkeypatch):
                  "world_report.json", "concept_data/metadata.jsonl"):
         assert (out / name).is_file(), name
     assert summary["global_step"] == 2 and summary["trainable_params"] == 93_383  # the pretrained base
-    assert summary["world"]["before"]["n"] == summary["world"]["after"]["n"] == 12
+    before, after = summary["world"]["before"], summary["world"]["after"]
+    assert before["concept_drawn"]["n"] == after["concept_drawn"]["n"] == 12 and after["kept"]["n"] == 30
     assert [c["type"] for c in summary["tuners"]] == ["res_adapter", "res_prompt"]
 
 

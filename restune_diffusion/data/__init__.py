@@ -12,7 +12,8 @@ One file per concept: images.py (reading), formats.py (COCO and image-folder lay
 files beside the images, N_name repeat folders), captions.py (tag shuffling and dropout), buckets.py (aspect-ratio
 buckets and their batch sampler), finegrained.py
 (CUB, Dogs, Cars, Flowers, Aircraft, Food, class folders), hf.py (`datasets` -> an image folder), scan.py (the
-start-up scan and its cache), dataset.py (transform, dataset, loader, cached latents), demo.py (the synthetic set).
+start-up scan and its cache), dataset.py (transform, dataset, loader, cached latents, prior preservation's pairs),
+demo.py (the synthetic set).
 """
 
 from .buckets import (
@@ -33,10 +34,12 @@ from .dataset import (
                       CaptionDataset,
                       EpochSampler,
                       ImageTransform,
+                      PairedDataset,
                       build_dataloader,
                       coco_caption_pairs,
                       collate_fn,
                       load_dataset,
+                      paired_collate,
                       sample_rng,
                       tokenize_captions,
                       torch_seed,
@@ -86,6 +89,7 @@ __all__ = [
     "SKIP_HINT", "BadImageError", "CachedLatentsDataset", "CaptionDataset", "EpochSampler", "ImageTransform", "Sample",
     "ScanReport", "build_dataloader", "check_images", "clean_class_name", "coco_caption_pairs", "collate_fn",
     "detect_kind", "export_images", "find_layout", "finegrained_samples", "fix_articles", "image_files",
-    "image_problem", "load_dataset", "load_rgb", "make_demo_dataset", "open_split", "sample_rng", "scan_dataset",
+    "image_problem", "load_dataset", "load_rgb", "make_demo_dataset", "open_split", "PairedDataset", "paired_collate",
+    "sample_rng", "scan_dataset",
     "scan_samples", "subset", "tokenize_captions", "to_rgb", "torch_seed", "write_caption_set",
 ]

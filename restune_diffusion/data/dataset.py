@@ -230,6 +230,49 @@ class CachedLatentsDataset(Dataset):
         return {"latent_parameters": params, "caption": src.caption(index), "path": str(src.samples[index].path)}
 
 
+# prior preservation (DreamBooth)
+class PairedDataset(Dataset):
+    """DreamBooth's prior preservation: item i is instance item i with class item (epoch·n + i) mod n_class (n the
+    instance count), so each epoch is one pass over the instance images and every class image is used over the
+    epochs; `paired_collate` makes a batch of B items the 2B rows [B instance; B class]. Either part may be cached
+    latents. The order, captions and flips of both parts follow (seed, epoch, index), as their own datasets do."""
+
+    def __init__(self, instance: Dataset, classes: Dataset):
+        if getattr(instance, "buckets", None) is not None:
+            raise ValueError("prior preservation: the class images are square; the instance data set must not use "
+                             "aspect-ratio buckets")
+        if len(classes) == 0:
+            raise ValueError("prior preservation: no class images")
+        self.instance, self.classes, self.epoch = instance, classes, 0
+        self.buckets = None
+
+    def __len__(self) -> int:
+        return len(self.instance)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for part in (self.instance, self.classes):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+
+    def class_index(self, index: int) -> int:
+        return (self.epoch * len(self.instance) + index) % len(self.classes)
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index %= len(self)
+        return {"instance": self.instance[index], "class": self.classes[self.class_index(index)]}
+
+
+def paired_collate(examples: list[dict]) -> dict:
+    """B paired items -> one batch of 2B rows, the instance rows first (diffusers' DreamBooth collate), with
+    `class_rows` = B: the loss splits the prediction into its two halves."""
+    batch = collate_fn([e["instance"] for e in examples] + [e["class"] for e in examples])
+    batch["class_rows"] = len(examples)
+    return batch
+
+
 # loading batches
 class EpochSampler(Sampler[int]):
     """Order of epoch e fixed by (seed, e), as DistributedSampler; set_epoch also reaches the dataset, because
@@ -264,13 +307,15 @@ def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, se
                      drop_last: bool = False, num_processes: int = 1) -> DataLoader:
     """A DataLoader whose order depends only on (seed, epoch); call `loader.batch_sampler.sampler.set_epoch(e)` (the
     EpochSampler) each epoch. A dataset with aspect-ratio buckets is batched one bucket per batch, and per global
-    batch of `num_processes` batches (buckets.BucketBatchSampler; drop_last does not apply)."""
+    batch of `num_processes` batches (buckets.BucketBatchSampler; drop_last does not apply). A PairedDataset's
+    batches hold its instance rows, then its class rows (paired_collate)."""
     # workers are not persistent: each epoch's workers get a fresh copy of the dataset with the new epoch
     epochs = EpochSampler(dataset, shuffle, seed)
+    collate = paired_collate if isinstance(dataset, PairedDataset) else collate_fn
     if getattr(dataset, "buckets", None) is not None:
         return DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset, batch_size, epochs, num_processes),
-                          num_workers=num_workers, collate_fn=collate_fn)
-    return DataLoader(dataset, batch_size=batch_size, sampler=epochs, num_workers=num_workers, collate_fn=collate_fn,
+                          num_workers=num_workers, collate_fn=collate)
+    return DataLoader(dataset, batch_size=batch_size, sampler=epochs, num_workers=num_workers, collate_fn=collate,
                       drop_last=drop_last)
 
 

@@ -10,9 +10,12 @@ bypasses share no parameter each gets exactly the gradient it would get alone. E
 recomputed in the backward from its detached features (tuners/bypass.py `_routed_output`), so K bypasses keep about
 one bypass's activations, not K (at 512 px, K=8: bench/results/cpu-512.md).
 
-Each task has its own learning rate, schedule, seed (initialisation), Adam settings, clipping and min-SNR weighting
-(PER_TASK: one AdamW param group each), and its own sub-folder `<output_dir>/<task>/` (train_config.yaml there trains
-that bypass alone); the data stream, batch, noise, steps and precision are shared.
+Each task has its own learning rate, schedule, seed (initialisation), Adam settings, clipping, min-SNR weighting and
+the weights of the preservation terms (PER_TASK: one AdamW param group each; loss.LossTerms), and its own sub-folder
+`<output_dir>/<task>/` (train_config.yaml there trains that bypass alone); the data stream, batch, noise, steps and
+precision are shared, and so are the class images and the preservation prompts (their rows are part of the shared
+batch). The frozen base's prediction that base-prediction preservation compares against comes out of the same
+backbone pass, as one more routed copy of the rows (setup.TunedUNet).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from restune_diffusion.multitask import route_bypasses
 from restune_diffusion.tuners import parse_tuner_configs
 
 PER_TASK = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "seed", "adam_beta1", "adam_beta2",
-            "adam_weight_decay", "adam_epsilon", "max_grad_norm", "snr_gamma")
+            "adam_weight_decay", "adam_epsilon", "max_grad_norm", "snr_gamma", "prior_loss_weight",
+            "preservation_weight")
 SHARED_SPECS = ("tuners", "config", "config_name")  # differ per config without making the run two
 
 
@@ -69,9 +73,10 @@ def task_args(args: argparse.Namespace, task: dict) -> argparse.Namespace:
     return argparse.Namespace(**values)
 
 
-def shared_pass(unet, handles: list):
-    """Inside: a UNet forward on B rows returns K·B rows, task k's bypass in rows k·B.. (one backbone pass)."""
-    return route_bypasses(unet, handles, broadcast=True)
+def shared_pass(unet, handles: list, with_base: bool = False):
+    """Inside: a UNet forward on N rows returns K·N rows, task k's bypass in rows k·N.. (one backbone pass);
+    with_base: (K+1)·N rows, the last N the frozen base's prediction (no bypass on them)."""
+    return route_bypasses(unet, [*handles, None] if with_base else handles, broadcast=True)
 
 
 @contextlib.contextmanager

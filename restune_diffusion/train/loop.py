@@ -18,7 +18,7 @@ import torch
 
 from restune_diffusion.train.checkpoints import checkpoint_step, list_checkpoints, save_checkpoint
 from restune_diffusion.train.joint import only
-from restune_diffusion.train.loss import batch_inputs, seed_for, task_losses
+from restune_diffusion.train.loss import LossTerms, batch_inputs, draw_prompts, seed_for, task_losses
 from restune_diffusion.train.optimizer import current_lrs
 from restune_diffusion.train.outputs import log_step
 from restune_diffusion.train.validation import measure_heldout, validate, validation_due
@@ -63,6 +63,7 @@ class Run:
     settings: dict = field(default_factory=dict)  # what a resume compares (resume.compare_settings)
     resume_notes: list = field(default_factory=list)  # settings changed on resume, applied
     heldout: Any = None  # the held-out part of the data set (--validation_split)
+    preservation_prompts: list | None = None  # base-prediction preservation's prompts (None: off for every task)
 
     def who(self, task: Task) -> str:
         """How messages name a task: nothing in a single run."""
@@ -119,9 +120,12 @@ def micro_step(run: Run, batch: dict, epoch: int, index: int) -> list[float]:
     the accumulation boundary clip and update. Returns each task's loss averaged over every process."""
     a, args = run.accelerator, run.args
     with a.accumulate(run.model):
-        generator = torch.Generator(a.device).manual_seed(seed_for(args.seed, a.process_index, epoch, index))
-        inputs = batch_inputs(batch, run.sd, generator, args.noise_offset, run.weight_dtype, a.device)
-        losses = task_losses(run.model, run.sd.noise_scheduler, inputs, [t.args.snr_gamma for t in run.tasks])  # (K,)
+        keys = (args.seed, a.process_index, epoch, index)
+        generator = torch.Generator(a.device).manual_seed(seed_for(*keys))
+        instance_rows = len(batch["captions"]) - batch.get("class_rows", 0)  # a preservation prompt for each
+        prompts = draw_prompts(run.preservation_prompts, instance_rows, *keys) if run.preservation_prompts else None
+        inputs = batch_inputs(batch, run.sd, generator, args.noise_offset, run.weight_dtype, a.device, prompts)
+        losses = task_losses(run.model, run.sd.noise_scheduler, inputs, [LossTerms.of(t.args) for t in run.tasks])
         rows = losses.detach()[None].repeat(len(batch["captions"]), 1)  # (B, K)
         means = a.gather(rows).mean(dim=0).tolist()  # same on every rank
         for task, mean in zip(run.tasks, means):

@@ -27,6 +27,7 @@ from restune_diffusion.files import atomic_write_text
 from restune_diffusion.flags import OneLineParser, check_flags
 from restune_diffusion.methods import CONFIG_DIR
 from restune_diffusion.models import TINY_NAMES, load_model, native_resolution, resolve_model
+from restune_diffusion.sampling import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SamplingSettings
 from restune_diffusion.train.joint import PER_TASK, joint_tasks
 from restune_diffusion.tuners import parse_tuner_configs
 
@@ -96,7 +97,20 @@ FLAGS: tuple[Flag, ...] = (*_flags(
     ("--cache_latents", dict(action=BOOL, default=False, help="VAE latents cached on disk once and reused by later "
                              "runs (center crop only)")),
     ("--latent_cache_dir", dict(help="default: <data_dir>/.restune_cache/latents")),
-    ("--dataloader_num_workers", dict(type=int, default=0))), *_flags(
+    ("--dataloader_num_workers", dict(type=int, default=0)),
+    # prior preservation (diffusers' DreamBooth flags; train/prior.py)
+    ("--class_data_dir", dict(help="--with_prior_preservation: the class images; the missing ones (up to "
+                              "--num_class_images) are generated there by the frozen base")),
+    ("--class_prompt", dict(action="append", help="the class images' prompt; repeat it for several (the images cycle "
+                            "over them). Also the preservation prompts when --preservation_prompts is not given")),
+    ("--num_class_images", dict(type=int, default=100, help="class images to train with (generated if missing)")),
+    ("--sample_batch_size", dict(type=int, default=4, help="images per pipeline call when generating class images "
+                                 "(the images do not depend on it)")),
+    ("--class_scheduler", dict(default=DEFAULT_SCHEDULER, help="the sampler that generates class images "
+                               "(generate.py's --scheduler names)")),
+    ("--class_sampling_steps", dict(type=int, default=DEFAULT_STEPS, help="denoising steps of the class images")),
+    ("--class_guidance_scale", dict(type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance of the "
+                                    "class images"))), *_flags(
     "train",
     ("--pretrained_model_name_or_path", dict(help="local SD v1.5 folder (diffusers layout), a hub id in the local "
                                              "Hugging Face cache (stable-diffusion-v1-5/stable-diffusion-v1-5; "
@@ -105,8 +119,10 @@ FLAGS: tuple[Flag, ...] = (*_flags(
     ("--variant", dict(help="weight files of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.*)")),
     ("--output_dir", dict(help="default: outputs/<config name>")),
     ("--seed", dict(type=int, default=0)),
-    ("--world_report", dict(action=BOOL, default=False, help="tiny world: train on its held-out concept, then "
-                            "report base vs tuned (world.py)")),
+    ("--world_report", dict(action=BOOL, default=False, help="tiny world: train on a held-out concept "
+                            "(--world_concept), then report base vs tuned (restune_diffusion/world)")),
+    ("--world_concept", dict(default=world.CONCEPT, choices=world.CONCEPTS, help="the tiny world's concept for "
+                             "--world_report")),
     ("--train_batch_size", dict(type=int, default=16, help="per device")),
     ("--num_train_epochs", dict(type=int, default=100)),
     ("--max_train_steps", dict(type=int, help="overrides --num_train_epochs")),
@@ -126,6 +142,15 @@ FLAGS: tuple[Flag, ...] = (*_flags(
     ("--adam_weight_decay", dict(type=float, default=1e-2)),
     ("--adam_epsilon", dict(type=float, default=1e-8)),
     ("--max_grad_norm", dict(type=float, default=1.0, help="0: no clipping")),
+    ("--with_prior_preservation", dict(action=BOOL, default=False, help="DreamBooth's prior preservation: each batch "
+                                       "pairs its images with class images of the frozen base (--class_data_dir, "
+                                       "--class_prompt), their loss weighted by --prior_loss_weight")),
+    ("--prior_loss_weight", dict(type=float, default=1.0, help="the class images' loss weight")),
+    ("--preservation_prompts", dict(help="base-prediction preservation: a file of prompts, one a line (default: the "
+                                    "--class_prompt values)")),
+    ("--preservation_weight", dict(type=float, default=0.0, help="> 0: add weight x MSE(tuned, frozen base "
+                                   "prediction) on preservation prompts at each step's noisy latents and timesteps "
+                                   "(0: off)")),
     ("--mixed_precision", dict(choices=("no", "fp16", "bf16"), help="default: accelerate's config")),
     ("--enable_xformers_memory_efficient_attention", dict(action=BOOL, default=False)),
     ("--allow_tf32", dict(action=BOOL, default=False, help="TF32 matmuls and convolutions on Ampere+ GPUs (faster, "
@@ -274,6 +299,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"{args.config}: no model. Pass --pretrained_model_name_or_path (a local Stable Diffusion "
                          "v1.5 folder in the diffusers layout, or 'tiny' for the built-in tiny model)")
     check_data_args(args)
+    check_preservation_args(args)
     if args.resolution is None:
         args.resolution = model_resolution(args.pretrained_model_name_or_path, args.revision)
     args.output_dir = args.output_dir or os.path.join("outputs", args.config_name)
@@ -305,6 +331,65 @@ def check_data_args(args) -> None:
         raise ValueError(f"--max_train_samples must be a positive integer, got {args.max_train_samples}")
     if not 0.0 <= args.caption_dropout_rate <= 1.0:
         raise ValueError(f"--caption_dropout_rate must be a probability in [0, 1], got {args.caption_dropout_rate}")
+
+
+def check_preservation_args(args) -> None:
+    """Prior preservation needs its class folder and prompts (as in diffusers), base-prediction preservation its
+    prompts; the numbers in range; the class sampler valid. Before anything loads."""
+    for name in ("num_class_images", "sample_batch_size", "class_sampling_steps"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    for name in ("prior_loss_weight", "preservation_weight"):
+        if not getattr(args, name) >= 0:
+            raise ValueError(f"--{name} must be a number >= 0, got {getattr(args, name)}")
+    if args.class_prompt is not None and not all(p.strip() for p in args.class_prompt):
+        raise ValueError(f"--class_prompt: expected non-empty prompts, got {args.class_prompt!r}")
+    SamplingSettings(scheduler=args.class_scheduler, steps=args.class_sampling_steps)  # a bad sampler name, now
+    if args.with_prior_preservation:
+        if not args.class_data_dir:
+            raise ValueError("--with_prior_preservation needs --class_data_dir (the class images' folder; the missing "
+                             "ones are generated there)")
+        if not args.class_prompt:
+            raise ValueError("--with_prior_preservation needs --class_prompt (the class images' prompt, e.g. 'a photo "
+                             "of a dog'; repeat it for several)")
+        if args.enable_bucket:
+            raise ValueError("--with_prior_preservation with --enable_bucket: the class images are square and each "
+                             "batch pairs them with instance images of one size; train without --enable_bucket")
+    elif args.class_data_dir:
+        print("--class_data_dir: not used without --with_prior_preservation")
+    weight = max(preservation_weights(args))
+    if weight:
+        if args.preservation_prompts is None and not args.class_prompt:
+            raise ValueError(f"--preservation_weight {weight:g} needs prompts: "
+                             "--preservation_prompts FILE (one a line) or --class_prompt")
+        if args.preservation_prompts is not None:
+            read_prompts(args.preservation_prompts)  # a missing or empty file, now
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of a --preservation_prompts file: one a line, blank lines skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the --preservation_prompts file ({err}); expected a UTF-8 text file "
+                         "with one prompt a line") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: the --preservation_prompts file holds no prompt; expected one prompt a line")
+    return prompts
+
+
+def preservation_weights(args) -> list[float]:
+    """--preservation_weight of the run, and of each task of a joint run (a per-task setting)."""
+    return [args.preservation_weight, *(t["preservation_weight"] for t in args.tasks or [])]
+
+
+def preservation_prompts(args) -> list[str] | None:
+    """The prompts of base-prediction preservation (one list for every task of a run: the tasks of a joint run share
+    their batches): the file's, else the class prompts; None when no task uses them."""
+    if not max(preservation_weights(args)):
+        return None
+    return read_prompts(args.preservation_prompts) if args.preservation_prompts else list(args.class_prompt)
 
 
 def model_resolution(name_or_path: str, revision: str | None = None) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from restune_diffusion.train.checkpoints import STATE_FILE, checkpoint_step, read_state, set_aside_newer
 from restune_diffusion.train.joint import PER_TASK
 from restune_diffusion.train.optimizer import apply_settings
-from restune_diffusion.train.options import resolved_config
+from restune_diffusion.train.options import preservation_prompts, resolved_config
 from restune_diffusion.tuners import parse_tuner_configs, to_dicts
 
 # a new value on resume: applied from the resumed step on (how)
@@ -45,10 +45,22 @@ APPLIED = {
     "skip_bad_images": "checked by the data set's fingerprint instead",
     "pretrained_model_name_or_path": "checked by the base model's fingerprint instead (a moved folder is fine)",
     "world_report": "checked by the data set's fingerprint (it picks the tiny world's concept data)",
+    "world_concept": "checked by the data set's fingerprint (it picks the concept's data)",
     "revision": "checked by the base model's fingerprint instead",
     "variant": "checked by the base model's fingerprint instead",
     "allow_tf32": "matmuls and convolutions use it", "ema_decay": "the average continues with it",
     "validation_epochs": "bookkeeping",
+    "prior_loss_weight": "the loss weights the class half with it",
+    "preservation_weight": "the loss uses it (the frozen base's prediction is computed while it is > 0)",
+    "preservation_prompts": "the preservation prompts of the later steps are drawn from it",
+    "preservation_prompt_list": "the preservation prompts of the later steps are drawn from it",
+    "class_data_dir": "checked by the class images' fingerprint instead (a moved folder is fine)",
+    "class_prompt": "checked by the class images' fingerprint (it holds their captions)",
+    "num_class_images": "checked by the class images' fingerprint (the images it holds)",
+    "class_scheduler": "checked by the class images' fingerprint (what drew them)",
+    "class_sampling_steps": "checked by the class images' fingerprint (what drew them)",
+    "class_guidance_scale": "checked by the class images' fingerprint (what drew them)",
+    "sample_batch_size": "bookkeeping",
 }
 _DATA = "each sample would change: the tuners would continue on other data"
 _POSITION = ("the data position of the checkpoint is counted in steps of the old batch: samples would be skipped or "
@@ -69,8 +81,11 @@ REFUSED = {
                "turned off it would be dropped",
     "validation_split": "the held-out images, and so the training images, would change",
     "validation_seed": "the held-out images, and so the training images, would change",
+    "with_prior_preservation": "each batch would gain or lose its class rows: the noise and timesteps of every later "
+                               "step would change, and the tuners would continue under another objective",
 }
-FINGERPRINTS = {"base_model": "another base model", "data": "another data set (other images or captions)"}
+FINGERPRINTS = {"base_model": "another base model", "data": "another data set (other images or captions)",
+                "class_data": "other class images (prior preservation: other images, prompts or sampler)"}
 
 
 def data_fingerprint(dataset) -> str:
@@ -123,6 +138,9 @@ def run_settings(args, tasks: list, num_processes: int) -> dict:
     `tasks`, each bypass's name, tuners and PER_TASK settings."""
     resolved = resolved_config(args)
     flat = {**resolved["train"], **resolved["data"], "num_processes": num_processes}
+    prompts = preservation_prompts(args)
+    if prompts:  # the file's content, not only its name
+        flat["preservation_prompt_list"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
     if not args.tasks:
         return {**flat, "tuners": to_dicts(parse_tuner_configs(args.tuners))}
     return {**{k: v for k, v in flat.items() if k not in PER_TASK},

@@ -13,10 +13,11 @@ import torch
 from restune_diffusion import world
 from restune_diffusion.cli import run_cli
 from restune_diffusion.report import format_report
+from restune_diffusion.train import prior
 from restune_diffusion.train.checkpoints import DiskWriteError, find_checkpoint
 from restune_diffusion.train.joint import only
 from restune_diffusion.train.loop import NonFiniteLossError, train_loop, validate_tasks
-from restune_diffusion.train.options import check_report_to, parse_args
+from restune_diffusion.train.options import check_report_to, parse_args, preservation_prompts
 from restune_diffusion.train.outputs import TUNERS_FILE, export, start_outputs
 from restune_diffusion.train.resume import check_resume_settings, data_fingerprint, resume, run_settings
 from restune_diffusion.train.setup import (
@@ -53,6 +54,8 @@ def train(args: argparse.Namespace) -> dict:
     check_fresh_start(out, resume_from, args, accelerator)
     settings = run_settings(args, tasks, accelerator.num_processes)
     notes = check_resume_settings(resume_from, settings) if resume_from else []  # refusals before any loading
+    if args.with_prior_preservation:
+        prior.check_record(args.class_data_dir, prior.wanted(args))  # other class prompts or sampler: before loading
     set_seed(args.seed)  # the tuners are initialised from their task's seed; batches draw from seeded generators
     dataset = build_dataset(args, accelerator)
     dataset, heldout = split_heldout(dataset, args.validation_split, validation_seed(args))  # one split for all
@@ -69,9 +72,18 @@ def train(args: argparse.Namespace) -> dict:
         check_resume_settings(resume_from, {"base_model": settings["base_model"]})
     for task in tasks:
         accelerator.print(format_report(task.handle))
-    loader = build_loader(args, dataset, sd, accelerator, weight_dtype)
+    class_data = prior.class_dataset(args, accelerator, sd, [t.handle for t in tasks], settings["base_model"],
+                                     weight_dtype)  # drawn by the frozen base where missing; None without the flag
+    if class_data is not None:
+        settings["class_data"] = prior.class_fingerprint(args, class_data.samples)
+        if resume_from:
+            check_resume_settings(resume_from, {"class_data": settings["class_data"]})
+    loader = build_loader(args, dataset, sd, accelerator, weight_dtype, class_data)
     run = prepare_run(args, tasks, accelerator, sd, loader, weight_dtype)
     run.settings, run.resume_notes, run.heldout = settings, notes, heldout
+    run.preservation_prompts = preservation_prompts(args)
+    if run.preservation_prompts:
+        accelerator.print(preservation_note(tasks, len(run.preservation_prompts)))
     for task in tasks:
         warn_long_warmup(task, run.max_train_steps, accelerator)
     if resume_from is not None:
@@ -94,10 +106,23 @@ def train(args: argparse.Namespace) -> dict:
     if args.world_report and accelerator.is_main_process:
         for task in tasks:
             summaries[task.name]["world"] = world.before_after_report(task.output_dir, task.output_dir / TUNERS_FILE,
-                                                                      args.pretrained_model_name_or_path)
+                                                                      args.pretrained_model_name_or_path,
+                                                                      args.world_concept)
     for tracker in accelerator.trackers:
         tracker.finish()  # the process group stays (see close_process_group)
     return summaries if args.tasks else summaries[tasks[0].name]
+
+
+def preservation_note(tasks: list, num_prompts: int) -> str:
+    """What base-prediction preservation adds to each step, said once."""
+    bypasses_only = all(c.type == "bypass" for t in tasks for c in t.handle.configs)
+    weights = ", ".join(f"{t.name} {t.args.preservation_weight:g}" if t.prefix else f"{t.args.preservation_weight:g}"
+                        for t in tasks)
+    cost = ("the frozen prediction comes from the same backbone pass (the bypass leaves the backbone as it is): the "
+            "tail runs on one more copy of the rows" if bypasses_only else
+            "one more frozen forward of those rows per micro-step, tuners off")
+    return (f"base-prediction preservation (weight {weights}): each batch gains one row per image, a prompt drawn from "
+            f"{num_prompts} preservation prompts at its noisy latents and timestep; {cost}")
 
 
 def close_process_group() -> None:

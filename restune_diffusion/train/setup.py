@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from restune_diffusion.attach import attach
-from restune_diffusion.data import KOHYA_DATA_KEYS, build_dataloader, load_dataset, report_buckets, write_caption_set
+from restune_diffusion.data import (
+    KOHYA_DATA_KEYS,
+    PairedDataset,
+    build_dataloader,
+    load_dataset,
+    report_buckets,
+    write_caption_set,
+)
 from restune_diffusion.ema import EMA_FILE, TunerEMA
 from restune_diffusion.files import clean_stale_temps
 from restune_diffusion.latent_cache import build_latent_cache, open_latent_cache
@@ -26,6 +33,7 @@ from restune_diffusion.train.joint import shared_pass, task_args
 from restune_diffusion.train.loop import Run, Task
 from restune_diffusion.train.optimizer import build_optimizer
 from restune_diffusion.train.outputs import TUNERS_FILE
+from restune_diffusion.train.prior import class_cache_key
 from restune_diffusion.train.resume import weights_fingerprint
 
 LATENT_CACHE_DIR = os.path.join(".restune_cache", "latents")  # inside the data folder, beside the scan cache
@@ -143,19 +151,33 @@ def build_dataset(args, accelerator):
     return dataset
 
 
-def build_loader(args, dataset, sd, accelerator, weight_dtype: torch.dtype):
+def build_loader(args, dataset, sd, accelerator, weight_dtype: torch.dtype, class_data=None):
     """The loader; with --cache_latents over the on-disk latent cache (latent_cache.py): each process encodes its
-    share of what is missing, then all read it (a later run encodes nothing)."""
+    share of what is missing, then all read it (a later run encodes nothing). With class images (prior
+    preservation) each item pairs an instance and a class item (data.PairedDataset), the class latents cached in
+    their own folder (<class_data_dir>/.restune_cache/latents, or --latent_cache_dir), keyed by the class folder and
+    what drew its images too."""
     if args.cache_latents:
-        cache_dir = args.latent_cache_dir or os.path.join(dataset.report.data_dir, LATENT_CACHE_DIR)
-        folder = build_latent_cache(dataset, sd.vae, cache_dir, rank=accelerator.process_index,
-                                    num_processes=accelerator.num_processes, batch_size=args.train_batch_size,
-                                    device=accelerator.device, dtype=weight_dtype)
-        accelerator.wait_for_everyone()
-        dataset = open_latent_cache(folder, dataset)
-        accelerator.print(f"--cache_latents: the VAE posteriors of {len(dataset)} samples from {folder}")
+        dataset = cached(args, dataset, sd, accelerator, weight_dtype,
+                         args.latent_cache_dir or os.path.join(dataset.report.data_dir, LATENT_CACHE_DIR))
+        if class_data is not None:
+            class_data = cached(args, class_data, sd, accelerator, weight_dtype,
+                                args.latent_cache_dir or os.path.join(args.class_data_dir, LATENT_CACHE_DIR),
+                                class_cache_key(args))
+    if class_data is not None:
+        dataset = PairedDataset(dataset, class_data)
     return build_dataloader(dataset, args.train_batch_size, shuffle=True, seed=args.seed,
                             num_workers=args.dataloader_num_workers, num_processes=accelerator.num_processes)
+
+
+def cached(args, dataset, sd, accelerator, weight_dtype, cache_dir: str, extra_key: dict | None = None):
+    """`dataset` over its latent cache, encoded first where missing by every process, its share each."""
+    folder = build_latent_cache(dataset, sd.vae, cache_dir, rank=accelerator.process_index,
+                                num_processes=accelerator.num_processes, batch_size=args.train_batch_size,
+                                device=accelerator.device, dtype=weight_dtype, extra_key=extra_key)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"--cache_latents: the VAE posteriors of {len(dataset)} samples from {folder}")
+    return open_latent_cache(folder, dataset)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -184,6 +206,9 @@ def build_models(args, tasks: list[Task], accelerator, weight_dtype: torch.dtype
     for task in tasks:
         set_seed(task.args.seed)
         task.handle = attach(sd.unet, task.args.tuners, name=task.name if task.prefix else "default")
+    if any(t.args.preservation_weight for t in tasks):
+        for task in tasks:  # base-prediction preservation disables full sets: their base weights must be kept
+            task.handle.keep_base_weights()
     freeze_and_cast(args, sd, [t.handle for t in tasks], weight_dtype)
     return sd, base_fingerprint
 
@@ -209,17 +234,39 @@ def freeze_and_cast(args, sd, handles: list, weight_dtype: torch.dtype) -> None:
 class TunedUNet(nn.Module):
     """The UNet and the run's tuner sets as one module for `accelerator.prepare`: the tuners live outside the UNet's
     module tree (attach.py), so without this DDP would neither see nor sync their gradients. A joint run's forward is
-    the shared backbone pass (joint.shared_pass): B rows in, K·B out."""
+    the shared backbone pass (joint.shared_pass): N rows in, K·N out.
+
+    frozen_rows P > 0 (base-prediction preservation): returns (the K·N rows, the frozen base's prediction of the last
+    P input rows). Bypasses only: one backbone pass, the base as one more routed copy (the bypass replaces only the
+    target's input, so the base prediction is the tail on the unchanged input: conv_norm_out, act, conv_out on N more
+    rows). Other tuners sit inside the backbone: a second forward of the P rows under no_grad with every set disabled,
+    run first (a full set's disabled() swaps the UNet's weights in place, which must not happen under a graph); the
+    N rows then run as R + P in two calls, so the R rows' numbers are those of a run without preservation."""
 
     def __init__(self, unet, handles: list, shared: bool):
         super().__init__()
         self.unet = unet
         self.tuners = nn.ModuleList([h.module for h in handles])
         self.handles, self.shared = handles, shared
+        self.bypasses_only = all(c.type == "bypass" for h in handles for c in h.configs)
 
-    def forward(self, *args, **kwargs):
-        with shared_pass(self.unet, self.handles) if self.shared else contextlib.nullcontext():
-            return self.unet(*args, **kwargs)
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict: bool = True, frozen_rows: int = 0):
+        if not frozen_rows:
+            with shared_pass(self.unet, self.handles) if self.shared else contextlib.nullcontext():
+                return self.unet(sample, timestep, encoder_hidden_states, return_dict=return_dict)
+        n, kept = sample.shape[0], slice(sample.shape[0] - frozen_rows, None)
+        if self.bypasses_only:
+            with shared_pass(self.unet, self.handles, with_base=True):
+                out = self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]  # ((K+1)·N, ...)
+            return out[:-n], out[-n:][kept].detach()
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for handle in self.handles:
+                stack.enter_context(handle.disabled())
+            frozen = self.unet(sample[kept], timestep[kept], encoder_hidden_states[kept], return_dict=False)[0]
+        main = slice(0, n - frozen_rows)
+        parts = [self.unet(sample[r], timestep[r], encoder_hidden_states[r], return_dict=False)[0]
+                 for r in (main, kept)]
+        return torch.cat(parts), frozen
 
 
 def prepare_run(args, tasks: list[Task], accelerator, sd, loader, weight_dtype) -> Run:
