@@ -11,7 +11,8 @@ prompt accuracy and domain FID in the tiny world (--world concept).
     python eval_fid.py --world concept --base --tuners out/demo/tuners.safetensors --output_dir out/eval_world
 
 Writes eval.json, eval.md and fid_vs_clip.png (tiny world: fid_vs_accuracy.png), and fid_vs_step.png for
-checkpoints; the protocols are in restune_diffusion/evaluation/coco.py and tiny_world.py, and in eval.json.
+checkpoints; the protocols are in restune_diffusion/evaluation/coco.py and restune_diffusion/world/evaluation.py, and
+in eval.json; the metrics in restune_diffusion/metrics/.
 Errors are one line (exit 2); RESTUNE_DEBUG=1 shows the traceback.
 """
 
@@ -39,9 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="local diffusers SD v1.5 folder, or 'tiny' for the built-in tiny model (--world: default tiny)")
     p.add_argument("--revision", help="hub id in the local Hugging Face cache: a branch, tag or commit (default main)")
     p.add_argument("--variant", help="weight files of this variant, e.g. fp16")
-    p.add_argument("--world", default=None, choices=["concept"],
-                   help="tiny-world mode: prompt accuracy and domain FID (the shipped attribute classifier) on the "
-                        "held-out concept's prompts; no COCO, Inception or CLIP")
+    p.add_argument("--world", default=None, choices=["star", "heart", "cross", "crescent", "concept"],
+                   help="tiny-world mode: prompt accuracy and domain FID (the world's judge) on a held-out concept's "
+                        "prompts ('concept': the star); no COCO, Inception or CLIP")
     p.add_argument("--tuners", action="append", default=None,
                    help="tuner .safetensors file, checkpoint folder or glob (repeat: one row each)")
     p.add_argument("--base", action="store_true", help="also the untuned base (the paper's SD row; the default "
@@ -98,14 +99,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     from restune_diffusion.evaluation.runner import evaluate, evaluate_folders
-    from restune_diffusion.evaluation.tiny_world import evaluate_world
+    from restune_diffusion.evaluation.sweep import evaluate_protocol
+    from restune_diffusion.world.evaluation import evaluation_protocol, sampling
 
-    if args.world is not None:
-        result = evaluate_world(
-            args.pretrained_model_name_or_path, args.output_dir, world_name=args.world, tuners=args.tuners,
-            base=args.base, guidance_scales=args.guidance_scale, num_samples=args.num_samples, seed=args.seed,
-            steps=args.steps, scheduler=args.scheduler, batch_size=args.batch_size, device=args.device,
-            mixed_precision=args.mixed_precision, revision=args.revision, variant=args.variant)
+    if args.world is not None:  # the world's protocol through evaluation's loop
+        settings = sampling(args.scheduler, args.steps, args.batch_size, args.seed)
+        result = evaluate_protocol(
+            evaluation_protocol(settings, args.world, args.num_samples, args.pretrained_model_name_or_path),
+            args.pretrained_model_name_or_path, args.output_dir, settings, guidance_scales=args.guidance_scale,
+            tuners=args.tuners, base=args.base, device=args.device, mixed_precision=args.mixed_precision,
+            revision=args.revision, variant=args.variant)
         if result is not None:
             for row in result["rows"]:
                 print(f"{row['model']} cfg {row['guidance_scale']:g}: concept accuracy "

@@ -6,6 +6,7 @@ The bottom layer: it imports nothing of ours, so data, training, evaluation and 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -88,3 +89,12 @@ def clean_stale_temps(folder: str | os.PathLike, max_age_minutes: float = 60.0) 
         removed.append(path)
         log.info("%s: removed a stale temporary file (its writer was killed mid-write)", path)
     return removed
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file (hex), read in 1 MiB chunks: what a result records of the weights it used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -103,9 +103,10 @@ def _create_once(path: Path, size: int) -> None:
 @torch.no_grad()
 def build_latent_cache(dataset: CaptionDataset, vae, cache_dir: str | os.PathLike, *, rank: int = 0,
                        num_processes: int = 1, batch_size: int = 8, device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float16) -> Path:
+                       dtype: torch.dtype = torch.float16, extra_key: dict | None = None) -> Path:
     """Encode this process's share (images i with i % num_processes == rank) of the rows not yet done; returns the
-    cache folder. Rows already written (an earlier or interrupted run) are not encoded again."""
+    cache folder. Rows already written (an earlier or interrupted run) are not encoded again. `extra_key`: more of
+    what the images depend on (prior preservation's class images: their folder and generation settings)."""
     if not isinstance(dataset, CaptionDataset):
         raise TypeError(f"build_latent_cache: expected a CaptionDataset, got {type(dataset).__name__}")
     if not dataset.transform.center_crop:
@@ -113,7 +114,7 @@ def build_latent_cache(dataset: CaptionDataset, vae, cache_dir: str | os.PathLik
                          "image); use --center_crop or drop --cache_latents")
     if dtype not in DTYPES:
         raise ValueError(f"build_latent_cache: dtype must be one of {list(DTYPES)}, got {dtype}")
-    key = cache_key(dataset, vae, dtype)
+    key = {**cache_key(dataset, vae, dtype), **(extra_key or {})}
     folder = Path(cache_dir) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     folder.mkdir(parents=True, exist_ok=True)
     groups = image_groups(dataset)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,12 +110,12 @@ def _write_bpe(directory: Path, merges: list[str]) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def build_tiny_tokenizer():
-    """A CLIP BPE tokenizer whose vocabulary makes each word of TINY_WORDS one token (others fall back to letters)."""
+def build_tiny_tokenizer(words: Sequence[str] = TINY_WORDS):
+    """A CLIP BPE tokenizer whose vocabulary makes each of `words` one token (others fall back to letters)."""
     from transformers import CLIPTokenizer
 
     merges: list[str] = []
-    for word in dict.fromkeys(TINY_WORDS):  # a left-to-right chain of merges per word
+    for word in dict.fromkeys(words):  # a left-to-right chain of merges per word
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         for i in range(1, len(pieces)):
             merges.append(f"{''.join(pieces[:i])} {pieces[i]}")
@@ -123,7 +124,7 @@ def build_tiny_tokenizer():
             _write_bpe(Path(tmp), list(dict.fromkeys(merges)))
             # from_pretrained reads vocab.json/merges.txt the same way in transformers 4.x and 5.x
             tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77, local_files_only=True)
-            broken = [pieces for pieces in map(tokenizer.tokenize, dict.fromkeys(TINY_WORDS)) if len(pieces) > 1]
+            broken = [pieces for pieces in map(tokenizer.tokenize, dict.fromkeys(words)) if len(pieces) > 1]
             if not broken:
                 break
             for pieces in broken:

@@ -26,9 +26,9 @@ import yaml
 from restune_diffusion import train as T
 from restune_diffusion.evaluation.clip_score import resolve_clip_folder
 from restune_diffusion.evaluation.coco import read_captions
-from restune_diffusion.evaluation.inception import file_sha256, resolve_inception_weights
+from restune_diffusion.evaluation.inception import resolve_inception_weights
 from restune_diffusion.evaluation.runner import evaluate
-from restune_diffusion.files import atomic_write, atomic_write_text
+from restune_diffusion.files import atomic_write, atomic_write_text, file_sha256
 from restune_diffusion.memory import reset_peak_memory
 from restune_diffusion.methods import BASE, CONFIG_DIR, label, paper_methods
 from restune_diffusion.paper import PAPER, PAPER_SOURCE

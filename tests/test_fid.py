@@ -1,5 +1,5 @@
-"""FID (restune_diffusion/evaluation/: inception, metrics, images; eval_fid.py) with random Inception weights in the
-standard layout, tiny images."""
+"""FID (restune_diffusion/evaluation/: inception, features, images; restune_diffusion/metrics: FID and KID from
+features; eval_fid.py) with random Inception weights in the standard layout, tiny images."""
 
 import importlib.util
 import json
@@ -13,9 +13,11 @@ import scipy.linalg
 import torch
 from PIL import Image
 
+from restune_diffusion import files
+from restune_diffusion.evaluation import features
 from restune_diffusion.evaluation import images as image_files
 from restune_diffusion.evaluation import inception as fid_inception
-from restune_diffusion.evaluation import metrics
+from restune_diffusion.metrics import fid, kid
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS_FILE = Path(__file__).parent / "data" / "fid_inception_keys.txt"  # copy of shared/fid_inception_keys.txt
@@ -152,7 +154,7 @@ def test_tf32_is_off_inside_and_restored_after():
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
     try:
-        with fid_inception.tf32_disabled():
+        with fid.tf32_disabled():
             assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
@@ -171,7 +173,7 @@ def shifted_runs(inception):
     real = _batch([_image(s) for s in range(4)])
     captured = []
     hook = inception.register_forward_hook(lambda m, i, out: captured.append(out.detach().double()))
-    metric = metrics.fid_metric(inception)
+    metric = fid.fid_metric(inception)
     try:
         with torch.no_grad():
             metric.update(real, real=True)
@@ -179,7 +181,7 @@ def shifted_runs(inception):
             for shift in SHIFTS:
                 metric.reset()  # reset_real_features=False: the real statistics stay
                 metric.update((real.int() + shift).clamp(0, 255).to(torch.uint8), real=False)
-                fids.append(metrics.fid_value(metric))
+                fids.append(fid.fid_value(metric))
     finally:
         hook.remove()
     return {"fid": fids, "real": captured[0], "fake": captured[1:], "metric": metric}
@@ -229,27 +231,43 @@ def test_fid_equals_the_full_2048_sqrtm_reference(shifted_runs):
 
 def test_fid_from_features_equals_torchmetrics_through_the_extractor(shifted_runs):
     real, fake = shifted_runs["real"].float().numpy(), shifted_runs["fake"][1].float().numpy()
-    assert metrics.fid_from_features(real, fake) == pytest.approx(shifted_runs["fid"][1], rel=1e-5)
+    assert fid.fid_from_features(real, fake) == pytest.approx(shifted_runs["fid"][1], rel=1e-5)
 
 
 def test_low_rank_fid_equals_torchmetrics_on_the_same_features():
-    from restune_diffusion.evaluation.metrics import FeatureInput, _feed, low_rank_fid
+    from restune_diffusion.metrics.fid import FeatureInput, feed, low_rank_fid
 
     rng = np.random.default_rng(0)
     real = rng.random((6, fid_inception.NUM_FEATURES)).astype(np.float32)
     fake = (rng.random((7, fid_inception.NUM_FEATURES)) * 1.2 + 0.1).astype(np.float32)
-    metric = metrics.fid_metric(FeatureInput())
-    _feed(metric, real, True)
-    _feed(metric, fake, False)
-    assert low_rank_fid(real, fake) == pytest.approx(metrics.fid_value(metric), rel=1e-5)
+    metric = fid.fid_metric(FeatureInput(fid_inception.NUM_FEATURES))
+    feed(metric, real, True)
+    feed(metric, fake, False)
+    assert low_rank_fid(real, fake) == pytest.approx(fid.fid_value(metric), rel=1e-5)
 
 
 def test_kid_repeats_with_its_seed_and_grows_with_the_shift(shifted_runs):
     real = shifted_runs["real"].float().numpy()
     near, far = (shifted_runs["fake"][i].float().numpy() for i in (0, 1))
-    first = metrics.kid_from_features(real, far, subsets=10, subset_size=4, seed=1)
-    assert first == metrics.kid_from_features(real, far, subsets=10, subset_size=4, seed=1)
-    assert first[2] == 4 and first[0] > metrics.kid_from_features(real, near, subsets=10, subset_size=4, seed=1)[0]
+    first = kid.kid_from_features(real, far, subsets=10, subset_size=4, seed=1)
+    assert first == kid.kid_from_features(real, far, subsets=10, subset_size=4, seed=1)
+    assert first[2] == 4 and first[0] > kid.kid_from_features(real, near, subsets=10, subset_size=4, seed=1)[0]
+
+
+def test_kid_equals_torchmetrics_kid_on_the_same_subsets(shifted_runs):
+    """Ours (float64 MMD^2) draws the subsets torchmetrics draws under torch.manual_seed(seed)."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real, far = shifted_runs["real"].float().numpy(), shifted_runs["fake"][1].float().numpy()
+    with pytest.warns(UserWarning, match="extracted features"):
+        metric = KernelInceptionDistance(feature=fid.FeatureInput(real.shape[1]), subsets=10, subset_size=3)
+    fid.feed(metric, real, True)
+    fid.feed(metric, far, False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        mean, std = metric.compute()
+    ours = kid.kid_from_features(real, far, subsets=10, subset_size=3, seed=1)
+    assert ours[:2] == pytest.approx((float(mean), float(std)), rel=1e-4) and ours[2] == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,27 +292,25 @@ def test_a_corrupt_inception_file_is_a_named_error(weights, tmp_path, damage):
 
 def test_inception_weights_other_than_the_standard_file_give_a_loud_warning(weights):
     with pytest.warns(UserWarning, match="NOT comparable with published"):
-        message = fid_inception.weights_hash_warning(fid_inception.file_sha256(weights), weights)
+        message = fid_inception.weights_hash_warning(files.file_sha256(weights), weights)
     assert fid_inception.WEIGHTS_SHA256[:16] in message
     assert fid_inception.weights_hash_warning(fid_inception.WEIGHTS_SHA256, weights) is None
 
 
 def test_features_cache_round_trips_and_a_corrupt_or_foreign_one_is_recomputed(tmp_path):
-    from restune_diffusion.evaluation.metrics import features_cache_path, load_cached_features, save_cached_features
-
     key = {"n": 3}
-    path = features_cache_path(tmp_path, key)
-    features = np.random.default_rng(0).random((3, 8)).astype(np.float32)
-    save_cached_features(path, key, features)
-    assert np.array_equal(load_cached_features(path, key), features)
+    path = features.features_cache_path(tmp_path, key)
+    values = np.random.default_rng(0).random((3, 8)).astype(np.float32)
+    features.save_cached_features(path, key, values)
+    assert np.array_equal(features.load_cached_features(path, key), values)
     with pytest.warns(UserWarning, match="another protocol key"):
-        assert load_cached_features(path, {"n": 4}) is None
+        assert features.load_cached_features(path, {"n": 4}) is None
     path.write_bytes(path.read_bytes()[:50])  # torn
     with pytest.warns(UserWarning, match="unreadable real-features cache"):
-        assert load_cached_features(path, key) is None
+        assert features.load_cached_features(path, key) is None
     path.write_bytes(b"not a zip")
     with pytest.warns(UserWarning, match="recomputing"):
-        assert load_cached_features(path, key) is None
+        assert features.load_cached_features(path, key) is None
 
 
 def test_folder_listing_leaves_out_generate_pys_grid(tmp_path):
@@ -305,11 +321,11 @@ def test_folder_listing_leaves_out_generate_pys_grid(tmp_path):
 
 def test_small_n_warnings_are_loud_and_recorded():
     with pytest.warns(UserWarning) as record:
-        messages = metrics.sample_size_warnings(1000)
+        messages = features.sample_size_warnings(1000)
     assert len(messages) == 2 and len(record) == 2
     assert "biased upward" in messages[0] and "N=1000" in messages[0]
     assert "rank-deficient" in messages[1]
-    assert metrics.sample_size_warnings(5000) == []
+    assert features.sample_size_warnings(5000) == []
 
 
 def test_resume_into_a_folder_made_with_other_settings_is_refused(tmp_path):

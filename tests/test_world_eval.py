@@ -1,4 +1,4 @@
-"""The tiny world through the evaluation (eval_fid.py --world concept, restune_diffusion/evaluation/tiny_world.py), and
+"""The tiny world through the evaluation (eval_fid.py --world concept, restune_diffusion/world/evaluation.py), and
 short fine-tunes of every tuner type that beat the shipped base on the held-out concept (issue 14)."""
 
 import json
@@ -47,8 +47,7 @@ def fine_tune(out: Path, data_dir: Path, tuners: list, lr: float, steps: int, ch
 @pytest.fixture(scope="module")
 def concept_data(tmp_path_factory) -> Path:
     """The held-out concept's training set (what the default job trains on), as an imagefolder."""
-    return world.write_imagefolder(tmp_path_factory.mktemp("concept") / "train",
-                                   world.examples("concept_train", world.CONCEPT_TRAIN_N))
+    return world.write_imagefolder(tmp_path_factory.mktemp("concept") / "train", world.concept_train_set())
 
 
 @pytest.fixture(scope="module")
@@ -58,26 +57,33 @@ def short_run(tmp_path_factory, concept_data) -> Path:
     return fine_tune(out, concept_data, [{"type": "res_adapter", "dim": 8, "targets": ["ff"]}], 2e-2, 10, 5)
 
 
-def test_world_mode_rows_equal_world_score_of_base_and_tuned(tmp_path, short_run, monkeypatch):
-    monkeypatch.setattr(world, "SAMPLING_STEPS", 4)  # the default steps of both paths, cut for the test's time
+def test_world_mode_rows_equal_the_worlds_own_measurement_of_base_and_tuned(tmp_path, short_run, monkeypatch):
+    from restune_diffusion.metrics.fid import fid_from_features
+
+    monkeypatch.setattr(world.protocol, "SAMPLING_STEPS", 4)  # the default steps of both paths, cut for the test's time
     tuners = short_run / "tuners.safetensors"
     with pytest.warns(UserWarning, match="N=12 < 64 .*rank-deficient"):
-        result = eval_fid.main(["--world", "concept", "--base", "--tuners", str(tuners), "--num_samples", "12",
+        result = eval_fid.main(["--world", "star", "--base", "--tuners", str(tuners), "--num_samples", "12",
                                 "--output_dir", str(tmp_path / "eval"), "--device", "cpu"])
     rows = {r["model"]: r for r in result["rows"]}
     assert list(rows) == ["base", "res_adapter"] and result["steps"] == 4 and result["guidance_scales"] == [4.0]
-    classifier = world.load_classifier()
+    judge, _ = world.load_judges()
+    asked, kept = world.prompt_grid(("star",)), world.kept_grid()
+    real = world.hits(judge, world.protocol.reference_images("star", asked, "reference"), asked)["features"]
     sd = load_model("tiny")
     for name in ("base", "res_adapter"):
         if name != "base":
             load_tuners(sd.unet, tuners)
-        expected, images = world.score(sd, classifier, seed=0, repeats=1)
-        assert rows[name]["concept_accuracy"] == expected["concept_accuracy"], name
-        assert rows[name]["pretrain_accuracy"] == expected["pretrain_accuracy"], name
-        assert rows[name]["domain_fid"] == pytest.approx(expected["concept_domain_fid"], rel=1e-12), name
+        images = world.generate(sd, [a.caption for a in asked], seed=0, steps=4)
+        seen = world.hits(judge, images, asked)
+        assert rows[name]["concept_accuracy"] == {k: float(seen[k].mean()) for k in ("shape", "colour",
+                                                                                      "background", "all")}, name
+        kept_images = world.generate(sd, [a.caption for a in kept], seed=0, steps=4)
+        assert rows[name]["pretrain_accuracy"] == world.accuracy(judge, kept_images, kept), name
+        assert rows[name]["domain_fid"] == pytest.approx(fid_from_features(real, seen["features"]), rel=1e-12), name
         stored = world.to_uint8([Image.open(Path(rows[name]["images"]) / "concept" / f"{i:05d}.png")
                                  for i in range(12)])
-        assert (stored == images).all(), name  # the very images world.score generates
+        assert (stored == images).all(), name  # the very images world.generate makes
     assert rows["base"]["domain_fid"] != rows["res_adapter"]["domain_fid"]
     table = (tmp_path / "eval" / "eval.md").read_text()
     assert "| base | – | 4 |" in table and "| res_adapter | – | 4 |" in table and "domain FID" in table
@@ -138,17 +144,19 @@ SHORT_FINE_TUNES = {
 DEFAULT_SUITE = ("res_adapter",)  # ~20 s (50 steps); the others (adapter too, 50 steps) are slow-marked
 
 
-def concept_score(sd, classifier) -> tuple[float, float]:
-    """(prompt accuracy 'all', domain FID) on the held-out concept: world.score's concept half (96 images, seed 0)."""
-    asked, real = world.concept_eval_set()
-    images = world.generate(sd, [a.caption for a in asked], steps=world.SAMPLING_STEPS,
-                            guidance_scale=world.GUIDANCE_SCALE)
-    return world.prompt_accuracy(classifier, images, asked)["all"], world.domain_fid(classifier, real, images)
+def concept_score(sd, judge) -> tuple[float, float]:
+    """(all-right accuracy, domain FID) on the star: 96 images (12 prompts x 8, noise seed 0) against real renders
+    of the same prompts."""
+    asked = world.prompt_grid(("star",), 8)
+    images = world.generate(sd, [a.caption for a in asked])
+    seen = world.hits(judge, images, asked)
+    real = world.hits(judge, world.protocol.reference_images("star", asked, "reference"), asked)["features"]
+    return float(seen["all"].mean()), world.frechet(real, seen["features"])
 
 
 @pytest.fixture(scope="module")
 def base_concept_score():
-    return concept_score(load_model("tiny"), world.load_classifier())
+    return concept_score(load_model("tiny"), world.load_judges()[0])
 
 
 @pytest.mark.parametrize("kind", [k if k in DEFAULT_SUITE else pytest.param(k, marks=pytest.mark.slow)
@@ -159,7 +167,7 @@ def test_a_short_fine_tune_of_each_tuner_type_beats_the_base_on_the_concept(kind
     run = fine_tune(tmp_path / kind, concept_data, tuners, lr, steps)
     sd = load_model("tiny")
     load_tuners(sd.unet, run / "tuners.safetensors")
-    accuracy, fid = concept_score(sd, world.load_classifier())
+    accuracy, fid = concept_score(sd, world.load_judges()[0])
     base_accuracy, base_fid = base_concept_score
     assert accuracy > base_accuracy and fid < base_fid, (kind, accuracy, base_accuracy, fid, base_fid)
 
@@ -168,7 +176,7 @@ def _world_cli(out: Path, launcher: list[str]) -> dict:
     import os
     import subprocess
 
-    cmd = launcher + [str(REPO / "eval_fid.py"), "--world", "concept", "--base", "--num_samples", "12", "--steps", "2",
+    cmd = launcher + [str(REPO / "eval_fid.py"), "--world", "star", "--base", "--num_samples", "12", "--steps", "2",
                       "--batch_size", "4", "--output_dir", str(out), "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           cwd=out.parent)

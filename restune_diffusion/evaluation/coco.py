@@ -28,7 +28,8 @@ PROTOCOL = (
     "the evaluation resolution. Fake: generated at that resolution, seed * 1e6 + index. Both: bicubic PIL resize "
     "of uint8 images to 299x299, TF-ported FID Inception-v3 (pt_inception-2015-12-05-6726825d.pth) on "
     "(x - 128) / 128, pool3 2048-d features, float64 statistics and Frechet distance by torchmetrics, TF32 off; "
-    "KID by torchmetrics on the same features. CLIP score: 100 * max(cos(image, caption), 0), mean over images. "
+    "KID (torchmetrics' kernel and subset draws, float64) on the same features. CLIP score: "
+    "100 * max(cos(image, caption), 0), mean over images. "
     "FID at N < 5,000 is biased upward and comparable only at equal N; N < 2,048 gives a rank-deficient covariance."
 )
 

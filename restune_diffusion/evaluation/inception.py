@@ -7,11 +7,8 @@ the standard file's, and a different file gives a loud warning recorded in the r
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -190,14 +187,6 @@ class FIDInceptionV3(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
     """The weights file from the argument, else $RESTUNE_FID_INCEPTION; a named error saying where to get it."""
     given = path if path is not None else os.environ.get(WEIGHTS_ENV)
@@ -267,18 +256,6 @@ def weights_hash_warning(sha256: str, path: str | os.PathLike) -> str | None:
                f"for a converted copy of the standard file; say which in anything you report).")
     warnings.warn(message, UserWarning, stacklevel=2)
     return message
-
-
-@contextlib.contextmanager
-def tf32_disabled() -> Iterator[None]:
-    """Full fp32 matmuls/convs while features and statistics are computed; the previous settings come back after."""
-    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 # Images: one resize path for real and fake.

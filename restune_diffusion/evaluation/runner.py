@@ -1,143 +1,44 @@
-"""The evaluation runner: models x guidance scales on one caption draw -> eval.json, eval.md, fid_vs_clip.png
-(+ fid_vs_step.png in per-checkpoint mode).
+"""COCO and image-folder evaluation: models x guidance scales on one caption draw -> eval.json, eval.md,
+fid_vs_clip.png (+ fid_vs_step.png in per-checkpoint mode), through the one loop (sweep.py); or FID/KID between two
+image folders. The metrics are the registry's (restune_diffusion.metrics): FID, KID and CLIP score here.
 
-Every model (the base and each tuner file, or each checkpoint of a run) is measured on the same captions, seeds and
-real features (extracted once, cached). Generation and feature extraction are split over processes by image index
-(`accelerate launch` / `torchrun`); the statistics are computed once, on the main process, from the gathered
-features in index order, so N processes give the numbers one process gives.
+The real features are extracted once (cached); generated images' Inception features and CLIP scores are extracted
+split over processes by image index and gathered in index order, so N processes give the numbers one process gives.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
 import json
 import os
-import re
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import torch
 
-from ..files import atomic_write_text
-from ..generate import task_names
-from ..models import TINY_NAMES, build_pipeline, load_model, native_resolution
-from ..samplers import make_scheduler, sampler_key
+from ..files import atomic_write_text, file_sha256
+from ..metrics import Protocol, Source, measure
+from ..metrics.plots import plot_sweep, plot_vs_step
+from ..models import TINY_NAMES, load_model, native_resolution
 from ..sampling import DEFAULT_GUIDANCE, PROTOCOL_STRIDE, SamplingSettings, batches
-from ..weights import load_tuners
 from . import coco
 from .clip_score import CLIPScorer, resolve_clip_folder
-from .images import check_generation_record, generate_by_index, list_images
-from .inception import (
-    file_sha256,
-    inception_image,
-    load_fid_inception,
-    resolve_inception_weights,
-    weights_hash_warning,
-)
-from .metrics import (
+from .features import (
     COCO_FULL_N,
     default_cache_dir,
     extract_features,
     features_cache_path,
-    fid_from_features,
-    kid_from_features,
     load_cached_features,
     sample_size_warnings,
     save_cached_features,
 )
-from .plots import plot_sweep, plot_vs_step
+from .images import list_images
+from .inception import inception_image, load_fid_inception, resolve_inception_weights, weights_hash_warning
+from .sweep import check_mixed_precision, gather_all, model_rows, process_state, run, sampling_pipeline, versions
 
-TUNERS_FILE = "tuners.safetensors"  # what a training run and each of its checkpoints hold
 TINY_NUM_SAMPLES = 64  # the tiny model's default N: a quick look, not a number to report
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
-
-
-@dataclass(frozen=True)
-class ModelRow:
-    name: str
-    tuners: Path | None  # None: the untuned base
-    step: int | None = None  # a checkpoint's training step
-
-
-def model_rows(tuners: list[str] | None, base: bool = False) -> list[ModelRow]:
-    """--tuners arguments (files, checkpoint folders, globs such as out/run/checkpoint-*) and --base -> rows.
-
-    Checkpoints sort by step. Names: the file stems, or the run/checkpoint folders when stems collide."""
-    paths: list[Path] = []
-    for arg in tuners or []:
-        matches = sorted(glob.glob(arg)) if glob.has_magic(arg) else [arg]
-        if not matches:
-            raise FileNotFoundError(f"--tuners {arg}: matches no file or folder")
-        for match in matches:
-            path = Path(match)
-            if path.is_dir():
-                path = path / TUNERS_FILE
-            if not path.is_file():
-                raise FileNotFoundError(f"--tuners {match}: expected a tuner .safetensors file or a checkpoint folder "
-                                        f"holding {TUNERS_FILE}; not found")
-            paths.append(path)
-
-    def step(p: Path) -> int | None:
-        found = CHECKPOINT_RE.search(p.parent.name)
-        return int(found.group(1)) if found else None
-
-    runs: list[Path] = []
-    if paths and all(step(p) is not None for p in paths):  # per-checkpoint mode: rows in training order, run by run
-        runs = list(dict.fromkeys(p.parent.parent.resolve() for p in paths))
-        paths.sort(key=lambda p: (runs.index(p.parent.parent.resolve()), step(p)))
-    if len(paths) == 1:
-        names = [paths[0].resolve().parent.name if paths[0].name == TUNERS_FILE else paths[0].stem]
-    elif len(runs) > 1:  # checkpoints of several runs: run/checkpoint-N
-        names = [f"{p.parent.parent.resolve().name}/{p.parent.name}" for p in paths]
-        if len(set(names)) < len(names):
-            raise ValueError(f"--tuners: checkpoints of different runs share a run folder name "
-                             f"({sorted({str(r) for r in runs})}); evaluate them in separate runs")
-    else:
-        names = task_names(paths)
-    rows = [ModelRow(n, p, step(p)) for n, p in zip(names, paths)]
-    if base or not rows:
-        if "base" in names:
-            raise ValueError("--tuners: a tuner file is named 'base', the name of the --base row; rename it")
-        rows.insert(0, ModelRow("base", None))
-    return rows
-
-
-@contextlib.contextmanager
-def tuners_on(unet, row: ModelRow, device) -> Iterator[str | None]:
-    """Inside: the UNet with `row`'s tuner file loaded (the base row: as it is); yields the file's SHA-256 (None for
-    the base). On exit every tensor of the file leaves the UNet, a full fine-tune's weights too (load_tuners/detach),
-    so the next row starts from the base."""
-    handle = load_tuners(unet, row.tuners, name=f"eval:{row.name}", device=device) if row.tuners else None
-    try:
-        yield file_sha256(row.tuners) if row.tuners else None
-    finally:
-        if handle is not None:
-            handle.detach()
-
-
-def process_state(device: str | None):
-    from accelerate import PartialState
-
-    state = PartialState(cpu=device == "cpu")
-    if state.num_processes > 1:
-        return state, str(state.device)
-    return state, device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def gather_all(state, payload):
-    """[payload of every process] in rank order (a list of one payload without distributed processes)."""
-    if state.num_processes == 1:
-        return [payload]
-    from accelerate.utils import gather_object
-
-    return gather_object([payload])
+INCEPTION = {"inception": Source("features")}  # what COCO and folder mode collect besides CLIP scores
 
 
 def sharded_features(state, extractor, items: list, prepare, batch_size: int,
@@ -172,16 +73,6 @@ def sharded_clip_scores(state, scorer: CLIPScorer, paths: list[Path], captions: 
     return out
 
 
-def versions() -> dict:
-    import accelerate
-    import diffusers
-    import torchmetrics
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "torchmetrics": torchmetrics.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__}
-
-
 def _real_features(state, inception, draw: coco.CocoDraw, key: dict, cache_dir: Path, batch_size: int,
                    resolution: int, skip_bad_images: bool) -> tuple[np.ndarray, Path, bool, list[int]]:
     path = features_cache_path(cache_dir, key)
@@ -213,12 +104,9 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
     """
     started = time.perf_counter()
     scales = [float(s) for s in (guidance_scales or [DEFAULT_GUIDANCE])]
-    if mixed_precision not in DTYPES:
-        raise ValueError(f"--mixed_precision: expected one of {sorted(DTYPES)}, got {mixed_precision!r}")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name}: expected a positive integer, got {value!r}")
-    sampler_key(scheduler)  # a bad sampler name fails before anything loads
+    dtype = check_mixed_precision(mixed_precision)
+    settings = SamplingSettings(scheduler, steps=steps, guidance_scale=scales[0], seed=seed, batch_size=batch_size,
+                                seed_stride=PROTOCOL_STRIDE)  # fails on a bad value before anything loads
     rows = model_rows(tuners, base)
     weights = resolve_inception_weights(inception_weights)
     clip_folder = resolve_clip_folder(clip_model)
@@ -226,10 +114,8 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
     tiny = pretrained_model_name_or_path in TINY_NAMES
     n = num_samples if num_samples is not None else (TINY_NUM_SAMPLES if tiny else COCO_FULL_N)
     draw = coco.draw(coco_dir, n, seed, coco_year, split)
-    sd = load_model(pretrained_model_name_or_path, dtype=DTYPES[mixed_precision], device=device, revision=revision,
-                    variant=variant)
-    pipe = build_pipeline(sd)
-    pipe.scheduler = make_scheduler(scheduler, sd.noise_scheduler.config)
+    sd = load_model(pretrained_model_name_or_path, dtype=dtype, device=device, revision=revision, variant=variant)
+    pipe = sampling_pipeline(sd, settings)
     resolution = resolution or native_resolution(pipe)
     if resolution % 8:
         raise ValueError(f"--resolution: expected a multiple of 8 (the VAE's downsampling), got {resolution}")
@@ -249,53 +135,28 @@ def evaluate(pretrained_model_name_or_path: str, coco_dir: str | os.PathLike, ou
         messages.append(f"{len(skipped)} unreadable real images skipped (--skip_bad_images): "
                         f"{[str(draw.real_images[i]) for i in skipped[:5]]}")
     scorer = CLIPScorer(clip_folder, device) if clip_folder is not None else None
+    prompts = [caption for _, caption in draw.pairs]
 
-    out, prompts = Path(output_dir), [caption for _, caption in draw.pairs]
-    results = []
-    for row in rows:
-        with tuners_on(sd.unet, row, device) as tuners_sha:
-            for scale in scales:
-                folder = out / row.name / f"cfg{scale:g}"
-                record = {"model": str(pretrained_model_name_or_path), "tuners_sha256": tuners_sha, "seed": seed,
-                          "steps": steps, "guidance_scale": scale, "scheduler": scheduler, "resolution": resolution,
-                          "mixed_precision": mixed_precision,
-                          "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
-                if state.is_main_process:
-                    check_generation_record(folder, record)
-                state.wait_for_everyone()
-                settings = SamplingSettings(scheduler, steps=steps, guidance_scale=scale, seed=seed,
-                                            batch_size=batch_size, seed_stride=PROTOCOL_STRIDE)
-                paths = generate_by_index(pipe, prompts, folder, settings, resolution=resolution,
-                                          rank=state.process_index, world=state.num_processes, progress=progress)
-                state.wait_for_everyone()
-                fake, _ = sharded_features(state, inception, paths, inception_image, batch_size)
-                clip = sharded_clip_scores(state, scorer, paths, prompts, batch_size) if scorer else None
-                if state.is_main_process:
-                    kid = kid_from_features(real, fake, kid_subsets, kid_subset_size, seed)
-                    results.append({
-                        "model": row.name, "tuners": str(row.tuners) if row.tuners else None,
-                        "tuners_sha256": tuners_sha, "step": row.step, "guidance_scale": scale,
-                        "fid": fid_from_features(real, fake), "kid_mean": kid[0], "kid_std": kid[1],
-                        "kid_subset_size": kid[2], "clip_score": float(clip.mean()) if clip is not None else None,
-                        "n": len(paths), "images": str(folder)})
-    if not state.is_main_process:
-        return None
-    result = {
-        "rows": results, "n": n, "num_real": len(real), "seed": seed, "steps": steps, "scheduler": scheduler,
-        "resolution": resolution, "batch_size": batch_size, "guidance_scales": scales,
-        "model": str(pretrained_model_name_or_path), "mixed_precision": mixed_precision,
-        "num_processes": state.num_processes, "device": device,
-        "coco": {"dir": str(coco_dir), "year": coco_year, "split": split,
-                 "num_images_in_split": draw.num_images_in_split, "drawn_with_replacement": draw.with_replacement},
-        "inception_weights": str(weights), "inception_sha256": inception_sha,
-        "clip_model": str(clip_folder) if clip_folder else None,
-        "real_features_cache": str(cache), "real_features_reused": reused, "skipped_real_images": len(skipped),
-        "warnings": messages, "versions": versions(), "protocol_version": coco.PROTOCOL_VERSION,
-        "protocol": coco.PROTOCOL.format(year=coco_year, split=split),
-        "elapsed_s": round(time.perf_counter() - started, 3),
-    }
-    write_reports(result, out)
-    return result
+    def collect(state, paths: dict[str, list[Path]]) -> dict:
+        fake, _ = sharded_features(state, inception, paths[""], inception_image, batch_size)
+        clip = sharded_clip_scores(state, scorer, paths[""], prompts, batch_size) if scorer else None
+        return {"inception": fake, "clip": clip}
+
+    protocol = Protocol(
+        prompt_sets={"": prompts}, resolution=resolution, sources={**INCEPTION, "clip": Source("clip_scores")},
+        real={"inception": real}, collect=collect, report=write_reports, record={"resolution": resolution},
+        context={"seed": seed, "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size}, warnings=messages,
+        info={"num_real": len(real),
+              "coco": {"dir": str(coco_dir), "year": coco_year, "split": split,
+                       "num_images_in_split": draw.num_images_in_split,
+                       "drawn_with_replacement": draw.with_replacement},
+              "inception_weights": str(weights), "inception_sha256": inception_sha,
+              "clip_model": str(clip_folder) if clip_folder else None, "real_features_cache": str(cache),
+              "real_features_reused": reused, "skipped_real_images": len(skipped),
+              "protocol_version": coco.PROTOCOL_VERSION, "protocol": coco.PROTOCOL.format(year=coco_year, split=split)})
+    return run(protocol, sd, pipe, rows, settings, scales, output_dir, state=state, device=device,
+               model=str(pretrained_model_name_or_path), mixed_precision=mixed_precision, started=started,
+               progress=progress)
 
 
 def evaluate_folders(real_dir: str | os.PathLike, fake_dir: str | os.PathLike, output_dir: str | os.PathLike | None,
@@ -325,12 +186,12 @@ def evaluate_folders(real_dir: str | os.PathLike, fake_dir: str | os.PathLike, o
             save_cached_features(path, key, real)
     fake, fake_skipped = sharded_features(state, inception, fake_paths, inception_image, batch_size, skip_bad_images)
     fake = np.delete(fake, fake_skipped, axis=0)
-    kid = kid_from_features(real, fake, kid_subsets, kid_subset_size)
+    context = {"kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size}
     result = {
-        "fid": fid_from_features(real, fake), "kid_mean": kid[0], "kid_std": kid[1], "kid_subset_size": kid[2],
-        "n": len(fake), "n_real": len(real), "n_fake": len(fake), "mode": "folders", "real_dir": str(real_dir),
-        "fake_dir": str(fake_dir), "skipped_images": len(skipped) + len(fake_skipped),
-        "inception_weights": str(weights), "inception_sha256": sha, "batch_size": batch_size, "device": device,
+        **measure(INCEPTION, {"inception": real}, {"inception": fake}, context), "n": len(fake), "n_real": len(real),
+        "n_fake": len(fake), "mode": "folders", "real_dir": str(real_dir), "fake_dir": str(fake_dir),
+        "skipped_images": len(skipped) + len(fake_skipped), "inception_weights": str(weights),
+        "inception_sha256": sha, "batch_size": batch_size, "device": device,
         "real_stats_cache": str(path) if path else None, "real_stats_reused": reused,
         "elapsed_s": round(time.perf_counter() - started, 3), "warnings": messages, "versions": versions(),
         "protocol_version": coco.PROTOCOL_VERSION,

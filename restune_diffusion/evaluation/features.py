@@ -1,8 +1,8 @@
-"""FID and KID from extracted features (torchmetrics' statistics), feature extraction, and the real-features cache.
+"""Feature extraction, the loud small-N warnings, and the real-features cache.
 
 Features are extracted once per image (float32, as the network gives them) and kept in index order; the statistics
-are computed from them on one process, in a fixed order and batching, so the result does not depend on how many
-processes extracted them. torchmetrics accumulates in float64 (PITFALLS "FID"); TF32 is off throughout.
+(restune_diffusion.metrics: FID, KID) are computed from them on one process, in a fixed order and batching, so the
+result does not depend on how many processes extracted them. TF32 is off throughout.
 """
 
 from __future__ import annotations
@@ -21,96 +21,10 @@ from PIL import Image
 from torch import nn
 
 from ..files import atomic_write
-from .inception import NUM_FEATURES, tf32_disabled
+from ..metrics.fid import tf32_disabled
+from .inception import NUM_FEATURES
 
 COCO_FULL_N = 5000
-STAT_BATCH = 256  # rows per torchmetrics update when features are fed back: fixed, so results never depend on it
-
-
-class FeatureInput(nn.Module):
-    """The identity, as torchmetrics' `feature` network: the metric is fed features already extracted. (B, D)."""
-
-    def __init__(self, num_features: int = NUM_FEATURES):
-        super().__init__()
-        self.num_features = num_features  # read by torchmetrics instead of probing with a dummy image
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def fid_metric(extractor: nn.Module):
-    """torchmetrics' FID over an extractor (ours, or FeatureInput); its accumulators are float64."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    device = next(iter(extractor.parameters()), torch.empty(0)).device
-    # normalize=False: images go to the extractor as given (uint8 0..255); reset() keeps the real statistics;
-    # sync_on_compute=False: the statistics are computed on the main process alone, from gathered features
-    metric = FrechetInceptionDistance(feature=extractor, normalize=False, reset_real_features=False,
-                                      sync_on_compute=False)
-    return metric.to(device)
-
-
-def fid_value(metric) -> float:
-    with tf32_disabled():
-        return float(metric.compute())
-
-
-def _feed(metric, features: np.ndarray, real: bool) -> None:
-    for lo in range(0, len(features), STAT_BATCH):
-        metric.update(torch.from_numpy(np.ascontiguousarray(features[lo:lo + STAT_BATCH])), real=real)
-
-
-def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
-    """FID between two feature sets (N, D): the Frechet distance of their float64 means and covariances.
-
-    N >= D: torchmetrics (eigenvalues of the D x D product S_r S_f). N < D: the same number from an N_r x N_f
-    matrix (`low_rank_fid`): a 2048 x 2048 eigensolve costs ~10 s on one CPU core, which small sets and sweeps of
-    many rows should not pay for a rank-deficient product.
-    """
-    if min(len(real), len(fake)) < real.shape[1]:
-        return low_rank_fid(real, fake)
-    metric = fid_metric(FeatureInput(real.shape[1]))
-    _feed(metric, real, True)
-    _feed(metric, fake, False)
-    return fid_value(metric)
-
-
-def low_rank_fid(real: np.ndarray, fake: np.ndarray) -> float:
-    """||mu_r - mu_f||^2 + tr S_r + tr S_f - 2 tr sqrtm(S_r S_f), with S = A^T A, A = centred features / sqrt(n - 1).
-
-    S_r S_f = A_r^T (M A_f) with M = A_r A_f^T (N_r x N_f), so its non-zero eigenvalues are those of M M^T
-    (XY and YX share them), which is symmetric PSD: tr sqrtm(S_r S_f) = sum sqrt(eigvalsh(M M^T)).
-    """
-    r, f = real.astype(np.float64), fake.astype(np.float64)
-    mu_r, mu_f = r.mean(0), f.mean(0)
-    a_r, a_f = (r - mu_r) / np.sqrt(len(r) - 1), (f - mu_f) / np.sqrt(len(f) - 1)
-    m = a_r @ a_f.T  # (N_r, N_f)
-    root_trace = np.sqrt(np.clip(np.linalg.eigvalsh(m @ m.T), 0, None)).sum()
-    return float(((mu_r - mu_f) ** 2).sum() + (a_r**2).sum() + (a_f**2).sum() - 2 * root_trace)
-
-
-def kid_from_features(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-                      seed: int = 0) -> tuple[float, float, int]:
-    """KID (torchmetrics: polynomial-kernel MMD^2 over random subsets, mean and std) -> (mean, std, subset_size).
-
-    Unbiased at small N where FID is not. The subset size is min(subset_size, N real, N fake); the subsets are drawn
-    from a torch generator seeded with `seed`, so the value repeats.
-    """
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    size = min(subset_size, len(real), len(fake))
-    if size < 2:
-        raise ValueError(f"KID needs at least 2 real and 2 fake images, got {len(real)} and {len(fake)}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=FeatureInput(real.shape[1]), subsets=subsets, subset_size=size,
-                                          sync_on_compute=False)
-    _feed(metric, real, True)
-    _feed(metric, fake, False)
-    with torch.random.fork_rng(devices=[]), tf32_disabled():
-        torch.manual_seed(seed)
-        mean, std = metric.compute()
-    return float(mean), float(std), size
 
 
 def sample_size_warnings(n: int, full_n: int | None = COCO_FULL_N) -> list[str]:

@@ -1,5 +1,6 @@
-"""The evaluation's plots: a metric against another over guidance scales (one curve per model), and metrics against
-the training step (one curve per run, per-checkpoint mode). Rows are eval.json's rows; a metric is (label, getter).
+"""Plots of result rows, for every protocol: a metric against another over guidance scales (one curve per model), and
+metrics against the training step (one curve per run, per-checkpoint mode). Rows are eval.json's rows; an axis is
+(label, getter).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from ..files import atomic_write
 
-Metric = tuple[str, Callable[[dict], float | None]]  # (axis label, row -> value)
+Axis = tuple[str, Callable[[dict], float | None]]  # (axis label, row -> value)
 
 
 def _pyplot():
@@ -29,7 +30,7 @@ def _save(fig, path: Path) -> Path:
         plt.close(fig)
 
 
-def plot_sweep(rows: list[dict], path: Path, x: Metric, y: Metric, title: str) -> Path:
+def plot_sweep(rows: list[dict], path: Path, x: Axis, y: Axis, title: str) -> Path:
     """One curve per model over its guidance scales (each point annotated with its scale): y against x."""
     fig, ax = _pyplot().subplots(figsize=(5, 4))
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -51,7 +52,7 @@ def run_of(row: dict) -> str:
     return Path(row["tuners"]).parent.parent.name
 
 
-def plot_vs_step(rows: list[dict], path: Path, metrics: list[Metric], title: str) -> Path:
+def plot_vs_step(rows: list[dict], path: Path, metrics: list[Axis], title: str) -> Path:
     """Per-checkpoint mode: one panel per metric, one curve per run (and guidance scale, when several) with one point
     per checkpoint; the untuned base, when evaluated, as a dashed line."""
     scales = sorted({r["guidance_scale"] for r in rows})

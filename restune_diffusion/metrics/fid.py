@@ -1,0 +1,102 @@
+"""FID from features: the Frechet distance of two feature sets' float64 Gaussians (torchmetrics' statistics).
+
+One implementation for every feature space: Inception pool3 (COCO, image folders) and the tiny world's judge features
+(its domain FID, also in its bootstrap intervals). N >= D: torchmetrics' FrechetInceptionDistance fed the features;
+N < D: the same number from an N_r x N_f eigenproblem (`low_rank_fid`). TF32 is off while it is computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .metric import Metric
+
+STAT_BATCH = 256  # rows per torchmetrics update when features are fed back: fixed, so results never depend on it
+
+
+@contextlib.contextmanager
+def tf32_disabled() -> Iterator[None]:
+    """Full fp32 matmuls/convs while features and statistics are computed; the previous settings come back after."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+class FeatureInput(nn.Module):
+    """The identity, as torchmetrics' `feature` network: the metric is fed features already extracted. (B, D)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features  # read by torchmetrics instead of probing with a dummy image
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def fid_metric(extractor: nn.Module):
+    """torchmetrics' FID over an extractor (ours, or FeatureInput); its accumulators are float64."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    device = next(iter(extractor.parameters()), torch.empty(0)).device
+    # normalize=False: images go to the extractor as given (uint8 0..255); reset() keeps the real statistics;
+    # sync_on_compute=False: the statistics are computed on the main process alone, from gathered features
+    metric = FrechetInceptionDistance(feature=extractor, normalize=False, reset_real_features=False,
+                                      sync_on_compute=False)
+    return metric.to(device)
+
+
+def fid_value(metric) -> float:
+    with tf32_disabled():
+        return float(metric.compute())
+
+
+def feed(metric, features: np.ndarray, real: bool) -> None:
+    """(N, D) features into a torchmetrics FID/KID, STAT_BATCH rows at a time."""
+    for lo in range(0, len(features), STAT_BATCH):
+        metric.update(torch.from_numpy(np.ascontiguousarray(features[lo:lo + STAT_BATCH])), real=real)
+
+
+def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
+    """FID between two feature sets (N, D): the Frechet distance of their float64 means and covariances.
+
+    N >= D: torchmetrics (eigenvalues of the D x D product S_r S_f). N < D: the same number from an N_r x N_f
+    matrix (`low_rank_fid`): a 2048 x 2048 eigensolve costs ~10 s on one CPU core, which small sets and sweeps of
+    many rows should not pay for a rank-deficient product.
+    """
+    if min(len(real), len(fake)) < real.shape[1]:
+        return low_rank_fid(real, fake)
+    metric = fid_metric(FeatureInput(real.shape[1]))
+    feed(metric, real, True)
+    feed(metric, fake, False)
+    return fid_value(metric)
+
+
+def low_rank_fid(real: np.ndarray, fake: np.ndarray) -> float:
+    """||mu_r - mu_f||^2 + tr S_r + tr S_f - 2 tr sqrtm(S_r S_f), with S = A^T A, A = centred features / sqrt(n - 1).
+
+    S_r S_f = A_r^T (M A_f) with M = A_r A_f^T (N_r x N_f), so its non-zero eigenvalues are those of M M^T
+    (XY and YX share them), which is symmetric PSD: tr sqrtm(S_r S_f) = sum sqrt(eigvalsh(M M^T)).
+    """
+    r, f = real.astype(np.float64), fake.astype(np.float64)
+    mu_r, mu_f = r.mean(0), f.mean(0)
+    a_r, a_f = (r - mu_r) / np.sqrt(len(r) - 1), (f - mu_f) / np.sqrt(len(f) - 1)
+    m = a_r @ a_f.T  # (N_r, N_f)
+    root_trace = np.sqrt(np.clip(np.linalg.eigvalsh(m @ m.T), 0, None)).sum()
+    return float(((mu_r - mu_f) ** 2).sum() + (a_r**2).sum() + (a_f**2).sum() - 2 * root_trace)
+
+
+def _compute(real: np.ndarray, fake: np.ndarray, context: Mapping[str, Any]) -> dict[str, float]:
+    return {"fid": fid_from_features(real, fake)}
+
+
+FID = Metric("fid", "features", _compute)
