@@ -25,6 +25,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: the default suite stays under 5 minutes
 def test_quick_run_reports_every_available_method(tmp_path):
     bench = load_bench()
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--steps", "1", "--warmup", "0", "--out",

@@ -29,6 +29,7 @@ def quick_run(tmp_path, *args) -> dict:
     return json.loads((tmp_path / "generation-cpu-quick.json").read_text())
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: the default suite stays under 5 minutes
 def test_quick_run_measures_eager_fused_and_task_rows(tmp_path):
     report = quick_run(tmp_path, "--variants", "eager", "fused")
     rows = report["methods"]

@@ -25,6 +25,7 @@ def run(*args, timeout=600):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: the default suite stays under 5 minutes
 def test_quick_run_trains_and_denoises_every_config_in_both_precisions(tmp_path):
     proc = run("--quick", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

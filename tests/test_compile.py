@@ -1,9 +1,10 @@
 """torch.compile of a tuned UNet (issue 26): one graph (fullgraph=True: a graph break is an error), the eager output,
 and no recompile when a tuner's weight changes.
 
-Default: dynamo alone (backend "eager": tracing, graph breaks and guards; seconds) on one UNet carrying every
-mechanism at once. Slow (-m slow): inductor, as users compile (`compile_unet`), one test per tuner type; about two
-minutes each on one CPU thread, most of it generating and building C++ kernels.
+All slow-marked (-m slow; .ci/run runs them): dynamo alone (backend "eager": tracing, graph breaks and guards; 6-15 s)
+on one UNet carrying every mechanism at once and on multi-task routing; then inductor, as users compile
+(`compile_unet`), one test per tuner type; about two minutes each on one CPU thread, most of it generating and
+building C++ kernels.
 """
 
 import pytest
@@ -44,6 +45,7 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: the default suite stays under 5 minutes
 def test_a_unet_with_every_mechanism_compiles_to_one_graph_and_a_weight_change_does_not_recompile(unet, unet_inputs):
     sets = {"lora": {"type": "lora", "rank": 4},
             "res_tuning": [{"type": "res_adapter", "dim": 8}, {"type": "res_prompt", "num_tokens": 2}],
@@ -71,6 +73,7 @@ def test_a_unet_with_every_mechanism_compiles_to_one_graph_and_a_weight_change_d
     assert graphs() == 1
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: the default suite stays under 5 minutes
 def test_multitask_routing_compiles_without_graph_breaks(unet, unet_inputs):
     a, b = attach(unet, {"type": "bypass"}, name="a"), attach(unet, {"type": "bypass"}, name="b")
     perturb(a, seed=1)

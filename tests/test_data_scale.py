@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "data_scale.py"
 
 
@@ -14,6 +16,7 @@ def is_time(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: the default suite stays under 5 minutes
 def test_quick_run_writes_every_figure(tmp_path):
     out = tmp_path / "data_scale.json"
     subprocess.run([sys.executable, str(BENCH), "--quick", "--num_quick", "24", "--resolution", "64", "--batches",

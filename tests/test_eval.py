@@ -108,6 +108,7 @@ def _rows(result):
     return {(r["model"], r["guidance_scale"]): r for r in result["rows"]}
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: the default suite stays under 5 minutes
 def test_two_tuners_and_base_in_one_sweep_equal_single_runs_and_plot_one_curve_per_model(
         tmp_path, weights, clip_dir, monkeypatch):  # noqa: F811
     import matplotlib.axes

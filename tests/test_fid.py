@@ -234,6 +234,7 @@ def test_fid_from_features_equals_torchmetrics_through_the_extractor(shifted_run
     assert fid.fid_from_features(real, fake) == pytest.approx(shifted_runs["fid"][1], rel=1e-5)
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: the default suite stays under 5 minutes
 def test_low_rank_fid_equals_torchmetrics_on_the_same_features():
     from restune_diffusion.metrics.fid import FeatureInput, feed, low_rank_fid
 

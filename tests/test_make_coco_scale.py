@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from restune_diffusion import data
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_coco_scale.py"
@@ -15,6 +17,7 @@ def make(out, *extra):
                    capture_output=True, text=True)
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: the default suite stays under 5 minutes
 def test_tiny_coco_scale_is_read_by_the_loader_and_deterministic(tmp_path):
     make(tmp_path / "a", "--workers", "2", "--train_captions", "203")
     make(tmp_path / "b", "--workers", "1", "--train_captions", "203")

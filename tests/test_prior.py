@@ -233,6 +233,7 @@ def test_bad_preservation_flags_are_one_line(tmp_path, data_dir, no_models, caps
 
 # ---------------------------------------------------------------------------------------------------------------------
 # runs
+@pytest.mark.slow  # over 5 s on 2 cores: the default suite stays under 5 minutes
 def test_both_remedies_with_cached_latents_and_accumulation_resume_exactly(tmp_path, data_dir, monkeypatch,  # noqa: F811
                                                                            capsys):
     prompts = tmp_path / "prompts.txt"

@@ -69,6 +69,7 @@ def numbers(table: dict) -> dict:
             for r in table["rows"]}
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: the default suite stays under 5 minutes
 def test_the_default_table_trains_and_evaluates_every_row_and_writes_the_papers_format(full_table):
     out, _, result, seconds = full_table
     stored = json.loads((out / "table.json").read_text())
@@ -112,6 +113,7 @@ def test_the_tables_numbers_equal_the_separate_commands(full_table, coco, weight
     assert summary["trainable_params"] == by["lora"]["params"]
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: the default suite stays under 5 minutes
 def test_a_rerun_keeps_finished_rows_and_refuses_one_finished_with_other_settings(full_table, capsys):
     out, argv, result, _ = full_table
     before = {name: (out / name / T.TUNERS_FILE).stat().st_mtime_ns for name in TB.PAPER_ROWS}

@@ -378,6 +378,7 @@ def test_the_training_loop_trains_and_exports_every_tuner_type(tmp_path, data_di
     assert all(trained[k].any() for k in zero_init), "zero-initialised tensors did not train"
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: the default suite stays under 5 minutes
 def test_lora_run_with_validation_exports_both_formats(tmp_path, data_dir):
     argv = cli_args(tmp_path, data_dir, "--max_train_steps", "2", "--validation_steps", "1", "--validation_prompt",
                     "a red circle", "--num_validation_images", "2", "--checkpointing_steps", "0",
@@ -410,6 +411,7 @@ def run_cli(argv: list[str], cwd: Path, timeout: float = 300) -> subprocess.Comp
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: the default suite stays under 5 minutes
 def test_kill_9_then_resume_latest_equals_the_uninterrupted_run(tmp_path, data_dir):
     common = ["--max_train_steps", "12", "--checkpointing_steps", "2", "--checkpoints_total_limit", "3"]
     T.train(T.parse_args(cli_args(tmp_path / "a", data_dir, *common)))  # uninterrupted, in this process
@@ -433,6 +435,7 @@ def test_kill_9_then_resume_latest_equals_the_uninterrupted_run(tmp_path, data_d
     assert sorted(p.name for p in C.list_checkpoints(out)) == ["checkpoint-10", "checkpoint-12", "checkpoint-8"]
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: the default suite stays under 5 minutes
 def test_torchrun_with_two_processes_trains_synchronised_tuners_and_resumes_exactly(tmp_path, data_dir):
     probe = tmp_path / "probe.py"  # all-gathers the tuner tensors of both ranks before the export
     probe.write_text(
@@ -471,6 +474,7 @@ def test_torchrun_with_two_processes_trains_synchronised_tuners_and_resumes_exac
     assert all(torch.equal(straight[k], again[k]) for k in straight) and T.read_log(out) == log
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: the default suite stays under 5 minutes
 def test_the_default_job_runs_end_to_end_on_a_few_steps(tmp_path, monkeypatch):
     """`python train_t2i.py`'s wiring (its config, the pretrained tiny base, the concept's data, exports, the model
     card and the tiny world's before/after report) on 2 steps and a one-round report; the 500-step job: the slow

@@ -65,6 +65,7 @@ def test_the_hub_upload_flags_of_diffusers_readme_commands_are_named_and_dropped
     assert "nothing is uploaded from here (offline)" in out and "hf_secret" not in out
 
 
+@pytest.mark.slow  # over 5 s on 2 cores: the default suite stays under 5 minutes
 def test_the_cli_prints_one_line_for_a_foreign_flag():
     done = subprocess.run([sys.executable, "train_t2i.py", "--rank", "4"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)

@@ -260,6 +260,7 @@ def test_an_unwritable_output_dir_fails_before_loading_models(tmp_path, data_dir
     assert len(err) == 1 and f"{out}: cannot write to the output folder" in err[0]
 
 
+@pytest.mark.slow  # over 8 s on 2 cores: the default suite stays under 5 minutes
 def test_a_file_size_limit_while_checkpointing_is_one_line_and_keeps_complete_checkpoints(tmp_path, data_dir):  # noqa: F811
     argv = cli_args(tmp_path, data_dir, "--max_train_steps", "4", "--checkpointing_steps", "2")
     out = tmp_path / "out"
