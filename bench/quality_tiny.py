@@ -66,10 +66,11 @@ CURVE_CONCEPTS = 2  # learning curves on the first two concepts
 # ---------------------------------------------------------------------------------------------------------------------
 # stages
 def sweep(runner: Runner, methods: list[str], concepts: list[str], steps: int, grid: tuple, start: tuple,
-          seeds=SWEEP_SEEDS) -> dict:
+          seeds=SWEEP_SEEDS, repeats: tuple | None = None) -> dict:
     """Per method: {lr: validation score}, walked on the grid until the best point's neighbours are measured. Each
-    LR point trains every concept once, concept i with seed seeds[i % 2] (both seeds, every concept), and scores the
-    mean all-right accuracy of their validation images."""
+    LR point trains every concept once, concept i with seed seeds[i % 2] (both seeds, every concept; fewer concepts
+    than seeds: each concept with every seed), and scores the mean all-right accuracy of their validation images."""
+    repeats = repeats or REPEATS["validation"]
     scores: dict[str, dict[float, dict]] = {m: {} for m in methods}
     while True:
         wanted = {}
@@ -83,8 +84,9 @@ def sweep(runner: Runner, methods: list[str], concepts: list[str], steps: int, g
         wanted = {m: lrs for m, lrs in wanted.items() if lrs}
         if not wanted:
             return scores
-        pairs = [(c, seeds[i % len(seeds)]) for i, c in enumerate(concepts)]
-        jobs = [runner.job(m, c, lr, s, steps, VALIDATION_NOISE, REPEATS["validation"])
+        pairs = ([(c, seeds[i % len(seeds)]) for i, c in enumerate(concepts)] if len(concepts) >= len(seeds) else
+                 [(c, s) for c in concepts for s in seeds])
+        jobs = [runner.job(m, c, lr, s, steps, VALIDATION_NOISE, repeats)
                 for m, lrs in wanted.items() for lr in lrs for c, s in pairs]
         results = iter(runner.run(jobs))
         for m, lrs in wanted.items():
@@ -93,7 +95,7 @@ def sweep(runner: Runner, methods: list[str], concepts: list[str], steps: int, g
                 scores[m][lr] = {"all": float(np.mean([r["accuracy"][f"concept:{r['job']['concept']}"]
                                                        for r in runs])),
                                  "shape": float(np.mean([r["shape"][f"concept:{r['job']['concept']}"] for r in runs])),
-                                 "n": len(runs) * 12 * REPEATS["validation"][0]}
+                                 "n": len(runs) * 12 * repeats[0]}
                 print(f"  sweep {m:18} lr={lr:<7g} val all-right {scores[m][lr]['all']:.3f}", flush=True)
 
 
@@ -387,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         if args.stage == "default_job":
-            scores = sweep(runner, [DEFAULT_JOB], [DEFAULT_JOB_CONCEPT], DEFAULT_JOB_STEPS, LR_GRID, SWEEP_START)
+            # one concept: both training seeds, twice the images per run (528 validation images per LR point)
+            scores = sweep(runner, [DEFAULT_JOB], [DEFAULT_JOB_CONCEPT], DEFAULT_JOB_STEPS, LR_GRID, SWEEP_START,
+                           repeats=(2 * REPEATS["validation"][0], 0, 0))
             lr, note = chosen_lr(scores[DEFAULT_JOB], LR_GRID)
             from restune_diffusion.files import atomic_write_text
 

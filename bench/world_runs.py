@@ -4,9 +4,10 @@ bench/forgetting_tiny.py.
 A run = (method config, concept, learning rate, seed, steps, extra training flags): trained once into
 <out>/quality-tiny-runs/<key>/train. A measurement of it = (noise seed, images per prompt set, inference weight):
 its generated images are kept (images.npz), so a new judge re-reads them and nothing is regenerated; the judges'
-verdicts are kept per judge fingerprint. The key holds everything a run depends on (the config's text, the base
-model's files), so a changed setting makes a new run and an interrupted bench resumes. Runs go to worker processes,
-one thread each.
+verdicts are kept per judge fingerprint (result-*.json, measurement-*.npz: committed, so a fresh clone resumes
+without retraining what was measured; the trained tuners and images stay local). The key holds everything a run
+depends on (the config's settings, the base model's files), so a changed setting makes a new run and an interrupted
+bench resumes. Runs go to worker processes, one thread each.
 """
 
 from __future__ import annotations
@@ -66,7 +67,14 @@ def config_path(method: str) -> Path:
 
 
 def config_text(method: str) -> str:
-    return config_path(method).read_text()
+    """What of a config a run depends on, canonical: its settings without the description and the learning rate
+    (the run's own LR is in its key), so editing either keeps the runs already measured."""
+    import yaml
+
+    config = yaml.safe_load(config_path(method).read_text())
+    config.pop("description", None)
+    config.get("train", {}).pop("learning_rate", None)
+    return json.dumps(config, sort_keys=True)
 
 
 def concept_data(out: Path, concept: str) -> Path:
@@ -213,7 +221,7 @@ class Runner:
             print(f"  {len(todo)} runs to do ({len(jobs) - len(todo)} cached)", flush=True)
         done = self.pool.map(do_run, todo, chunksize=1) if self.pool and len(todo) > 1 else [do_run(j) for j in todo]
         self.cpu_seconds += sum(r["cpu_seconds"] for r in done)
-        return [json.loads(r.read_text()) for r in results]
+        return [dict(json.loads(r.read_text()), job=j) for j, r in zip(jobs, results)]  # paths of this checkout
 
     def close(self):
         if self.pool:

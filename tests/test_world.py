@@ -210,6 +210,19 @@ def test_the_quality_bench_quick_mode_writes_every_row_with_intervals(tmp_path):
     assert table["ceiling"]["concepts"]["star"]["n"] == 72 and table["meta"]["cpu_hours"] > 0
     text = (tmp_path / "quality-tiny.md").read_text()
     assert "| ceiling (real images through the autoencoder) |" in text and "## The paper's FID orderings" in text
+    # a fresh clone elsewhere holds only what git keeps of the cache (.gitignore): every run is found, nothing is
+    # trained or generated again, and the table is the same
+    import shutil
+
+    clone = tmp_path / "clone"
+    for path in (tmp_path / "quality-tiny-runs").rglob("*"):
+        if path.is_file() and (path.name.startswith(("result-", "measurement-")) or path.name.endswith("_cpu.json")):
+            (clone / path.relative_to(tmp_path)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, clone / path.relative_to(tmp_path))
+    as_committed = [f"bench/results/{p.relative_to(clone)}" for p in clone.rglob("*") if p.is_file()]
+    kept = subprocess.run(["git", "check-ignore", "-q", *as_committed], cwd=root)
     rerun = subprocess.run([sys.executable, str(root / "bench" / "quality_tiny.py"), "--quick", "--jobs", "1",
-                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0 and "runs to do" not in rerun.stdout  # every run cached: nothing trained again
+                            "--out", str(clone)], capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and "runs to do" not in rerun.stdout, rerun.stderr[-3000:]
+    assert json.loads((clone / "quality-tiny.json").read_text())["rows"] == table["rows"]
+    assert as_committed and kept.returncode == 1  # git ignores none of them (1: no path matched)
