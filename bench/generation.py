@@ -9,8 +9,12 @@ K = 1, 2, 4 bypass tasks (restune_diffusion.multitask); peak memory beside each.
     python bench/generation.py --quick --out /tmp/gen       # tiny UNet, 1 step, one process (tests)
 
 One process per row (--quick: one for all, and dynamo's "eager" backend for the compiled rows: plumbing only), so
-peaks don't mix; ratios are to the base's step measured in the same run. A run adds its rows to a results file of
-the same settings. Tuner weights are left at their initialisation: time and memory don't depend on the values.
+peaks don't mix; ratios are to the base's step measured in the same run. Each row is also timed in alternation with
+the pure base UNet built beside it in its own process (--paired steps; a compiled row also with itself run eagerly):
+the median of those per-pair ratios is what the targets read, since processes minutes apart on a shared host differ
+by several % (an untuned full-fine-tuning row measured 0.93x the base's across processes). A run adds its rows to a
+results file of the same settings. Tuner weights are left at their initialisation: time and memory don't depend on
+the values.
 """
 
 from __future__ import annotations
@@ -109,7 +113,8 @@ def time_steps(step, opts: dict, device) -> tuple[list[float], float]:
 
 
 def measure_row(config: str, variant: str, opts: dict) -> dict:
-    """One denoising step with CFG: the UNet on 2 rows, guidance, a DDIM step. Peak memory from after the build."""
+    """One denoising step with CFG: the UNet on 2 rows, guidance, a DDIM step. Peak memory from after the build.
+    Then, unless the row is the base, paired steps (see paired_ratios)."""
     import torch
 
     device = torch.device(opts["device"])
@@ -119,18 +124,53 @@ def measure_row(config: str, variant: str, opts: dict) -> dict:
     latents, text, scheduler = step_inputs(unet, opts)
     weights = bench.memory_in_use(device)
     bench.reset_peak(device)
+    step = step_fn(unet, latents, text, scheduler)
+    times, first = time_steps(step, opts, device)
+    entry = {"step_s": statistics.median(times), "step_times_s": times, "first_call_s": first,
+             "peak_bytes": bench.peak_memory(device), "weights_bytes": weights, "build_s": build_s,
+             "params": sum(h.num_parameters() for h in handles) if config != "full" else None,
+             "fuse": plan}
+    if config != BASE and opts.get("paired"):
+        entry.update(paired_ratios(step, variant, latents, text, scheduler, opts))
+    return entry
+
+
+def step_fn(unet, latents, text, scheduler):
+    import torch
 
     @torch.no_grad()
     def step(i):
         t = scheduler.timesteps[i % SCHEDULE_STEPS]
         eps = unet(scheduler.scale_model_input(torch.cat([latents] * 2), t), t, text).sample  # (2, 4, S, S)
         return denoise(scheduler, t, eps, latents)
+    return step
 
-    times, first = time_steps(step, opts, device)
-    return {"step_s": statistics.median(times), "step_times_s": times, "first_call_s": first,
-            "peak_bytes": bench.peak_memory(device), "weights_bytes": weights, "build_s": build_s,
-            "params": sum(h.num_parameters() for h in handles) if config != "full" else None,
-            "fuse": plan}
+
+def paired_ratios(step, variant: str, latents, text, scheduler, opts: dict) -> dict:
+    """The row's step against the base's, measured in alternation in this process (base, row, base, row, ...), so
+    that the host's drift between processes (several % on a shared 2-core machine) falls out of the ratio: the pure
+    base UNet (no tuner attached) is built beside the row's after its peak was read. A compiled row is also paired
+    with itself run eagerly (torch.compiler.set_stance("force_eager"): the same module, hooks and fused weights).
+    Returns {paired_vs_base: median of the per-pair ratios, paired_vs_base_all, paired_vs_eager(_all)}."""
+    import torch
+
+    device = torch.device(opts["device"])
+    reference, _, _ = build(BASE, "eager", opts)
+    base_step = step_fn(reference, latents, text, scheduler)
+    bench.timed(lambda: base_step(0), device)  # its warm-up
+    vs_base, vs_eager = [], []
+    for i in range(opts["paired"]):
+        base_s = bench.timed(lambda i=i: base_step(i), device)[0]
+        row_s = bench.timed(lambda i=i: step(i), device)[0]
+        vs_base.append(row_s / base_s)
+        if "compiled" in variant:
+            with torch.compiler.set_stance("force_eager"):
+                eager_s = bench.timed(lambda i=i: step(i), device)[0]
+            vs_eager.append(row_s / eager_s)
+    out = {"paired_vs_base": statistics.median(vs_base), "paired_vs_base_all": vs_base}
+    if vs_eager:
+        out.update(paired_vs_eager=statistics.median(vs_eager), paired_vs_eager_all=vs_eager)
+    return out
 
 
 def measure_tasks(k: int, variant: str, opts: dict) -> dict:
@@ -237,7 +277,11 @@ def targets(rows: dict) -> list[dict]:
         found.append({"target": name, "measured": value, "bound": bound, "passed": passed,
                       "cause": cause if passed is False else None})
 
-    get = lambda row, key: ok.get(row, {}).get(key)  # noqa: E731
+    def get(row, key):  # a paired ratio (same process, alternating) where the row has one
+        entry = ok.get(row, {})
+        paired = {"step_vs_base": "paired_vs_base", "step_vs_eager": "paired_vs_eager"}.get(key)
+        return entry.get(paired) if entry.get(paired) is not None else entry.get(key)
+
     check("lora fused step = base's (<= 1.02x: timing noise)", get("lora:fused", "step_vs_base"), 1.02)
     check("res_tuning step <= 1.05x base's", get("res_tuning", "step_vs_base"), 1.05)
     check("res_tuning fused step <= 1.05x base's", get("res_tuning:fused", "step_vs_base"), 1.05)
@@ -252,26 +296,35 @@ def targets(rows: dict) -> list[dict]:
     for name, row in ok.items():  # compiled <= eager for every config (and fused+compiled <= fused)
         if row["variant"] in ("compiled", "fused+compiled"):
             before = "fused" if row["variant"] == "fused+compiled" else "eager"
-            check(f"{name} step <= {row_name(row['config'], before)}'s", row.get("step_vs_eager"), 1.0)
+            check(f"{name} step <= {row_name(row['config'], before)}'s", get(name, "step_vs_eager"), 1.0)
     return found
 
 
 def row_table(rows: dict) -> list[str]:
-    lines = ["| row | config | variant | step (s) | × base | × uncompiled/unfused | peak (GB) | peak × base | "
-             "first call (s) | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | config | variant | step (s) | × base | × base, paired | × uncompiled/unfused | × uncompiled, "
+             "paired | peak (GB) | peak × base | first call (s) | note |", "|---" * 12 + "|"]
     for name, r in rows.items():
         if "k" in r or name.startswith("tasks_k"):
             continue
         if r.get("status") != "ok":
-            lines.append(f"| `{name}` | {r.get('config')} | {r.get('variant')} | {r['status']} | | | | | | "
+            lines.append(f"| `{name}` | {r.get('config')} | {r.get('variant')} | {r['status']} | | | | | | | | "
                          f"{r.get('note', '')} |")
             continue
         note = "; ".join(f"{k}: {v}" for k, v in (r.get("fuse") or {}).items())
         lines.append(f"| `{name}` | {r['config']} | {r['variant']} | {fmt_s(r['step_s'])} | "
-                     f"{fmt(r.get('step_vs_base'), 3)} | {fmt(r.get('step_vs_eager'), 3)} | "
+                     f"{fmt(r.get('step_vs_base'), 3)} | {_paired(r, 'paired_vs_base')} | "
+                     f"{fmt(r.get('step_vs_eager'), 3)} | {_paired(r, 'paired_vs_eager')} | "
                      f"{fmt_gb(r['peak_bytes'])} | {fmt(r.get('peak_vs_base'), 3)} | {fmt_s(r['first_call_s'])} | "
                      f"{note} |")
     return lines
+
+
+def _paired(row: dict, key: str) -> str:
+    """median (min–max) of a row's paired ratios, or blank."""
+    if row.get(key) is None:
+        return ""
+    spread = row.get(f"{key}_all") or []
+    return f"{row[key]:.3f} ({min(spread):.3f}–{max(spread):.3f})" if len(spread) > 1 else f"{row[key]:.3f}"
 
 
 def task_table(rows: dict) -> list[str]:
@@ -296,7 +349,10 @@ def markdown(report: dict) -> str:
              f"{s['device']} ({env.get('gpu') or mach.get('cpu')}, {mach.get('cores')} cores), torch "
              f"{env.get('torch')}, diffusers {env.get('diffusers')}; {s['dtype']} UNet, latents {s['latent_size']}x"
              f"{s['latent_size']}, batch 1 with classifier-free guidance (2 UNet rows), a DDIM step; median of "
-             f"{s['steps']} steps after {s['warmup']} warm-up (compilation is in the warm-up: 'first call').", "",
+             f"{s['steps']} steps after {s['warmup']} warm-up (compilation is in the warm-up: 'first call')"
+             + (f"; paired: {s['paired']} steps of the row alternating with the base's in the same process, the "
+                "median of the per-pair ratios (min–max); targets read the paired ratio where a row has one"
+                if s.get("paired") else "") + ".", "",
              "Variants: eager (tuners as hooks and processors); fused (`handle.fuse()`: LoRA folded into its "
              "weights, prompt/prefix K/V computed once); compiled (`torch.compile(fullgraph=True)`, mode "
              f"{s['compile_mode']}" + (", dynamo's eager backend in --quick" if s["quick"] else "") + ").", "",
@@ -342,6 +398,9 @@ def parse_args(argv):
     p.add_argument("--latent_size", type=int, default=None, help="latent side (default 64 = 512 px; quick: 8)")
     p.add_argument("--steps", type=int, default=None, help="timed steps, median reported (default: cpu 3, cuda 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2: compilation)")
+    p.add_argument("--paired", type=int, default=None,
+                   help="steps of each row alternating with the base's in its process (default: cpu 3, cuda 10, "
+                        "quick 1; 0: none)")
     p.add_argument("--compile_mode", default="default", help="torch.compile mode (cuda: try reduce-overhead)")
     p.add_argument("--quick", action="store_true", help="tiny UNet, 1 step, one process (tests)")
     p.add_argument("--out", type=Path, default=None, help="folder for generation-<device>.md/.json")
@@ -349,6 +408,8 @@ def parse_args(argv):
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--opts", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.paired is not None and args.paired < 0:
+        p.error(f"--paired must be >= 0, got {args.paired}")
     for name in ("latent_size", "steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -363,7 +424,8 @@ def settings_from(args) -> dict:
             "model": "tiny" if args.quick else "sd15", "latent_size": args.latent_size or (8 if args.quick else 64),
             "steps": args.steps or (1 if args.quick else 3 if cpu else 10),
             "warmup": args.warmup if args.warmup is not None else (1 if args.quick else 2),
-            "compile_mode": args.compile_mode}
+            "compile_mode": args.compile_mode,
+            "paired": args.paired if args.paired is not None else (1 if args.quick else 3 if cpu else 10)}
 
 
 def result_tag(opts: dict) -> str:

@@ -40,7 +40,10 @@ def test_quick_run_measures_eager_fused_and_task_rows(tmp_path):
     for name, row in rows.items():
         assert row["status"] == "ok", (name, row.get("note"))
         assert row["step_s"] > 0 and row["peak_bytes"] > 0 and row["step_vs_base"] > 0, name
-    assert rows["base"]["step_vs_base"] == 1.0
+    assert rows["base"]["step_vs_base"] == 1.0 and "paired_vs_base" not in rows["base"]
+    for name in ("lora", "lora:fused"):  # timed in alternation with the pure base built in the same process
+        assert rows[name]["paired_vs_base"] > 0 and len(rows[name]["paired_vs_base_all"]) == 1, name
+        assert "paired_vs_eager" not in rows[name]
     assert rows["lora:fused"]["fuse"] == {"lora": "folded into 56 projection weights"}
     assert rows["lora:fused"]["step_vs_eager"] == pytest.approx(rows["lora:fused"]["step_s"] / rows["lora"]["step_s"])
     k4 = rows["tasks_k4"]
@@ -63,8 +66,11 @@ def test_quick_run_measures_compiled_rows_beside_their_eager_ones(tmp_path):
         assert row["status"] == "ok", (name, row.get("note"))
     assert rows["lora:compiled"]["step_vs_eager"] == pytest.approx(rows["lora:compiled"]["step_s"] /
                                                                    rows["lora"]["step_s"])
-    found = {t["target"] for t in report["targets"]}
-    assert "lora:compiled step <= lora's" in found and "tasks_k4:compiled step <= tasks_k4's" in found
+    found = {t["target"]: t for t in report["targets"]}
+    assert "tasks_k4:compiled step <= tasks_k4's" in found
+    compiled = rows["lora:compiled"]  # also paired with itself run eagerly (set_stance force_eager)
+    assert compiled["paired_vs_eager"] > 0 and compiled["paired_vs_base"] > 0
+    assert found["lora:compiled step <= lora's"]["measured"] == compiled["paired_vs_eager"]
 
 
 def test_targets_are_ratios_of_one_run_and_a_miss_says_its_cause():
@@ -90,6 +96,13 @@ def test_targets_are_ratios_of_one_run_and_a_miss_says_its_cause():
     assert k4["passed"] is False and k4["measured"] == pytest.approx(7.9 / 2.1)
     assert "backbone runs on K·2 rows" in k4["cause"] and "at step 1: 1.10x" in k4["cause"]
     assert found["res_tuning step <= 1.05x base's"]["cause"] is None  # no known structural cause: the lead says
+    # a paired ratio (same process, alternating with the base) is what a target reads where the row has one
+    rows["res_tuning"]["paired_vs_base"] = 1.03
+    rows["lora:compiled"]["paired_vs_eager"] = 0.97
+    found = {t["target"]: t for t in bench.targets(rows)}
+    assert found["res_tuning step <= 1.05x base's"]["passed"] is True
+    assert found["res_tuning step <= 1.05x base's"]["measured"] == 1.03
+    assert found["lora:compiled step <= lora's"]["passed"] is True
 
 
 def test_a_partial_run_adds_its_rows_to_a_file_of_the_same_settings(tmp_path):
