@@ -16,6 +16,8 @@ import argparse
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS),
                    help=f"'base' (the untuned model), names of configs/<name>.yaml, or YAML paths (the row is the "
                    f"file stem); default: {' '.join(DEFAULT_ROWS)}")
+    p.add_argument("--column", action="append", default=[], metavar="NAME=FLAGS",
+                   help="a column of the table: every trained row is trained once more with these train_t2i.py "
+                   "flags, as row <row>+NAME, and shown beside the row (FID, memory, hours/epoch), e.g. --column "
+                   "'preserved=--preservation_prompts prompts.txt --preservation_weight 0.5' or --column "
+                   "'prior=--with_prior_preservation --class_data_dir class --class_prompt \"a photo\"'; repeatable")
     p.add_argument("--output_dir", default=os.path.join("outputs", "table"),
                    help="<row>/ per training run, eval/, table.md, table.json, table.png")
     e = p.add_argument_group("evaluation (eval_fid.py's COCO protocol)")
@@ -96,10 +103,36 @@ class Row:
     name: str
     config: Path | None  # None: the untuned base
     args: argparse.Namespace | None = None  # train.parse_args of the row
+    column: str | None = None  # a --column's name: this row is <of>+<column>, trained with the column's flags
+    of: str | None = None  # the row it is a column of
 
     @property
     def label(self) -> str:
-        return label(self.name)
+        return f"{label(self.of)} + {self.column}" if self.column else label(self.name)
+
+
+COLUMN_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def parse_columns(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """--column NAME=FLAGS entries -> [(name, train_t2i.py flags)]; named one-line errors for a bad entry."""
+    columns = []
+    for spec in specs:
+        name, sep, flags = spec.partition("=")
+        name = name.strip()
+        if not sep or not COLUMN_NAME.fullmatch(name):
+            raise ValueError(f"--column {spec!r}: expected NAME=FLAGS with NAME of letters, digits, _ or - (at most "
+                             "40), e.g. 'preserved=--preservation_weight 0.5 --preservation_prompts p.txt'")
+        try:
+            argv = shlex.split(flags)
+        except ValueError as err:
+            raise ValueError(f"--column {name}: its flags do not parse as a command line ({err})") from None
+        if not argv or not argv[0].startswith("--"):
+            raise ValueError(f"--column {name}: expected train_t2i.py flags after '=', got {flags!r}")
+        if name in (c for c, _ in columns):
+            raise ValueError(f"--column {name}: given twice")
+        columns.append((name, argv))
+    return columns
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -128,12 +161,21 @@ def check_train_flags(train_argv: list[str]) -> None:
             raise ValueError(f"{flag}: not taken by reproduce_table.py: {OWNED_FLAGS[flag]}")
 
 
-def plan_rows(specs: list[str], train_argv: list[str], output_dir: Path) -> list[Row]:
-    """Each row's train_t2i.py arguments: the row's YAML, the table's train flags, <output_dir>/<row>, resume latest.
-    Named errors (a bad flag, an unknown row, rows that would not share data/steps/batch/seed/precision) before any
-    model loads."""
+def plan_rows(specs: list[str], train_argv: list[str], output_dir: Path,
+              columns: list[tuple[str, list[str]]] = ()) -> list[Row]:
+    """Each row's train_t2i.py arguments: the row's YAML, the table's train flags, <output_dir>/<row>, resume latest;
+    after each trained row, one row per --column (<row>+<column>: the same plus the column's flags). Named errors (a
+    bad flag, an unknown row, rows that would not share data/steps/batch/seed/precision) before any model loads."""
     check_train_flags(train_argv)
-    rows = [Row(*row_config(spec)) for spec in specs]
+    for _, flags in columns:
+        check_train_flags(flags)
+    rows = []
+    for spec in specs:
+        row = Row(*row_config(spec))
+        rows.append(row)
+        if row.config is not None:
+            rows += [Row(f"{row.name}+{name}", row.config, column=name, of=row.name) for name, _ in columns]
+    column_flags = dict(columns)
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ValueError(f"--rows: each row needs its own name (config names / YAML stems), got {names}")
@@ -146,8 +188,8 @@ def plan_rows(specs: list[str], train_argv: list[str], output_dir: Path) -> list
     for row in rows:
         if row.config is None:
             continue
-        row.args = T.parse_args(["--config", str(row.config), *train_argv, "--output_dir",
-                                 str(output_dir / row.name), "--resume_from_checkpoint", "latest"])
+        row.args = T.parse_args(["--config", str(row.config), *train_argv, *column_flags.get(row.column, []),
+                                 "--output_dir", str(output_dir / row.name), "--resume_from_checkpoint", "latest"])
         if getattr(row.args, "tasks", None):
             raise ValueError(f"--rows {row.config}: a joint config (tasks: list) is not a table row; give each "
                              "tuner set its own YAML")
@@ -269,6 +311,7 @@ def table_rows(rows: list[Row], result: dict, guidance_scale: float) -> list[dic
     for row in rows:
         ev = measured[row.name]
         entry = {"row": row.name, "label": row.label, "config": str(row.config) if row.config else None,
+                 "column": row.column, "of": row.of,
                  "learning_rate": row.args.learning_rate if row.args else None,
                  "fid": ev["fid"], "kid_mean": ev["kid_mean"], "clip_score": ev["clip_score"], "n": ev["n"],
                  "images": ev["images"], "params": 0, "params_m": None, "params_percent": None, "memory_gb": None,
@@ -315,6 +358,8 @@ def markdown(table: dict) -> str:
         "| Method | FID ↓ | paper FID |" + (" CLIP score ↑ |" if with_clip else "") + " Params (M) | % of UNet | "
         "paper params (M) | Memory (GB) | paper memory (GB) | Hours/epoch | paper hours/epoch |",
         "|---|---|---|" + ("---|" if with_clip else "") + "---|---|---|---|---|---|---|"]
+    columns = [r for r in rows if r.get("column")]
+    rows = [r for r in rows if not r.get("column")]
     for r in rows:
         p = r["paper"] or {}
         clip = f" {_cell(r['clip_score'])} |" if with_clip else ""
@@ -329,6 +374,24 @@ def markdown(table: dict) -> str:
         ours, paper = r["vs_full"], (r["paper"] or {}).get("vs_full") or {}
         lines.append(f"| {r['label']} | " + " | ".join(f"{_cell(ours[m], '.3g')} | {_cell(paper.get(m), '.3g')}"
                                                          for m in METRICS) + " |")
+    if columns:
+        names = list(dict.fromkeys(r["column"] for r in columns))
+        by = {(r["of"], r["column"]): r for r in columns}
+        lines += ["", "With each --column's flags (" + "; ".join(f"{n}: `{table.get('columns', {}).get(n, '')}`"
+                                                            for n in names) + "), beside the row as trained:", "",
+                  "| Method | FID | " + " | ".join(f"FID {n} | Δ FID {n} | Memory {n} ÷ row's | Hours/epoch {n} ÷ "
+                                                    f"row's" for n in names) + " |",
+                  "|---|---|" + "---|---|---|---|" * len(names)]
+        for r in rows:
+            if not any((r["row"], n) in by for n in names):
+                continue
+            cells = []
+            for n in names:
+                c = by.get((r["row"], n))
+                cells += ([_cell(c["fid"]), _cell(c["fid"] - r["fid"], "+.2f"),
+                           _cell(ratio(c["memory_gb"], r["memory_gb"]), ".3g"),
+                           _cell(ratio(c["hours_per_epoch"], r["hours_per_epoch"]), ".3g")] if c else ["–"] * 4)
+            lines.append(f"| {r['label']} | {r['fid']:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "Columns: FID (and CLIP score) from one evaluation of every row (eval/eval.json); params = "
               "trainable tensors of the row's tuners, % of the UNet's parameters; memory = peak during the row's "
               f"training ({kind}), hours/epoch = seconds per step of the row's training x steps per epoch "
@@ -390,7 +453,8 @@ def write_table(rows: list[Row], result: dict, opts: argparse.Namespace, memory_
     table = {"rows": table_rows(rows, result, opts.guidance_scale), "train": train,
              "eval": {**{k: result.get(k) for k in keep}, "guidance_scale": opts.guidance_scale,
                       "eval_json": str(out / EVAL_DIR / "eval.json")},
-             "memory_reset": memory_reset, "paper_source": PAPER_SOURCE}
+             "memory_reset": memory_reset, "paper_source": PAPER_SOURCE,
+             "columns": {name: shlex.join(flags) for name, flags in parse_columns(opts.column)}}
     atomic_write_text(out / "table.json", json.dumps(table, indent=2) + "\n")
     atomic_write_text(out / "table.md", markdown(table))
     plot(table, out / "table.png")
@@ -414,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     process, None on the others."""
     opts, train_argv = build_parser().parse_known_args(argv)
     out = Path(opts.output_dir)
-    rows = plan_rows(opts.rows, train_argv, out)
+    rows = plan_rows(opts.rows, train_argv, out, parse_columns(opts.column))
     check_eval_inputs(opts)
     trained = [r for r in rows if r.args is not None]
     try:

@@ -204,3 +204,57 @@ def test_torchrun_with_two_processes_writes_the_table_once_and_reruns_keep_every
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count(": finished, kept") == 2
     assert numbers(json.loads((out2 / "table.json").read_text())) == numbers(table)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --column: each trained row once more with a remedy's flags (issue 25), shown beside the row
+def test_a_column_trains_each_row_once_more_with_its_flags(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    columns = TB.parse_columns([f"preserved=--preservation_prompts {prompts} --preservation_weight 0.5"])
+    rows = TB.plan_rows(["base", "lora", "res_tuning"], TRAIN, tmp_path / "out", columns)
+    assert [r.name for r in rows] == ["base", "lora", "lora+preserved", "res_tuning", "res_tuning+preserved"]
+    twin, plain = rows[2], rows[1]
+    assert twin.column == "preserved" and twin.of == "lora" and twin.label == "LoRA + preserved"
+    assert twin.args.preservation_weight == 0.5 and twin.args.preservation_prompts == str(prompts)
+    assert plain.args.preservation_weight == 0.0 and plain.args.preservation_prompts is None
+    assert Path(twin.args.output_dir) == tmp_path / "out" / "lora+preserved"
+    assert twin.args.max_train_steps == plain.args.max_train_steps == 2  # the table's flags apply to both
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("preserved", "expected NAME=FLAGS"),
+    ("bad name=--preservation_weight 1", "expected NAME=FLAGS"),
+    ("x=preservation_weight 1", "expected train_t2i.py flags"),
+    ("x=--class_prompt 'a", "do not parse as a command line"),
+    ("x=--output_dir elsewhere", "--output_dir: not taken by reproduce_table.py"),
+    ("x=--preservation_wieght 1", "--preservation_wieght"),
+])
+def test_a_bad_column_is_one_line_before_anything_trains(tmp_path, coco, weights, capsys, spec, message):  # noqa: F811
+    argv = table_argv(tmp_path / "out", coco, weights, "--column", spec, rows=["lora"])
+    assert run_cli(TB.main, "reproduce_table.py", argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line and "Loading weights" not in line]
+    assert len(err) == 1 and err[0].startswith("reproduce_table.py: error:") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # two rows trained and evaluated: ~20 s on 2 cores
+def test_a_column_row_is_trained_evaluated_and_shown_beside_its_row(tmp_path, coco, weights):  # noqa: F811
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a white background\n")
+    out = tmp_path / "out"
+    table = TB.main(table_argv(out, coco, weights, "--column",
+                               f"preserved=--preservation_prompts {prompts} --preservation_weight 2", rows=["lora"]))
+    by = {r["row"]: r for r in table["rows"]}
+    assert list(by) == ["lora", "lora+preserved"] and by["lora+preserved"]["of"] == "lora"
+    assert json.loads((out / "lora+preserved" / "summary.json").read_text())["global_step"] == 2
+    a, b = (load_file(out / name / T.TUNERS_FILE) for name in ("lora", "lora+preserved"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # the extra loss changed training
+    assert by["lora+preserved"]["fid"] != by["lora"]["fid"]
+    md = (out / "table.md").read_text()
+    assert "| LoRA + preserved |" not in md.split("With each --column")[0]  # not a row of the paper's table
+    assert f"preserved: `--preservation_prompts {prompts} --preservation_weight 2`" in md
+    row = next(line for line in md.split("With each --column")[1].splitlines() if line.startswith("| LoRA |"))
+    assert f"{by['lora+preserved']['fid']:.2f} | {by['lora+preserved']['fid'] - by['lora']['fid']:+.2f}" in row
+    assert json.loads((out / "table.json").read_text())["columns"] == {
+        "preserved": f"--preservation_prompts {prompts} --preservation_weight 2"}
