@@ -8,9 +8,11 @@ Protocol (restune_diffusion/world/protocol.py has the definitions):
 - Every method is fine-tuned on each held-out concept (64 images, the same for all methods) for the same steps at
   batch 8 (configs/tiny/<method>.yaml), then judged on generated images of that concept (every colour x
   background), on the pretraining prompts (kept) and on the held-out colour x shape x background combinations.
-- **Learning rate**: chosen per method on a validation protocol of its own: every concept trained once per LR point,
-  with training seeds 100 and 101 in turn (never reported), noise seed VALIDATION_NOISE, 132 images per concept (528
-  per LR point), score = mean all-right accuracy over the concepts. The sweep walks a half-decade grid from 1e-4 to
+- **Learning rate**: chosen per method on a validation protocol of its own: per LR point the first two concepts
+  (star, heart) trained once each, with training seeds 100 and 101 (never reported), noise seed VALIDATION_NOISE,
+  264 images per concept (528 per LR point), score = mean all-right accuracy over the two. (Two runs per point, not
+  one per concept: the sweep is the bench's largest stage, and a learning rate is a method's setting, not a
+  concept's.) The sweep walks a half-decade grid from 1e-4 to
   3e-1 until the best point has both neighbours measured, so the chosen LR is interior unless it sits at the grid's
   end (then said).
 - **Reported runs**: training seeds 0, 1, 2 at the chosen LR; run k is judged on noise seed k, 384 images per
@@ -61,6 +63,7 @@ METHODS = method_list.methods(method_list.CONFIG_DIR / "tiny")
 # images per prompt: 12 prompts (colour x background) per concept, 30 pretraining prompts, 6 held-out combinations
 REPEATS = {"validation": (11, 0, 0), "report": (32, 8, 8), "curve": (8, 2, 2)}
 CURVE_CONCEPTS = 2  # learning curves on the first two concepts
+SWEEP_CONCEPTS = 2  # the sweep's validation runs: the first two concepts, one training seed each
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -402,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"default job: lr {lr:g} ({note})")
             return 0
         print("sweep", flush=True)
-        scores = sweep(runner, args.methods, concepts, args.steps, LR_GRID, SWEEP_START)
+        scores = sweep(runner, args.methods, concepts[:SWEEP_CONCEPTS], args.steps, LR_GRID, SWEEP_START,
+                       repeats=(2 * REPEATS["validation"][0], 0, 0))
         lrs = {m: chosen_lr(scores[m], LR_GRID)[0] for m in args.methods}
         if args.stage == "sweep":
             return 0
@@ -443,14 +447,17 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python bench/quality_tiny.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": args.machine, "cpu_hours": cpu / 3600, "runs": len(all_results), "concepts": concepts,
         "methods": args.methods, "steps": args.steps, "report_seeds": list(REPORT_SEEDS),
-        "sweep_seeds": list(SWEEP_SEEDS), "validation_noise": VALIDATION_NOISE, "lr_grid": list(LR_GRID),
+        "sweep_seeds": list(SWEEP_SEEDS), "sweep_concepts": concepts[:SWEEP_CONCEPTS],
+        "validation_noise": VALIDATION_NOISE, "lr_grid": list(LR_GRID),
         "repeats": REPEATS, "curve_steps": list(CURVE_STEPS), "world": runner.world, "n_boot": args.n_boot,
         "wall_seconds_this_call": round(time.time() - start),
         "sampling": {"steps": protocol.SAMPLING_STEPS, "guidance_scale": protocol.GUIDANCE_SCALE,
                      "scheduler": "DDIM"},
         "protocol": (f"Each method fine-tuned on each concept ({len(concepts)}) with {args.steps} steps at batch 8 on "
-                     f"64 images; seeds {list(REPORT_SEEDS)} at the LR chosen on validation (seeds "
-                     f"{list(SWEEP_SEEDS)}, noise seed {VALIDATION_NOISE}); run k judged on noise seed k, "
+                     f"64 images; seeds {list(REPORT_SEEDS)} at the LR chosen on validation "
+                     f"({', '.join(concepts[:SWEEP_CONCEPTS])} with seeds {list(SWEEP_SEEDS)}, noise seed "
+                     f"{VALIDATION_NOISE}, {24 * REPEATS['validation'][0]} images per LR point); "
+                     f"run k judged on noise seed k, "
                      f"{n_seed} images per concept and seed ({n_seed * len(REPORT_SEEDS)} per method and concept). "
                      f"Judge: the world's judge (autoencoder round trips, explicit 'none'); the check judge "
                      f"(independent) beside it. Domain FID / KID: the judge's 64-d features vs real renders of the "

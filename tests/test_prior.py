@@ -382,3 +382,18 @@ def test_the_forgetting_bench_quick_mode_runs_end_to_end(tmp_path):
     logs = [p.read_text() for p in (tmp_path / "quality-tiny-runs").glob("*/train.log")]
     assert sum("class images from" in text for text in logs) == 8  # the prior runs: 2 methods x 2 concepts x 2 seeds
     assert sum("base-prediction preservation (weight 1)" in text for text in logs) == 8
+
+
+def test_the_forgetting_bench_reads_the_default_jobs_lr_from_its_own_sweep_alone(tmp_path):
+    """`--methods tiny_demo` needs only default-job-sweep.json; another method needs quality-tiny.json."""
+    sys.path.insert(0, str(REPO))
+    from bench import forgetting_tiny as F_
+
+    (tmp_path / "default-job-sweep.json").write_text(json.dumps({"chosen_lr": 0.01}))
+    assert F_.chosen_lrs(tmp_path, [F_.DEFAULT_JOB]) == {F_.DEFAULT_JOB: 0.01}
+    with pytest.raises(FileNotFoundError, match="quality-tiny.json: run bench/quality_tiny.py first"):
+        F_.chosen_lrs(tmp_path, [F_.DEFAULT_JOB, "lora"])
+    (tmp_path / "quality-tiny.json").write_text(json.dumps({"rows": {"lora": {"lr": 0.003}}}))
+    assert F_.chosen_lrs(tmp_path, [F_.DEFAULT_JOB, "lora"]) == {F_.DEFAULT_JOB: 0.01, "lora": 0.003}
+    with pytest.raises(ValueError, match=r"no chosen learning rate for \['adapter'\]"):
+        F_.chosen_lrs(tmp_path, ["adapter"])
