@@ -457,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "bench" / "results"
     tag = result_tag(opts)
     command = shlex.join(["python", "bench/generation.py", *(sys.argv[1:] if argv is None else argv)])
-    runs = bench.merge_earlier(out / f"{tag}.json", opts, rows, {})  # rows of earlier runs, same settings, kept
+    # rows of earlier runs with the same settings are kept (a row measured without pairing just lacks those columns)
+    runs = bench.merge_earlier(out / f"{tag}.json", opts, rows, {}, ignore=("paired",))
     runs.append({"command": command, "at": time.strftime("%Y-%m-%d %H:%M:%S"), "measured": planned})
     rows = {n: rows[n] for n in [*plan_rows([BASE, *CONFIGS], list(VARIANTS), sorted({*TASKS, *args.tasks})), *rows]
             if n in rows}

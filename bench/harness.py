@@ -161,18 +161,21 @@ def fmt_s(value) -> str:
 
 
 def merge_earlier(path: Path, opts: dict, rows: dict, specials: dict | None = None,
-                  special_names: Collection[str] = ()) -> list[dict]:
+                  special_names: Collection[str] = (), ignore: Collection[str] = ()) -> list[dict]:
     """Add the rows of an earlier run written to `path` with the same settings that this run did not measure, so a
     slow table can be run a few rows at a time (a run of one row adds it instead of replacing the table). Rows sit
     under the report's "methods"; `special_names` are entries kept at the report's top level (into `specials`).
     Returns the earlier runs ({command, at, measured}) that still supply a row; none if the file is absent or its
-    settings differ."""
+    settings differ (other than in `ignore`)."""
     specials = {} if specials is None else specials
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
-    if earlier.get("settings") != opts:
+    def compared(settings):  # `ignore`: settings that add columns to a row without changing the others
+        return {k: v for k, v in (settings or {}).items() if k not in ignore}
+
+    if compared(earlier.get("settings")) != compared(opts):
         print(f"[bench] {path} was written with other settings: replacing it", flush=True)
         return []
     now = set(rows) | set(specials)

@@ -118,3 +118,11 @@ def test_a_partial_run_adds_its_rows_to_a_file_of_the_same_settings(tmp_path):
     assert rows == {"lora": {"step_s": 3.0}, "base": {"step_s": 1.0}}  # measured now wins, the rest is kept
     rows = {}
     assert bench.bench.merge_earlier(path, dict(opts, steps=9), rows, {}) == [] and rows == {}  # other settings
+    # a file written before rows were paired keeps its rows for a paired run (they lack only the paired columns)
+    unpaired = {k: v for k, v in opts.items() if k != "paired"}
+    path.write_text(json.dumps({"settings": unpaired, "methods": {"base": {"step_s": 1.0}},
+                                "runs": [{"command": "old", "measured": ["base"]}]}))
+    rows = {"lora": {"step_s": 3.0}}
+    assert bench.bench.merge_earlier(path, opts, rows, {}, ignore=("paired",)) == [{"command": "old",
+                                                                                   "measured": ["base"]}]
+    assert rows == {"lora": {"step_s": 3.0}, "base": {"step_s": 1.0}}
