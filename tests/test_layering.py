@@ -129,7 +129,7 @@ LAYERS = {
     5: ("data", "data.*", "latent_cache"),
     6: ("train", "train.*", "generate", "multitask", "evaluation", "evaluation.*", "world", "world.*", "ema",
         "modelcard", "flags"),
-    7: ("table", ""),
+    7: ("table", "table_report", ""),
 }
 def layer(name: str) -> int | None:
     short = name.removeprefix(ROOT).removeprefix(".")
