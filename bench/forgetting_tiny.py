@@ -1,6 +1,6 @@
 """Learning a concept without forgetting the rest, measured in the tiny world (issue 25).
 
-    python bench/forgetting_tiny.py                      # after bench/quality_tiny.py (it reads its chosen LRs)
+    python bench/forgetting_tiny.py                      # after bench/quality_tiny.py --stage sweep (its LRs)
     python bench/forgetting_tiny.py --quick --out /tmp/f # the plumbing: two methods, a few steps
 
 For each method at the learning rate bench/quality_tiny.py chose on validation: the concept it learns against what it
@@ -206,13 +206,21 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def chosen_lrs(out: Path, methods: list[str]) -> dict[str, float]:
-    quality, default = out / "quality-tiny.json", out / "default-job-sweep.json"
+    """Each method's LR as the quality bench chose it on validation: its sweep's file (written when the sweep ends),
+    else the finished table's rows; the default job's from its own sweep."""
+    quality, sweep, default = (out / "quality-tiny.json", out / "quality-tiny-sweep.json",
+                               out / "default-job-sweep.json")
     lrs = {}
     if set(methods) - {DEFAULT_JOB}:  # the default job alone needs only its own sweep
-        if not quality.is_file():
-            raise FileNotFoundError(f"{quality}: run bench/quality_tiny.py first (its learning rates are used here)")
-        rows = json.loads(quality.read_text())["rows"]
-        lrs = {m: rows[m]["lr"] for m in methods if m in rows}
+        if sweep.is_file():
+            quality, chosen = sweep, json.loads(sweep.read_text())["methods"]
+            lrs = {m: chosen[m]["chosen_lr"] for m in methods if m in chosen}
+        elif quality.is_file():
+            rows = json.loads(quality.read_text())["rows"]
+            lrs = {m: rows[m]["lr"] for m in methods if m in rows}
+        else:
+            raise FileNotFoundError(f"{sweep}: run bench/quality_tiny.py --stage sweep first (its learning rates "
+                                    "are used here)")
     if DEFAULT_JOB in methods:
         if not default.is_file():
             raise FileNotFoundError(f"{default}: run bench/quality_tiny.py --stage default_job first")

@@ -133,6 +133,23 @@ def curve_runs(runner: Runner, methods: list[str], concepts: list[str], lrs: dic
     return dict(zip(keys, runner.run(jobs)))
 
 
+def write_sweep(out: Path, scores: dict, concepts: list[str], steps: int) -> Path:
+    """quality-tiny-sweep.json: each method's validation scores and chosen LR, as soon as the sweep ends (the
+    forgetting bench reads it; the report stage need not have run)."""
+    from restune_diffusion.files import atomic_write_text
+
+    path = out / "quality-tiny-sweep.json"
+    methods = {m: {"chosen_lr": chosen_lr(s, LR_GRID)[0], "note": chosen_lr(s, LR_GRID)[1],
+                   "scores": {str(k): v for k, v in sorted(s.items())}} for m, s in scores.items()}
+    if path.is_file():  # a sweep of some methods keeps the others' choices
+        methods = {**json.loads(path.read_text()).get("methods", {}), **methods}
+    atomic_write_text(path, json.dumps({
+        "concepts": concepts, "seeds": list(SWEEP_SEEDS), "validation_noise": VALIDATION_NOISE, "steps": steps,
+        "lr_grid": list(LR_GRID), "score": "mean all-right accuracy of the validation images", "methods": methods},
+        indent=1) + "\n")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the numbers
 def reference_sets(concepts: list[str], n_per_seed: int, seeds: int) -> dict:
@@ -408,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = sweep(runner, args.methods, concepts[:SWEEP_CONCEPTS], args.steps, LR_GRID, SWEEP_START,
                        repeats=(2 * REPEATS["validation"][0], 0, 0))
         lrs = {m: chosen_lr(scores[m], LR_GRID)[0] for m in args.methods}
+        write_sweep(out, scores, concepts[:SWEEP_CONCEPTS], args.steps)
         if args.stage == "sweep":
             return 0
         if args.stage in ("report", "all"):

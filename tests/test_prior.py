@@ -384,16 +384,26 @@ def test_the_forgetting_bench_quick_mode_runs_end_to_end(tmp_path):
     assert sum("base-prediction preservation (weight 1)" in text for text in logs) == 8
 
 
-def test_the_forgetting_bench_reads_the_default_jobs_lr_from_its_own_sweep_alone(tmp_path):
-    """`--methods tiny_demo` needs only default-job-sweep.json; another method needs quality-tiny.json."""
+def test_the_forgetting_bench_reads_the_lrs_the_quality_sweep_chose(tmp_path):
+    """`--methods tiny_demo` needs only default-job-sweep.json; another method needs quality-tiny-sweep.json (written
+    when the quality bench's sweep ends) or the finished quality-tiny.json."""
     sys.path.insert(0, str(REPO))
     from bench import forgetting_tiny as F_
 
     (tmp_path / "default-job-sweep.json").write_text(json.dumps({"chosen_lr": 0.01}))
     assert F_.chosen_lrs(tmp_path, [F_.DEFAULT_JOB]) == {F_.DEFAULT_JOB: 0.01}
-    with pytest.raises(FileNotFoundError, match="quality-tiny.json: run bench/quality_tiny.py first"):
+    with pytest.raises(FileNotFoundError, match="quality-tiny-sweep.json: run bench/quality_tiny.py --stage sweep"):
         F_.chosen_lrs(tmp_path, [F_.DEFAULT_JOB, "lora"])
     (tmp_path / "quality-tiny.json").write_text(json.dumps({"rows": {"lora": {"lr": 0.003}}}))
     assert F_.chosen_lrs(tmp_path, [F_.DEFAULT_JOB, "lora"]) == {F_.DEFAULT_JOB: 0.01, "lora": 0.003}
     with pytest.raises(ValueError, match=r"no chosen learning rate for \['adapter'\]"):
         F_.chosen_lrs(tmp_path, ["adapter"])
+    # the sweep's own file, written as soon as the sweep ends, is read before the finished table
+    from bench import quality_tiny as Q
+
+    score = lambda a: {"all": a, "shape": a, "n": 528}  # noqa: E731
+    Q.write_sweep(tmp_path, {"lora": {0.001: score(0.2), 0.003: score(0.5), 0.01: score(0.4)}}, ["star", "heart"], 400)
+    Q.write_sweep(tmp_path, {"adapter": {0.1: score(0.1), 0.3: score(0.3)}}, ["star", "heart"], 400)
+    written = json.loads((tmp_path / "quality-tiny-sweep.json").read_text())["methods"]
+    assert written["lora"]["note"] == "interior" and "end" in written["adapter"]["note"]
+    assert F_.chosen_lrs(tmp_path, ["lora", "adapter"]) == {"lora": 0.003, "adapter": 0.3}
