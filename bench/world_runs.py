@@ -73,8 +73,25 @@ def config_text(method: str) -> str:
 
     config = yaml.safe_load(config_path(method).read_text())
     config.pop("description", None)
-    config.get("train", {}).pop("learning_rate", None)
+    for key in ("learning_rate", *REMEDY_KEYS):
+        for section in ("train", "data"):
+            (config.get(section) or {}).pop(key, None)
     return json.dumps(config, sort_keys=True)
+
+
+# a config's own forgetting remedy: off in every run (train_argv), so a run's remedy is exactly its `extra` flags
+REMEDY_KEYS = ("preservation_weight", "preservation_prompts", "class_prompt", "with_prior_preservation",
+               "prior_loss_weight", "class_data_dir", "num_class_images")
+
+
+def train_argv(job: dict, output_dir: Path) -> list[str]:
+    """train_t2i.py's flags for one run: the method's config at the run's LR, seed and steps; the config's remedy off
+    (configs/tiny_demo.yaml ships one), then the run's own remedy flags, if any."""
+    spec = job["spec"]
+    return ["--config", str(config_path(spec["method"])), "--no-world_report", "--data_dir", job["data"],
+            "--output_dir", str(output_dir), "--learning_rate", repr(spec["lr"]), "--seed", str(spec["seed"]),
+            "--max_train_steps", str(spec["steps"]), "--lr_warmup_steps", str(min(25, spec["steps"] // 4)),
+            "--preservation_weight", "0", "--no-with_prior_preservation", *spec.get("extra", [])]
 
 
 def concept_data(out: Path, concept: str) -> Path:
@@ -108,11 +125,7 @@ def do_run(job: dict) -> dict:
     t0 = time.time()
     tuners = run / "train" / "tuners.safetensors"
     if job["method"] != "base" and not tuners.is_file():
-        spec = job["spec"]
-        argv = ["--config", str(config_path(spec["method"])), "--no-world_report", "--data_dir", job["data"],
-                "--output_dir", str(run / "train"), "--learning_rate", repr(spec["lr"]), "--seed",
-                str(spec["seed"]), "--max_train_steps", str(spec["steps"]), "--lr_warmup_steps",
-                str(min(25, spec["steps"] // 4)), *spec.get("extra", [])]
+        spec, argv = job["spec"], train_argv(job, run / "train")
         run.mkdir(parents=True, exist_ok=True)
         with open(run / "train.log", "w") as log:
             streams, (sys.stdout, sys.stderr) = (sys.stdout, sys.stderr), (log, log)

@@ -44,6 +44,7 @@ from restune_diffusion.models import build_tiny_sd
 from restune_diffusion.train import loss as L
 from restune_diffusion.train import prior as P
 from restune_diffusion.train import resume as R
+from restune_diffusion.train import options as OPT
 from restune_diffusion.train.setup import TunedUNet
 
 NOT_IDENTITY_AT_INIT = ("res_prefix", "prefix", "prompt")  # λ = 0.5 / bound tokens change the softmax at init
@@ -407,3 +408,24 @@ def test_the_forgetting_bench_reads_the_lrs_the_quality_sweep_chose(tmp_path):
     written = json.loads((tmp_path / "quality-tiny-sweep.json").read_text())["methods"]
     assert written["lora"]["note"] == "interior" and "end" in written["adapter"]["note"]
     assert F_.chosen_lrs(tmp_path, ["lora", "adapter"]) == {"lora": 0.003, "adapter": 0.3}
+
+
+def test_world_runs_train_each_run_with_exactly_its_own_remedy(tmp_path):
+    """configs/tiny_demo.yaml ships a remedy; the benches' runs turn a config's remedy off and add their own, and a
+    config's remedy keys are not part of a run's key (runs measured before the default job had one keep theirs)."""
+    sys.path.insert(0, str(REPO))
+    from bench import world_runs as W
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle on a white background\n")
+    job = lambda extra: {"spec": {"method": W.DEFAULT_JOB, "lr": 0.01, "seed": 3, "steps": 40,  # noqa: E731
+                                  "extra": list(extra)}, "data": str(tmp_path)}
+    none = T.parse_args(W.train_argv(job(()), tmp_path / "o"))
+    assert none.preservation_weight == 0 and not none.with_prior_preservation and none.learning_rate == 0.01
+    assert OPT.preservation_prompts(none) is None and none.max_train_steps == 40 and none.lr_warmup_steps == 10
+    pred = T.parse_args(W.train_argv(job(("--preservation_prompts", str(prompts), "--preservation_weight", "2")),
+                                     tmp_path / "o"))
+    assert pred.preservation_weight == 2 and OPT.preservation_prompts(pred) == ["a red circle on a white background"]
+    text = W.config_text(W.DEFAULT_JOB)
+    assert "preservation" not in text and "class_prompt" not in text and "res_adapter" in text
+    assert T.parse_args([]).preservation_weight > 0  # the default job itself keeps its remedy

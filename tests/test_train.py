@@ -190,6 +190,12 @@ def test_no_arguments_means_the_tiny_demo():
     assert args.output_dir == os.path.join("outputs", "tiny_demo") and args.world_report  # the tiny world's concept
     assert args.data_dir == os.path.join("outputs", "tiny_demo", "concept_data")
     assert [t["type"] for t in args.tuners] == ["res_adapter", "res_prompt"]
+    # the forgetting bench's best remedy: base-prediction preservation on the world's 30 pretraining prompts
+    from restune_diffusion.world.scene import kept_grid
+
+    assert args.preservation_weight == 0.5 and not args.with_prior_preservation
+    assert OPT.preservation_prompts(args) == [a.caption for a in kept_grid()]
+    assert T.parse_args(["--preservation_weight", "0"]).preservation_weight == 0  # off from the command line
 
 
 def test_flags_given_override_the_yaml_and_others_do_not(tmp_path):
@@ -505,5 +511,6 @@ def test_no_arguments_runs_the_tiny_demo(tmp_path):
     assert [c.type for c in handle.configs] == ["res_adapter", "res_prompt"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["global_step"] == 500 and "trainable parameters: 93,383" in done.stdout  # pretrained base
+    assert "base-prediction preservation (weight 0.5)" in done.stdout  # the config's remedy
     losses = json.loads((out / "losses.json").read_text())["loss"]
     assert sum(losses[-20:]) < 0.9 * sum(losses[:20])
