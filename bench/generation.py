@@ -114,7 +114,7 @@ def time_steps(step, opts: dict, device) -> tuple[list[float], float]:
 
 def measure_row(config: str, variant: str, opts: dict) -> dict:
     """One denoising step with CFG: the UNet on 2 rows, guidance, a DDIM step. Peak memory from after the build.
-    Then, unless the row is the base, paired steps (see paired_ratios)."""
+    Then paired steps (see paired_ratios): every row but the eager base (the base compiled: against its eager self)."""
     import torch
 
     device = torch.device(opts["device"])
@@ -130,7 +130,7 @@ def measure_row(config: str, variant: str, opts: dict) -> dict:
              "peak_bytes": bench.peak_memory(device), "weights_bytes": weights, "build_s": build_s,
              "params": sum(h.num_parameters() for h in handles) if config != "full" else None,
              "fuse": plan}
-    if config != BASE and opts.get("paired"):
+    if (config != BASE or variant != "eager") and opts.get("paired"):
         entry.update(paired_ratios(step, variant, latents, text, scheduler, opts))
     return entry
 
@@ -296,8 +296,23 @@ def targets(rows: dict) -> list[dict]:
     for name, row in ok.items():  # compiled <= eager for every config (and fused+compiled <= fused)
         if row["variant"] in ("compiled", "fused+compiled"):
             before = "fused" if row["variant"] == "fused+compiled" else "eager"
-            check(f"{name} step <= {row_name(row['config'], before)}'s", get(name, "step_vs_eager"), 1.0)
+            check(f"{name} step <= {row_name(row['config'], before)}'s", get(name, "step_vs_eager"), 1.0,
+                  compile_cause(row, ok.get(row_name(BASE, "compiled"), {})))
     return found
+
+
+def compile_cause(row: dict, base: dict) -> str | None:
+    """Why a compiled row missed 'compiled <= eager', where the pairs say it is noise: their spread crosses 1."""
+    pairs = row.get("paired_vs_eager_all") or []
+    if not pairs or not min(pairs) <= 1.0 <= max(pairs):
+        return None
+    base_pairs = base.get("paired_vs_eager_all") or []
+    base_says = (f"; the base itself compiled: {statistics.median(base_pairs):.3f}x its eager step" if base_pairs
+                 else "")
+    return (f"within the timing noise: its {len(pairs)} pairs with its eager self spread {min(pairs):.3f}-"
+            f"{max(pairs):.3f}x. On this device the step is the convolutions and matmuls, which compiled code runs "
+            f"through the same library kernels as eager; what inductor fuses (norms, activations, the tuners' "
+            f"elementwise work) is a small part{base_says}")
 
 
 def row_table(rows: dict) -> list[str]:

@@ -70,6 +70,7 @@ def test_quick_run_measures_compiled_rows_beside_their_eager_ones(tmp_path):
     assert "tasks_k4:compiled step <= tasks_k4's" in found
     compiled = rows["lora:compiled"]  # also paired with itself run eagerly (set_stance force_eager)
     assert compiled["paired_vs_eager"] > 0 and compiled["paired_vs_base"] > 0
+    assert rows["base:compiled"]["paired_vs_eager"] > 0 and "paired_vs_base" not in rows["base"]  # its eager self
     assert found["lora:compiled step <= lora's"]["measured"] == compiled["paired_vs_eager"]
 
 
@@ -103,6 +104,16 @@ def test_targets_are_ratios_of_one_run_and_a_miss_says_its_cause():
     assert found["res_tuning step <= 1.05x base's"]["passed"] is True
     assert found["res_tuning step <= 1.05x base's"]["measured"] == 1.03
     assert found["lora:compiled step <= lora's"]["passed"] is True
+    # a compiled miss inside its pairs' spread says so (with the base's own compiled ratio); outside it, no cause
+    rows["lora:compiled"].update(paired_vs_eager=1.02, paired_vs_eager_all=[0.95, 1.02, 1.08])
+    rows["base:compiled"] = row("base", "compiled", 1.9, paired_vs_eager=0.99, paired_vs_eager_all=[0.99, 1.01, 0.9])
+    bench.derive(rows)
+    found = {t["target"]: t for t in bench.targets(rows)}
+    miss = found["lora:compiled step <= lora's"]
+    assert miss["passed"] is False and "3 pairs with its eager self spread 0.950-1.080x" in miss["cause"]
+    assert "the base itself compiled: 0.990x its eager step" in miss["cause"]
+    rows["lora:compiled"].update(paired_vs_eager=1.1, paired_vs_eager_all=[1.05, 1.1, 1.2])
+    assert {t["target"]: t for t in bench.targets(rows)}["lora:compiled step <= lora's"]["cause"] is None
 
 
 def test_a_partial_run_adds_its_rows_to_a_file_of_the_same_settings(tmp_path):
