@@ -114,3 +114,32 @@ def test_inductor_compiled_unet_equals_eager_per_tuner_type(unet, unet_inputs, n
             torch.testing.assert_close(run_unet(unet, unet_inputs), fused, rtol=0, atol=0)
     unet._compiled_call_impl = None
     torch.testing.assert_close(compiled, run_unet(unet, unet_inputs), rtol=RTOL, atol=ATOL)
+
+
+PEFT_TYPES = [("dora", {"type": "dora", "rank": 4}), ("loha", {"type": "loha", "rank": 2}),
+              ("lokr", {"type": "lokr", "rank": 4, "factor": 4}), ("oft", {"type": "oft", "block_size": 16})]
+
+
+@pytest.mark.slow  # dynamo traces peft's layers: 20-30 s each on 2 cores
+@pytest.mark.parametrize("name,config", PEFT_TYPES, ids=[n for n, _ in PEFT_TYPES])
+def test_peft_built_baselines_compile_to_one_graph_for_generation(unet, unet_inputs, name, config):
+    """DoRA traces through peft's weight lookup only with tuners/dora.py's stand-in (without it: a graph break at
+    `str.startswith` in every layer); LoHa and LoKr trace in eval mode, as generation runs (in train mode their
+    module dropout draws torch.rand(1) and branches on it: data-dependent)."""
+    handle = attach(unet, {**config, "targets": ["attn1", "attn2"], "modules": ["to_q", "to_k", "to_v", "to_out.0"]})
+    perturb(handle, std=0.1)
+    unet.eval()
+    eager = run_unet(unet, unet_inputs)
+    unet.compile(fullgraph=True, backend="eager")  # fullgraph: any graph break raises
+    torch.testing.assert_close(run_unet(unet, unet_inputs), eager, rtol=0, atol=1e-6)
+    assert graphs() == 1
+    if name != "oft":  # OFT has no scaling to change (a scale other than 1 is refused)
+        # DoRA reads the weight as a tensor (no recompile); LoHa / LoKr as a float (one recompile per new weight)
+        with torch._dynamo.config.patch(error_on_recompile=name == "dora"):
+            handle.scale = 0.5
+            compiled = run_unet(unet, unet_inputs)
+        assert graphs() == (1 if name == "dora" else 2)
+        unet._compiled_call_impl = None
+        torch.testing.assert_close(compiled, run_unet(unet, unet_inputs), rtol=0, atol=1e-6)
+        assert not torch.allclose(compiled, eager, atol=1e-4)  # the weight took effect
+

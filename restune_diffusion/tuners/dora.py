@@ -25,9 +25,34 @@ class DoraConfig(LoraConfig):
 def install(unet, cfg: DoraConfig, handle) -> None:
     import peft
 
+    _traceable_weight_lookup()
     config = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank, use_dora=True,
                              target_modules=peft_targets(unet, cfg))
     install_peft(unet, cfg, handle, config)
+
+
+_SUBSTITUTED: list = []
+
+
+def _traceable_weight_lookup() -> None:
+    """Let torch.compile(fullgraph=True) trace peft's DoRA layer: its forward asks peft's `dequantize_module_weight`
+    for the base weight, which tests `type(weight).__module__.startswith("torchao.")`, a call dynamo cannot trace (a
+    graph break in every DoRA layer). While tracing, this stand-in returns a plain Parameter weight as is (what the
+    original returns for it) and calls the original for anything else (quantized weights). Eager code is untouched."""
+    if _SUBSTITUTED:
+        return
+    from peft.utils import integrations
+
+    original = integrations.dequantize_module_weight
+
+    @torch.compiler.substitute_in_graph(original, skip_signature_check=True)
+    def plain_weight(module):
+        weight = module.weight
+        if not hasattr(module, "W_q") and type(weight) is torch.nn.Parameter:
+            return weight
+        return original(module)
+
+    _SUBSTITUTED.append(plain_weight)
 
 
 def export_diffusers_dora(handle) -> dict[str, torch.Tensor]:

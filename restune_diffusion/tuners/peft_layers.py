@@ -69,12 +69,18 @@ def _adapter_tensors(layer) -> PeftTensors:
 def _switch(handle, layer, field: str) -> Callable:
     scaling = getattr(layer, "scaling", None)
     base = dict(scaling) if isinstance(scaling, dict) else None
+    # peft's LoRA layer (DoRA) only multiplies by its scaling, so it can be a 0-dim tensor: the handle's weight then
+    # reaches a compiled graph as a value, and changing it does not recompile. LoHa and LoKr pass theirs through
+    # torch.tensor(float) at every call: a Python float there (a weight change recompiles once).
+    as_tensor = hasattr(layer, "lora_A")
 
     def before(_module, _args) -> None:
         layer._disable_adapters = not handle.enabled  # peft's own switch, read in the layer's forward
         if base is None:
             if handle.scale != 1.0:
                 raise ValueError(f"{field}: has no strength to scale (scale {handle.scale}); use scale 1")
+        elif as_tensor:
+            scaling[ADAPTER] = base[ADAPTER] * handle.scale_tensor
         else:
             scaling[ADAPTER] = base[ADAPTER] * handle.scale
 
