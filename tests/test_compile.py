@@ -126,9 +126,10 @@ def test_peft_built_baselines_compile_to_one_graph_for_generation(unet, unet_inp
     """DoRA traces through peft's weight lookup only with tuners/dora.py's stand-in (without it: a graph break at
     `str.startswith` in every layer); LoHa and LoKr trace in eval mode, as generation runs (in train mode their
     module dropout draws torch.rand(1) and branches on it: data-dependent)."""
+    unet.eval()  # as pipelines load it; the peft layers attached to it are made eval too (peft makes them train)
     handle = attach(unet, {**config, "targets": ["attn1", "attn2"], "modules": ["to_q", "to_k", "to_v", "to_out.0"]})
     perturb(handle, std=0.1)
-    unet.eval()
+    assert not any(m.training for m in unet.modules())
     eager = run_unet(unet, unet_inputs)
     unet.compile(fullgraph=True, backend="eager")  # fullgraph: any graph break raises
     torch.testing.assert_close(run_unet(unet, unet_inputs), eager, rtol=0, atol=1e-6)

@@ -111,6 +111,7 @@ def install_peft(unet, cfg, handle, peft_config) -> None:
             p.requires_grad_(grads[id(p)])
     for path in paths:
         layer = unet.get_submodule(path)
+        layer.train(unet.training)  # peft makes its layers in train mode; an eval UNet (generation) keeps them eval
         handle.keep(_Unload(unet, path, layer))
         handle.keep(layer.register_forward_pre_hook(_switch(handle, layer, f"{cfg.type} at {path}")))
         holder = handle.add_module(f"{path}.{cfg.type}", _adapter_tensors(layer))
