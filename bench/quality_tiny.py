@@ -108,29 +108,49 @@ def chosen_lr(scores: dict[float, dict], grid: tuple) -> tuple[float, str]:
     return best, ("at the grid's end: the sweep cannot go further" if edge else "interior")
 
 
+def report_jobs(runner: Runner, methods: list[str], concepts: list[str], lrs: dict, steps: int,
+                seeds=REPORT_SEEDS) -> tuple[list, list[dict]]:
+    """Keys (method, concept, k) and jobs, concept by concept, seed by seed: an interrupted stage leaves every method
+    measured on the same concepts."""
+    keys, jobs = [], []
+    for c in concepts:
+        for k, s in enumerate(seeds):
+            for m in ["base", *methods]:
+                keys.append((m, c, k))
+                jobs.append(runner.job(m, c, lrs.get(m, 0.0), s, steps, k, REPEATS["report"]))
+    return keys, jobs
+
+
 def report_runs(runner: Runner, methods: list[str], concepts: list[str], lrs: dict, steps: int,
                 seeds=REPORT_SEEDS) -> dict:
     """{(method, concept): [result of seed k judged on noise seed k]}; the base once per noise seed."""
-    keys, jobs = [], []
-    for m in ["base", *methods]:
-        for c in concepts:
-            for k, s in enumerate(seeds):
-                keys.append((m, c))
-                jobs.append(runner.job(m, c, lrs.get(m, 0.0), s, steps, k, REPEATS["report"]))
-    out: dict = {}
-    for key, result in zip(keys, runner.run(jobs)):
-        out.setdefault(key, []).append(result)
-    return out
+    keys, jobs = report_jobs(runner, methods, concepts, lrs, steps, seeds)
+    results = dict(zip(keys, runner.run(jobs)))
+    return {(m, c): [results[m, c, k] for k in range(len(seeds))] for m in ["base", *methods] for c in concepts}
 
 
-def curve_runs(runner: Runner, methods: list[str], concepts: list[str], lrs: dict, curve_steps) -> dict:
+def curve_jobs(runner: Runner, methods: list[str], concepts: list[str], lrs: dict, curve_steps) -> tuple[list, list]:
     keys, jobs = [], []
     for m in methods:
         for c in concepts:
             for n in curve_steps:
                 keys.append((m, c, n))
                 jobs.append(runner.job(m, c, lrs[m], REPORT_SEEDS[0], n, 0, REPEATS["curve"]))
+    return keys, jobs
+
+
+def curve_runs(runner: Runner, methods: list[str], concepts: list[str], lrs: dict, curve_steps) -> dict:
+    keys, jobs = curve_jobs(runner, methods, concepts, lrs, curve_steps)
     return dict(zip(keys, runner.run(jobs)))
+
+
+def measured_so_far(runner: Runner, methods: list[str], concepts: list[str], lrs: dict, steps: int) -> tuple:
+    """For `--stage partial`: the concepts on which every row's reported runs are cached, and the methods whose
+    learning curves are; nothing is trained."""
+    done = [c for c in concepts if runner.cached(report_jobs(runner, methods, [c], lrs, steps)[1])]
+    curved = [m for m in methods
+              if runner.cached(curve_jobs(runner, [m], concepts[:CURVE_CONCEPTS], lrs, CURVE_STEPS)[1])]
+    return done, curved
 
 
 def write_sweep(out: Path, scores: dict, concepts: list[str], steps: int) -> Path:
@@ -139,8 +159,10 @@ def write_sweep(out: Path, scores: dict, concepts: list[str], steps: int) -> Pat
     from restune_diffusion.files import atomic_write_text
 
     path = out / "quality-tiny-sweep.json"
-    methods = {m: {"chosen_lr": chosen_lr(s, LR_GRID)[0], "note": chosen_lr(s, LR_GRID)[1],
-                   "scores": {str(k): v for k, v in sorted(s.items())}} for m, s in scores.items()}
+    methods = {}
+    for m, s in scores.items():
+        lr, note = chosen_lr(s, LR_GRID)
+        methods[m] = {"chosen_lr": lr, "note": note, "scores": {str(k): v for k, v in sorted(s.items())}}
     if path.is_file():  # a sweep of some methods keeps the others' choices
         methods = {**json.loads(path.read_text()).get("methods", {}), **methods}
     atomic_write_text(path, json.dumps({
@@ -315,7 +337,8 @@ def headline_markdown(table: dict) -> str:
 def markdown(table: dict) -> str:
     meta = table["meta"]
     concepts = meta["concepts"]
-    lines = ["# Quality in the tiny world (issues 14, 23)", "", f"Command: `{meta['command']}`", "",
+    lines = ["# Quality in the tiny world (issues 14, 23)", "", *([f"**{meta['partial']}**", ""] if "partial" in meta
+                                                                 else []), f"Command: `{meta['command']}`", "",
              f"Machine: {meta['machine']}. CPU time of the runs: {meta['cpu_hours']:.2f} h ({meta['runs']} runs).", "",
              meta["protocol"], "", "## Mean over the concepts " + ", ".join(concepts), "", headline_markdown(table),
              "",
@@ -342,7 +365,7 @@ def markdown(table: dict) -> str:
         cells = [f"{row['sweep'][str(lr)]['all']:.3f}" if str(lr) in row["sweep"] else "" for lr in LR_GRID]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['lr']:g} ({row['lr_note']}) |")
     lines += ["", f"## Learning curves (seed 0, chosen LR; all-right accuracy, mean over "
-              f"{', '.join(concepts[:CURVE_CONCEPTS])})", "",
+              f"{', '.join(meta['curve_concepts'])})", "",
               "| method | " + " | ".join(str(n) for n in meta["curve_steps"]) + " |",
               "|---|" + "---|" * len(meta["curve_steps"])]
     for name, curve in table["curves"].items():
@@ -388,9 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--concepts", nargs="+", default=None, help="default: every concept of the world")
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--stage", choices=("sweep", "report", "curves", "all", "default_job"), default="all",
+    p.add_argument("--stage", choices=("sweep", "report", "curves", "all", "default_job", "partial"), default="all",
                    help="default_job: the LR of `python train_t2i.py` (configs/tiny_demo.yaml, 500 steps on the "
-                        "star) chosen on the same validation protocol")
+                        "star) chosen on the same validation protocol; partial: trains nothing, writes "
+                        "quality-tiny-partial.md/json from the concepts (and curves) measured so far")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     p.add_argument("--n_boot", type=int, default=2000)
     p.add_argument("--machine", default="this project's CPU machine (2 cores), one thread per run")
@@ -404,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         args.methods, concepts, args.steps, args.n_boot = ["lora", "res_tuning"], concepts[:1], 4, 40
         LR_GRID, SWEEP_START, CURVE_STEPS = (1e-3, 1e-2), (1e-3, 1e-2), (2, 4)
         REPEATS = {"validation": (1, 0, 0), "report": (2, 1, 1), "curve": (1, 1, 1)}
+    sweep_concepts, curve_concepts = concepts[:SWEEP_CONCEPTS], concepts[:CURVE_CONCEPTS]
+    partial = args.stage == "partial"
     out = Path(args.out)
     runner = Runner(out, args.jobs, world_fingerprint(), args.quick)
     start = time.time()
@@ -422,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"default job: lr {lr:g} ({note})")
             return 0
         print("sweep", flush=True)
+        runner.measure = args.stage != "partial"
         scores = sweep(runner, args.methods, concepts[:SWEEP_CONCEPTS], args.steps, LR_GRID, SWEEP_START,
                        repeats=(2 * REPEATS["validation"][0], 0, 0))
         lrs = {m: chosen_lr(scores[m], LR_GRID)[0] for m in args.methods}
@@ -434,7 +461,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage in ("curves", "all"):
             print("learning curves", flush=True)
             curves = curve_runs(runner, args.methods, concepts[:CURVE_CONCEPTS], lrs, CURVE_STEPS)
-        if args.stage != "all":
+        if args.stage == "partial":
+            done, curved = measured_so_far(runner, args.methods, concepts, lrs, args.steps)
+            if not done:
+                raise SystemExit("--stage partial: no concept has every row's reported runs cached yet "
+                                 "(run --stage report)")
+            print(f"partial: concepts {done}, learning curves of {curved or 'no method'}", flush=True)
+            curves = curve_runs(runner, curved, concepts[:CURVE_CONCEPTS], lrs, CURVE_STEPS)
+            concepts = done
+            reported = report_runs(runner, args.methods, concepts, lrs, args.steps)
+        elif args.stage != "all":
             return 0
     finally:
         runner.close()
@@ -452,11 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     table = {"rows": rows, "ceiling": ceiling_row(refs, concepts, args.n_boot),
              "comparisons": comparisons(ms, ["base", *args.methods], concepts, refs, args.n_boot)}
     table["paper_orderings"] = paper_orderings(table, args.methods)
+    curved = [m for m in args.methods if (m, curve_concepts[0], CURVE_STEPS[0]) in curves]
     table["curves"] = {m: {str(n): {"all_right": float(np.mean([curves[(m, c, n)]["accuracy"][f"concept:{c}"]
-                                                               for c in concepts[:CURVE_CONCEPTS]])),
+                                                               for c in curve_concepts])),
                                     "kept": float(np.mean([curves[(m, c, n)]["accuracy"]["kept"]
-                                                           for c in concepts[:CURVE_CONCEPTS]]))}
-                           for n in CURVE_STEPS} for m in args.methods}
+                                                           for c in curve_concepts]))}
+                           for n in CURVE_STEPS} for m in curved}
     all_results = [r for rs in reported.values() for r in rs] + list(curves.values())
     cpu = sum(r["cpu_seconds_to_make"] for r in all_results)  # training + generation + judging of every run used
     from restune_diffusion.world import protocol
@@ -465,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python bench/quality_tiny.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": args.machine, "cpu_hours": cpu / 3600, "runs": len(all_results), "concepts": concepts,
         "methods": args.methods, "steps": args.steps, "report_seeds": list(REPORT_SEEDS),
-        "sweep_seeds": list(SWEEP_SEEDS), "sweep_concepts": concepts[:SWEEP_CONCEPTS],
+        "sweep_seeds": list(SWEEP_SEEDS), "sweep_concepts": sweep_concepts,
+        "curve_concepts": curve_concepts,
         "validation_noise": VALIDATION_NOISE, "lr_grid": list(LR_GRID),
         "repeats": REPEATS, "curve_steps": list(CURVE_STEPS), "world": runner.world, "n_boot": args.n_boot,
         "wall_seconds_this_call": round(time.time() - start),
@@ -473,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                      "scheduler": "DDIM"},
         "protocol": (f"Each method fine-tuned on each concept ({len(concepts)}) with {args.steps} steps at batch 8 on "
                      f"64 images; seeds {list(REPORT_SEEDS)} at the LR chosen on validation "
-                     f"({', '.join(concepts[:SWEEP_CONCEPTS])} with seeds {list(SWEEP_SEEDS)}, noise seed "
+                     f"({', '.join(sweep_concepts)} with seeds {list(SWEEP_SEEDS)}, noise seed "
                      f"{VALIDATION_NOISE}, {24 * REPEATS['validation'][0]} images per LR point); "
                      f"run k judged on noise seed k, "
                      f"{n_seed} images per concept and seed ({n_seed * len(REPORT_SEEDS)} per method and concept). "
@@ -481,11 +519,15 @@ def main(argv: list[str] | None = None) -> int:
                      f"(independent) beside it. Domain FID / KID: the judge's 64-d features vs real renders of the "
                      f"same prompts. Kept: the 30 pretraining prompts x {REPEATS['report'][1]}; held-out "
                      f"combinations: 6 x {REPEATS['report'][2]}. Sampling: DDIM {protocol.SAMPLING_STEPS} steps, "
-                     f"guidance {protocol.GUIDANCE_SCALE}. Learning curves: seed 0, the first {CURVE_CONCEPTS} "
-                     f"concepts, {12 * REPEATS['curve'][0]} concept images each."),
+                     f"guidance {protocol.GUIDANCE_SCALE}. Learning curves: seed 0, {', '.join(curve_concepts)}, "
+                     f"{12 * REPEATS['curve'][0]} concept images each."),
     }
-    write_outputs(out, "quality-tiny", table, markdown(table),
-                  lambda: plot_curves(table, out / "quality-tiny-curves.png"))
+    stem = "quality-tiny-partial" if partial else "quality-tiny"
+    if partial:
+        table["meta"]["partial"] = (f"PARTIAL: what is measured so far: concepts {', '.join(concepts)} of "
+                                    f"{len(CONCEPTS)}; learning curves of {len(table['curves'])} of "
+                                    f"{len(args.methods)} methods. Not the finished table (quality-tiny.md).")
+    write_outputs(out, stem, table, markdown(table), lambda: plot_curves(table, out / f"{stem}-curves.png"))
     return 0
 
 

@@ -207,6 +207,7 @@ class Runner:
         self.out, self.world, self.quick, self.judges = out, world, quick, judges_fingerprint()
         self.pool = mp.get_context("spawn").Pool(jobs, maxtasksperchild=8) if jobs > 1 else None
         self.cpu_seconds = 0.0
+        self.measure = True  # False: run() refuses to train or measure (it only reads cached verdicts)
 
     def job(self, method: str, concept: str | None, lr: float, seed: int, steps: int, noise: int,
             repeats: tuple, extra: tuple[str, ...] = (), scale: float = 1.0) -> dict:
@@ -227,9 +228,16 @@ class Runner:
         return {"method": method, "concept": concept, "spec": spec, "noise": noise, "repeats": list(repeats),
                 "folder": str(folder), "data": data, "judges": self.judges, "scale": scale}
 
+    def cached(self, jobs: list[dict]) -> bool:
+        """Whether every job's verdict is already here (then run() measures nothing)."""
+        return all((Path(j["folder"]) / f"result-{j['judges']}.json").is_file() for j in jobs)
+
     def run(self, jobs: list[dict]) -> list[dict]:
         results = [Path(j["folder"]) / f"result-{j['judges']}.json" for j in jobs]
         todo = [j for j, r in zip(jobs, results) if not r.is_file()]
+        if todo and not self.measure:
+            raise SystemExit(f"{len(todo)} runs are not cached ({Path(todo[0]['folder']).parent.name}, ...): "
+                             "this stage measures nothing; run the stage that makes them")
         if todo:
             print(f"  {len(todo)} runs to do ({len(jobs) - len(todo)} cached)", flush=True)
         done = self.pool.map(do_run, todo, chunksize=1) if self.pool and len(todo) > 1 else [do_run(j) for j in todo]

@@ -42,9 +42,9 @@ from restune_diffusion.attach import attach
 from restune_diffusion.data import CaptionDataset, ImageTransform, PairedDataset, Sample, build_dataloader
 from restune_diffusion.models import build_tiny_sd
 from restune_diffusion.train import loss as L
+from restune_diffusion.train import options as OPT
 from restune_diffusion.train import prior as P
 from restune_diffusion.train import resume as R
-from restune_diffusion.train import options as OPT
 from restune_diffusion.train.setup import TunedUNet
 
 NOT_IDENTITY_AT_INIT = ("res_prefix", "prefix", "prompt")  # λ = 0.5 / bound tokens change the softmax at init

@@ -226,3 +226,19 @@ def test_the_quality_bench_quick_mode_writes_every_row_with_intervals(tmp_path):
     assert rerun.returncode == 0 and "runs to do" not in rerun.stdout, rerun.stderr[-3000:]
     assert json.loads((clone / "quality-tiny.json").read_text())["rows"] == table["rows"]
     assert as_committed and kept.returncode == 1, kept.stdout + kept.stderr  # 1: git ignores none of them
+    # --stage partial trains nothing and, with every run cached, gives the finished table's rows
+    partial = subprocess.run([sys.executable, str(root / "bench" / "quality_tiny.py"), "--quick", "--jobs", "1",
+                              "--stage", "partial", "--out", str(clone)], capture_output=True, text=True, timeout=600)
+    assert partial.returncode == 0 and "runs to do" not in partial.stdout, partial.stderr[-3000:]
+    written = json.loads((clone / "quality-tiny-partial.json").read_text())
+    assert written["rows"] == table["rows"] and list(written["curves"]) == ["lora", "res_tuning"]
+    assert "PARTIAL" in (clone / "quality-tiny-partial.md").read_text()
+
+
+def test_the_quality_bench_partial_stage_trains_nothing(tmp_path, capsys):
+    """With nothing cached, `--stage partial` stops at the sweep's first missing run and says so: no run folder."""
+    from bench import quality_tiny
+
+    with pytest.raises(SystemExit, match="runs are not cached .*this stage measures nothing"):
+        quality_tiny.main(["--quick", "--jobs", "1", "--stage", "partial", "--out", str(tmp_path)])
+    assert not list(tmp_path.rglob("result-*.json")) and not list(tmp_path.rglob("train"))

@@ -8,6 +8,7 @@ DoRA.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,16 +32,13 @@ def install(unet, cfg: DoraConfig, handle) -> None:
     install_peft(unet, cfg, handle, config)
 
 
-_SUBSTITUTED: list = []
-
-
+@functools.cache
 def _traceable_weight_lookup() -> None:
     """Let torch.compile(fullgraph=True) trace peft's DoRA layer: its forward asks peft's `dequantize_module_weight`
     for the base weight, which tests `type(weight).__module__.startswith("torchao.")`, a call dynamo cannot trace (a
     graph break in every DoRA layer). While tracing, this stand-in returns a plain Parameter weight as is (what the
-    original returns for it) and calls the original for anything else (quantized weights). Eager code is untouched."""
-    if _SUBSTITUTED:
-        return
+    original returns for it) and calls the original for anything else (quantized weights). Eager code is untouched.
+    Registered once per process (cached)."""
     from peft.utils import integrations
 
     original = integrations.dequantize_module_weight
@@ -51,8 +49,6 @@ def _traceable_weight_lookup() -> None:
         if not hasattr(module, "W_q") and type(weight) is torch.nn.Parameter:
             return weight
         return original(module)
-
-    _SUBSTITUTED.append(plain_weight)
 
 
 def export_diffusers_dora(handle) -> dict[str, torch.Tensor]:

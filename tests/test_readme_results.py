@@ -1,0 +1,68 @@
+"""The README's quality numbers are the bench files' numbers (issues 23, 25): a rerun that changes a result file
+fails here until the README says the same."""
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+RESULTS = ROOT / "bench" / "results"
+
+
+def test_the_readme_miniature_table_is_the_one_in_quality_tiny_json():
+    from bench import quality_tiny
+
+    path = RESULTS / "quality-tiny.json"
+    if path.is_file():
+        table = quality_tiny.headline_markdown(json.loads(path.read_text()))
+        assert table in README, "README: the miniature table differs from headline_markdown(quality-tiny.json)"
+    else:  # not measured yet: the README must say so and show no table of that shape
+        assert "It has not been run on this world yet" in README
+        assert "| method | LR | params | concept drawn ↑ |" not in README
+
+
+def _forgetting_rows() -> dict[str, list[str]]:
+    """README's default-job forgetting table: setting -> its three cells."""
+    start = README.index("| setting | star drawn (ceiling")
+    rows = {}
+    for line in README[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip().replace("**", "") for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_the_readme_forgetting_table_is_the_one_in_forgetting_tiny_json():
+    result = json.loads((RESULTS / "forgetting-tiny.json").read_text())
+    job = result["methods"]["tiny_demo"]
+    ceiling = result["ceilings"]["star"]
+    assert f"| setting | star drawn (ceiling {ceiling:.3f}) |" in README
+    rows = _forgetting_rows()
+    names = {"none": "no remedy", "prior": "prior preservation, weight {w:g}",
+             "prediction": "base-prediction preservation, weight {w:g}"}
+    cell = lambda d: f"{d['mean']:.3f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]"  # noqa: E731
+    trained = [p for p in job["points"] if p["remedy"] != "scale"]
+    for p in trained:
+        name = names[p["remedy"]].format(w=p["weight"])
+        assert name in rows, f"README forgetting table: no row {name!r}"
+        assert rows[name] == [cell(p["concept_drawn"]), cell(p["kept"]), cell(p["heldout_combos"])], name
+    scales = [p for p in job["points"] if p["remedy"] == "scale"]
+    name = "inference weight " + " / ".join(f"{p['weight']:g}" for p in scales)
+    assert rows[name] == [" / ".join(f"{p[k]['mean']:.3f}" for p in scales)
+                          for k in ("concept_drawn", "kept", "heldout_combos")]
+    assert len(rows) == len(trained) + 1, "README forgetting table: a row the JSON does not have"
+
+
+def test_the_default_job_paragraph_quotes_the_forgetting_table():
+    """The tiny-world section repeats the table's numbers in prose (after "Unremedied"); each must be in the table,
+    and the ceiling it quotes must be the JSON's."""
+    prose = README[README.index("The default job (`python train_t2i.py`) fine-tunes"):]
+    prose = prose[prose.index("Unremedied"):prose.index("**The paper's table in miniature**")]
+    quoted = re.findall(r"0\.\d{3}(?: \[0\.\d\d, 0\.\d\d\])?", prose)
+    ceiling = json.loads((RESULTS / "forgetting-tiny.json").read_text())["ceilings"]["star"]
+    assert f"(ceiling {ceiling:.3f})" in prose
+    table = "\n".join(" | ".join(v) for v in _forgetting_rows().values())
+    missing = [q for q in quoted if q != f"{ceiling:.3f}" and q not in table]
+    assert len(quoted) >= 4 and not missing, f"README prose quotes {missing}, the forgetting table does not"
