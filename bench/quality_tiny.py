@@ -75,13 +75,14 @@ def sweep(runner: Runner, methods: list[str], concepts: list[str], steps: int, g
     than seeds: each concept with every seed), and scores the mean all-right accuracy of their validation images."""
     repeats = repeats or REPEATS["validation"]
     scores: dict[str, dict[float, dict]] = {m: {} for m in methods}
+    refs = {c: validation_reference(c, repeats[0]) for c in concepts}
     while True:
         wanted = {}
         for m in methods:
             if not scores[m]:
                 wanted[m] = [lr for lr in start if lr in grid]
                 continue
-            best = max(scores[m], key=lambda lr: (scores[m][lr]["all"], scores[m][lr]["shape"]))
+            best = max(scores[m], key=lambda lr: rank(scores[m][lr]))
             i = grid.index(best)
             wanted[m] = [grid[j] for j in (i - 1, i + 1) if 0 <= j < len(grid) and grid[j] not in scores[m]]
         wanted = {m: lrs for m, lrs in wanted.items() if lrs}
@@ -98,14 +99,42 @@ def sweep(runner: Runner, methods: list[str], concepts: list[str], steps: int, g
                 scores[m][lr] = {"all": float(np.mean([r["accuracy"][f"concept:{r['job']['concept']}"]
                                                        for r in runs])),
                                  "shape": float(np.mean([r["shape"][f"concept:{r['job']['concept']}"] for r in runs])),
-                                 "n": len(runs) * 12 * repeats[0]}
+                                 "domain_fid": validation_fid(runs, refs), "n": len(runs) * 12 * repeats[0]}
                 print(f"  sweep {m:18} lr={lr:<7g} val all-right {scores[m][lr]['all']:.3f}", flush=True)
 
 
+def rank(score: dict) -> tuple:
+    """An LR point's standing: all-right accuracy, then concept drawn, then the lower domain FID (what still orders
+    the points where a method draws the concept in none of the validation images)."""
+    return score["all"], score["shape"], -score.get("domain_fid", 0.0)
+
+
+def validation_reference(concept: str, repeats: int) -> np.ndarray:
+    """The judge's features of real renders of the validation prompts (the domain FID's reference)."""
+    from restune_diffusion.world import protocol
+    from restune_diffusion.world.report import load_judges
+    from restune_diffusion.world.scene import prompt_grid
+
+    asked = prompt_grid((concept,), repeats)
+    return protocol.hits(load_judges()[0], protocol.reference_images(concept, asked, "reference"), asked)["features"]
+
+
+def validation_fid(runs: list[dict], refs: dict) -> float:
+    """Mean over an LR point's runs of the domain FID of its validation images against the concept's references."""
+    from restune_diffusion.world import protocol
+
+    fids = [protocol.frechet(refs[r["job"]["concept"]], m.sets[f"concept:{r['job']['concept']}"]["features"])
+            for r, m in zip(runs, measurements(runs))]
+    return round(float(np.mean(fids)), 3)
+
+
 def chosen_lr(scores: dict[float, dict], grid: tuple) -> tuple[float, str]:
-    best = max(scores, key=lambda lr: (scores[lr]["all"], scores[lr]["shape"]))
+    best = max(scores, key=lambda lr: rank(scores[lr]))
     edge = best in (grid[0], grid[-1])
-    return best, ("at the grid's end: the sweep cannot go further" if edge else "interior")
+    note = "at the grid's end: the sweep cannot go further" if edge else "interior"
+    if max(s["shape"] for s in scores.values()) == 0:
+        note += "; no LR drew the concept in any validation image: chosen by domain FID"
+    return best, note
 
 
 def report_jobs(runner: Runner, methods: list[str], concepts: list[str], lrs: dict, steps: int,

@@ -235,10 +235,40 @@ def test_the_quality_bench_quick_mode_writes_every_row_with_intervals(tmp_path):
     assert "PARTIAL" in (clone / "quality-tiny-partial.md").read_text()
 
 
-def test_the_quality_bench_partial_stage_trains_nothing(tmp_path, capsys):
+def test_the_quality_bench_partial_stage_trains_nothing(tmp_path, monkeypatch):
     """With nothing cached, `--stage partial` stops at the sweep's first missing run and says so: no run folder."""
     from bench import quality_tiny
 
+    for name in ("LR_GRID", "SWEEP_START", "REPEATS", "CURVE_STEPS"):  # --quick rebinds them: restore after
+        monkeypatch.setattr(quality_tiny, name, getattr(quality_tiny, name))
     with pytest.raises(SystemExit, match="runs are not cached .*this stage measures nothing"):
         quality_tiny.main(["--quick", "--jobs", "1", "--stage", "partial", "--out", str(tmp_path)])
     assert not list(tmp_path.rglob("result-*.json")) and not list(tmp_path.rglob("train"))
+
+
+def test_the_sweep_walks_toward_the_lower_domain_fid_where_no_lr_draws_the_concept(monkeypatch):
+    """Prompt tuning drew no star or heart at any LR of the first rounds: every point tied at 0, and the walk stopped
+    at whichever point came first. The domain FID of the validation images now orders such points (and breaks any
+    tie), and the chosen LR's note says it was chosen that way; accuracy still comes first."""
+    from bench import quality_tiny as Q
+
+    fid = {1e-3: 90.0, 1e-2: 70.0, 3e-3: 80.0, 3e-2: 60.0, 1e-1: 65.0}
+    grid = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+
+    class Runner:
+        def job(self, method, concept, lr, seed, steps, noise, repeats):
+            return {"concept": concept, "lr": lr}
+
+        def run(self, jobs):
+            return [{"job": j, "accuracy": {f"concept:{j['concept']}": 0.0}, "shape": {f"concept:{j['concept']}": 0.0}}
+                    for j in jobs]
+
+    monkeypatch.setattr(Q, "validation_reference", lambda concept, repeats: None)
+    monkeypatch.setattr(Q, "validation_fid", lambda runs, refs: fid[runs[0]["job"]["lr"]])
+    scores = Q.sweep(Runner(), ["prompt"], ["star", "heart"], 400, grid, (1e-3, 1e-2))
+    assert sorted(scores["prompt"]) == sorted(fid)  # walked up to 3e-2 and measured both its neighbours
+    lr, note = Q.chosen_lr(scores["prompt"], grid)
+    assert lr == 3e-2 and note == "interior; no LR drew the concept in any validation image: chosen by domain FID"
+    drawn = {1e-3: {"all": 0.01, "shape": 0.02, "domain_fid": 150.0},
+             1e-2: {"all": 0.0, "shape": 0.0, "domain_fid": 9.0}}
+    assert Q.chosen_lr(drawn, grid) == (1e-3, "interior")
