@@ -240,7 +240,7 @@ def row_stats(ms: list, concepts: list[str], refs: dict, n_boot: int) -> dict:
         return protocol.frechet(refs[cs[k]]["reference"], features)
 
     def kid_of(k: int, features: np.ndarray, cs=concepts) -> float:
-        return 1e3 * protocol.kid(refs[cs[k]]["reference"], features)
+        return protocol.kid(refs[cs[k]]["reference"], features)
 
     row = {"concepts": {}}
     for c in concepts:
@@ -252,7 +252,7 @@ def row_stats(ms: list, concepts: list[str], refs: dict, n_boot: int) -> dict:
             "all_right": ci(protocol.bootstrap([per("all", c)], n_boot=n_boot)),
             "domain_fid": ci(protocol.bootstrap(feats, statistic=lambda k, f, cs=one: fid_of(k, f, cs),
                                                 n_boot=n_boot // 4, debias=True), 2),
-            "kid_x1e3": ci(protocol.bootstrap(feats, statistic=lambda k, f, cs=one: kid_of(k, f, cs),
+            "kid": ci(protocol.bootstrap(feats, statistic=lambda k, f, cs=one: kid_of(k, f, cs),
                                               n_boot=n_boot // 20, debias=True), 2),
             "kept": ci(protocol.bootstrap([[m.sets["kept"]["all"] for m in ms[c]]], n_boot=n_boot)),
             "check_concept_drawn": round(float(np.mean(np.concatenate(per("check_shape", c)))), 3),
@@ -287,7 +287,7 @@ def ceiling_row(refs: dict, concepts: list[str], n_boot: int) -> dict:
                               "domain_fid": ci(protocol.bootstrap(
                                   [top["features"]], statistic=lambda k, f, c=c: protocol.frechet(
                                       refs[c]["reference"], f), n_boot=n_boot // 4, debias=True), 2),
-                              "kid_x1e3": round(1e3 * protocol.kid(refs[c]["reference"],
+                              "kid": round(protocol.kid(refs[c]["reference"],
                                                                    np.concatenate(top["features"])), 2),
                               "check_concept_drawn": round(float(np.mean(np.concatenate(
                                   refs[c]["check_ceiling_shape"]))), 3)}
@@ -374,16 +374,16 @@ def markdown(table: dict) -> str:
              "95 % intervals in brackets (bootstrap over training seeds, then images; the concepts as strata). "
              "`*`: the chosen LR sits at the end of the sweep's grid.", "", "## Per concept", ""]
     for c in concepts:
-        lines += [f"### {c}", "", "| method | N | concept drawn | all right | domain FID | KID ×10³ | kept | "
+        lines += [f"### {c}", "", "| method | N | concept drawn | all right | domain FID | domain KID | kept | "
                   "check judge: drawn | judges agree |", "|---|---|---|---|---|---|---|---|---|"]
         top = table["ceiling"]["concepts"][c]
         lines.append(f"| ceiling | {top['n']} | {_cell(top['concept_drawn'])} | {_cell(top['all_right'])} | "
-                     f"{_cell(top['domain_fid'], 1)} | {top['kid_x1e3']:.2f} | – | "
+                     f"{_cell(top['domain_fid'], 1)} | {top['kid']:.2f} | – | "
                      f"{top['check_concept_drawn']:.3f} | – |")
         for name, row in table["rows"].items():
             r = row["concepts"][c]
             lines.append(f"| {name} | {r['n']} | {_cell(r['concept_drawn'])} | {_cell(r['all_right'])} | "
-                         f"{_cell(r['domain_fid'], 1)} | {_cell(r['kid_x1e3'], 2)} | {_cell(r['kept'])} | "
+                         f"{_cell(r['domain_fid'], 1)} | {_cell(r['kid'], 2)} | {_cell(r['kept'])} | "
                          f"{r['check_concept_drawn']:.3f} | {r['judges_agree']:.3f} |")
         lines.append("")
     lines += ["## Learning-rate sweep (validation protocol)", "", "| method | " +
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         args.methods, concepts, args.steps, args.n_boot = ["lora", "res_tuning"], concepts[:1], 4, 40
         LR_GRID, SWEEP_START, CURVE_STEPS = (1e-3, 1e-2), (1e-3, 1e-2), (2, 4)
         REPEATS = {"validation": (1, 0, 0), "report": (2, 1, 1), "curve": (1, 1, 1)}
-    sweep_concepts, curve_concepts = concepts[:SWEEP_CONCEPTS], concepts[:CURVE_CONCEPTS]
+    sweep_concepts, curve_concepts, all_concepts = concepts[:SWEEP_CONCEPTS], concepts[:CURVE_CONCEPTS], concepts
     partial = args.stage == "partial"
     out = Path(args.out)
     runner = Runner(out, args.jobs, world_fingerprint(), args.quick)
@@ -530,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     table["meta"] = {
         "command": " ".join(["python bench/quality_tiny.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": args.machine, "cpu_hours": cpu / 3600, "runs": len(all_results), "concepts": concepts,
+        "all_concepts": all_concepts,
         "methods": args.methods, "steps": args.steps, "report_seeds": list(REPORT_SEEDS),
         "sweep_seeds": list(SWEEP_SEEDS), "sweep_concepts": sweep_concepts,
         "curve_concepts": curve_concepts,
@@ -553,8 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     stem = "quality-tiny-partial" if partial else "quality-tiny"
     if partial:
-        table["meta"]["partial"] = (f"PARTIAL: what is measured so far: concepts {', '.join(concepts)} of "
-                                    f"{len(CONCEPTS)}; learning curves of {len(table['curves'])} of "
+        table["meta"]["partial"] = (f"PARTIAL: what is measured so far: {', '.join(concepts)} of the "
+                                    f"{len(all_concepts)} concepts ({', '.join(all_concepts)}); learning curves of "
+                                    f"{len(table['curves'])} of "
                                     f"{len(args.methods)} methods. Not the finished table (quality-tiny.md).")
     write_outputs(out, stem, table, markdown(table), lambda: plot_curves(table, out / f"{stem}-curves.png"))
     return 0

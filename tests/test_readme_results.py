@@ -13,10 +13,16 @@ RESULTS = ROOT / "bench" / "results"
 def test_the_readme_miniature_table_is_the_one_in_quality_tiny_json():
     from bench import quality_tiny
 
-    path = RESULTS / "quality-tiny.json"
+    path, partial = RESULTS / "quality-tiny.json", RESULTS / "quality-tiny-partial.json"
     if path.is_file():
         table = quality_tiny.headline_markdown(json.loads(path.read_text()))
         assert table in README, "README: the miniature table differs from headline_markdown(quality-tiny.json)"
+    elif partial.is_file():  # part measured: README shows that part's table and says which part it is
+        table = json.loads(partial.read_text())
+        assert quality_tiny.headline_markdown(table) in README, \
+            "README: the miniature table differs from headline_markdown(quality-tiny-partial.json)"
+        meta = table["meta"]
+        assert f"measured so far: {', '.join(meta['concepts'])} of the {len(meta['all_concepts'])} concepts" in README
     else:  # not measured yet: the README must say so and show no table of that shape
         assert "It has not been run on this world yet" in README
         assert "| method | LR | params | concept drawn ↑ |" not in README

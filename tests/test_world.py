@@ -232,6 +232,7 @@ def test_the_quality_bench_quick_mode_writes_every_row_with_intervals(tmp_path):
     assert partial.returncode == 0 and "runs to do" not in partial.stdout, partial.stderr[-3000:]
     written = json.loads((clone / "quality-tiny-partial.json").read_text())
     assert written["rows"] == table["rows"] and list(written["curves"]) == ["lora", "res_tuning"]
+    assert written["meta"]["concepts"] == written["meta"]["all_concepts"] == ["star"]
     assert "PARTIAL" in (clone / "quality-tiny-partial.md").read_text()
 
 

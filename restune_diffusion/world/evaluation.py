@@ -111,13 +111,13 @@ def markdown_table(result: dict) -> str:
              f"{result['steps']} steps, {result['scheduler']}, {result['resolution']} px); pretraining prompts: "
              f"{result['n_pretrain']}", "",
              "| model | step | guidance | concept accuracy ↑ | shape | colour | background | domain FID ↓ | "
-             "domain KID ×10³ ↓ | pretraining-prompt accuracy ↑ |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "domain KID ↓ | pretraining-prompt accuracy ↑ |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         acc = r["concept_accuracy"]
         step = "–" if r["step"] is None else r["step"]
         lines.append(f"| {r['model']} | {step} | {r['guidance_scale']:g} | {acc['all']:.3f} | {acc['shape']:.3f} | "
                      f"{acc['colour']:.3f} | {acc['background']:.3f} | {r['domain_fid']:.2f} | "
-                     f"{1e3 * r['domain_kid_mean']:.2f} | {r['pretrain_accuracy']['all']:.3f} |")
+                     f"{r['domain_kid_mean']:.2f} | {r['pretrain_accuracy']['all']:.3f} |")
     notes = [f"- {w}" for w in result["warnings"]]
     return "\n".join(lines + ([""] + notes if notes else []) + ["", result["protocol"], ""])
 
