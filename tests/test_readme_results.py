@@ -72,3 +72,17 @@ def test_the_default_job_paragraph_quotes_the_forgetting_table():
     table = "\n".join(" | ".join(v) for v in _forgetting_rows().values())
     missing = [q for q in quoted if q != f"{ceiling:.3f}" and q not in table]
     assert len(quoted) >= 4 and not missing, f"README prose quotes {missing}, the forgetting table does not"
+
+
+def test_the_tiny_world_tables_print_kid_in_the_judges_units():
+    """KID was printed x10^3 as for Inception features; in the judge's features that gave values in the millions.
+    eval.md prints the row's KID as computed."""
+    from restune_diffusion.world.evaluation import markdown_table
+
+    acc = {"all": 0.5, "shape": 0.5, "colour": 1.0, "background": 1.0}
+    result = {"concept": "star", "n": 4, "seed": 0, "steps": 2, "scheduler": "DDIM", "resolution": 32, "n_pretrain": 2,
+              "warnings": [], "protocol": "p",
+              "rows": [{"model": "base", "step": None, "guidance_scale": 4.0, "concept_accuracy": acc,
+                        "domain_fid": 12.0, "domain_kid_mean": 3.25, "pretrain_accuracy": {"all": 1.0}}]}
+    text = markdown_table(result)
+    assert "| domain KID ↓ |" in text and "| 12.00 | 3.25 | 1.000 |" in text and "3250" not in text
