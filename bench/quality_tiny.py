@@ -109,14 +109,17 @@ def rank(score: dict) -> tuple:
     return score["all"], score["shape"], -score.get("domain_fid", 0.0)
 
 
-def validation_reference(concept: str, repeats: int) -> np.ndarray:
-    """The judge's features of real renders of the validation prompts (the domain FID's reference)."""
+def validation_reference(concept: str, repeats: int):
+    """The Gaussian of the judge's features of real renders of the validation prompts (the domain FID's
+    reference)."""
+    from restune_diffusion.metrics.fid import Gaussian
     from restune_diffusion.world import protocol
     from restune_diffusion.world.report import load_judges
     from restune_diffusion.world.scene import prompt_grid
 
     asked = prompt_grid((concept,), repeats)
-    return protocol.hits(load_judges()[0], protocol.reference_images(concept, asked, "reference"), asked)["features"]
+    return Gaussian.of(protocol.hits(load_judges()[0], protocol.reference_images(concept, asked, "reference"),
+                                     asked)["features"])
 
 
 def validation_fid(runs: list[dict], refs: dict) -> float:
@@ -205,7 +208,9 @@ def write_sweep(out: Path, scores: dict, concepts: list[str], steps: int) -> Pat
 # the numbers
 def reference_sets(concepts: list[str], n_per_seed: int, seeds: int) -> dict:
     """Per concept: the real reference renders' judge features (domain FID / KID against them), and the ceiling:
-    real held-out renders of the same prompts through the autoencoder, as `seeds` clusters."""
+    real held-out renders of the same prompts through the autoencoder, as `seeds` clusters. The reference's Gaussian
+    is computed once (`reference_stats`): the bootstrap compares thousands of resamples with it."""
+    from restune_diffusion.metrics.fid import Gaussian
     from restune_diffusion.models import load_model
     from restune_diffusion.world import protocol
     from restune_diffusion.world.report import load_judges
@@ -220,7 +225,7 @@ def reference_sets(concepts: list[str], n_per_seed: int, seeds: int) -> dict:
         top = protocol.ceiling(judge, sd.vae, c, asked * seeds)
         check_top = protocol.hits(check, top.images, asked * seeds)
         split = lambda v: np.split(v, seeds)  # noqa: E731
-        out[c] = {"reference": ref_features, "ceiling": {k: split(v) for k, v in top.hits.items()},
+        out[c] = {"reference": ref_features, "reference_stats": Gaussian.of(ref_features), "ceiling": {k: split(v) for k, v in top.hits.items()},
                   "check_ceiling_shape": split(check_top["shape"])}
     return out
 
@@ -237,7 +242,7 @@ def row_stats(ms: list, concepts: list[str], refs: dict, n_boot: int) -> dict:
         return [m.sets[f"concept:{c}"][head] for m in ms[c]]
 
     def fid_of(k: int, features: np.ndarray, cs=concepts) -> float:
-        return protocol.frechet(refs[cs[k]]["reference"], features)
+        return protocol.frechet(refs[cs[k]]["reference_stats"], features)
 
     def kid_of(k: int, features: np.ndarray, cs=concepts) -> float:
         return protocol.kid(refs[cs[k]]["reference"], features)
@@ -286,7 +291,7 @@ def ceiling_row(refs: dict, concepts: list[str], n_boot: int) -> dict:
                               "all_right": ci(protocol.bootstrap([top["all"]], n_boot=n_boot)),
                               "domain_fid": ci(protocol.bootstrap(
                                   [top["features"]], statistic=lambda k, f, c=c: protocol.frechet(
-                                      refs[c]["reference"], f), n_boot=n_boot // 4, debias=True), 2),
+                                      refs[c]["reference_stats"], f), n_boot=n_boot // 4, debias=True), 2),
                               "kid": round(protocol.kid(refs[c]["reference"],
                                                                    np.concatenate(top["features"])), 2),
                               "check_concept_drawn": round(float(np.mean(np.concatenate(
@@ -301,7 +306,7 @@ def comparisons(ms: dict, methods: list[str], concepts: list[str], refs: dict, n
     from restune_diffusion.world import protocol
 
     def fid_of(k, f):
-        return protocol.frechet(refs[concepts[k]]["reference"], f)
+        return protocol.frechet(refs[concepts[k]]["reference_stats"], f)
 
     out = {}
     for i, a in enumerate(methods):

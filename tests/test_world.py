@@ -117,6 +117,17 @@ def test_frechet_and_kid_equal_torchmetrics_on_the_same_features():
     assert abs(world.frechet(a, a)) < 1e-6
 
 
+def test_frechet_against_a_precomputed_gaussian_is_the_same_number():
+    from restune_diffusion.metrics.fid import Gaussian
+
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(500, 16)), rng.normal(0.1, 0.8, size=(200, 16)).astype(np.float32)
+    stats = Gaussian.of(real)
+    assert world.frechet(stats, fake) == pytest.approx(world.frechet(real, fake), rel=1e-12)
+    assert Gaussian.of(stats) is stats
+    assert world.frechet(stats, fake[:10]) == pytest.approx(world.frechet(real, fake[:10]), rel=1e-12)  # N < D
+
+
 def test_the_worlds_frechet_and_kid_are_the_metrics_fid_and_kid():
     from restune_diffusion.metrics import fid, kid
 

@@ -1,13 +1,16 @@
 """FID from features: the Frechet distance of two feature sets' float64 Gaussians (torchmetrics' statistics).
 
 One implementation for every feature space: Inception pool3 (COCO, image folders) and the tiny world's judge features
-(its domain FID, also in its bootstrap intervals). N >= D: torchmetrics' FrechetInceptionDistance fed the features;
-N < D: the same number from an N_r x N_f eigenproblem (`low_rank_fid`). TF32 is off while it is computed.
+(its domain FID, also in its bootstrap intervals). N >= D: torchmetrics' formula on float64 statistics
+(`frechet_distance`; a test holds it to torchmetrics' FrechetInceptionDistance fed the same features, which
+`fid_metric` builds); N < D: the same number from an N_r x N_f eigenproblem (`low_rank_fid`). TF32 is off while
+features are extracted.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -66,19 +69,42 @@ def feed(metric, features: np.ndarray, real: bool) -> None:
         metric.update(torch.from_numpy(np.ascontiguousarray(features[lo:lo + STAT_BATCH])), real=real)
 
 
-def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
-    """FID between two feature sets (N, D): the Frechet distance of their float64 means and covariances.
+@dataclass(frozen=True)
+class Gaussian:
+    """A feature set's float64 mean and covariance (N - 1), with the features: computed once for a set compared many
+    times (the tiny world's reference in its bootstrap intervals)."""
 
-    N >= D: torchmetrics (eigenvalues of the D x D product S_r S_f). N < D: the same number from an N_r x N_f
-    matrix (`low_rank_fid`): a 2048 x 2048 eigensolve costs ~10 s on one CPU core, which small sets and sweeps of
-    many rows should not pay for a rank-deficient product.
+    features: np.ndarray
+    mean: np.ndarray
+    cov: np.ndarray
+
+    @classmethod
+    def of(cls, features: np.ndarray | Gaussian) -> Gaussian:
+        if isinstance(features, Gaussian):
+            return features
+        x = np.asarray(features, dtype=np.float64)
+        return cls(x, x.mean(0), np.cov(x, rowvar=False))
+
+
+def frechet_distance(a: Gaussian, b: Gaussian) -> float:
+    """||mu_a - mu_b||^2 + tr S_a + tr S_b - 2 sum sqrt(eig(S_a S_b)): torchmetrics' formula, in numpy float64."""
+    root_trace = np.sqrt(np.linalg.eigvals(a.cov @ b.cov).astype(np.complex128)).real.sum()
+    return float(((a.mean - b.mean) ** 2).sum() + np.trace(a.cov) + np.trace(b.cov) - 2 * root_trace)
+
+
+def fid_from_features(real: np.ndarray | Gaussian, fake: np.ndarray) -> float:
+    """FID between two feature sets (N, D): the Frechet distance of their float64 means and covariances (`real` may
+    be its `Gaussian`, computed once).
+
+    N >= D: torchmetrics' statistics and formula (`frechet_distance`; equal to its FrechetInceptionDistance fed the
+    features, a test checks). N < D: the same number from an N_r x N_f matrix (`low_rank_fid`): a 2048 x 2048
+    eigensolve costs ~10 s on one CPU core, which small sets and sweeps of many rows should not pay for a
+    rank-deficient product.
     """
-    if min(len(real), len(fake)) < real.shape[1]:
-        return low_rank_fid(real, fake)
-    metric = fid_metric(FeatureInput(real.shape[1]))
-    feed(metric, real, True)
-    feed(metric, fake, False)
-    return fid_value(metric)
+    features = real.features if isinstance(real, Gaussian) else real
+    if min(len(features), len(fake)) < features.shape[1]:
+        return low_rank_fid(features, fake)
+    return frechet_distance(Gaussian.of(real), Gaussian.of(fake))
 
 
 def low_rank_fid(real: np.ndarray, fake: np.ndarray) -> float:
