@@ -368,6 +368,24 @@ def headline_markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def significance_matrix(table: dict, key: str, lower_is_better: bool) -> list[str]:
+    """Every two rows compared on `key` by their paired interval (table["comparisons"] holds each pair once)."""
+    names = list(table["rows"])
+    mark = {"better": "+", "worse": "−", "not distinguishable": "·"}
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for a in names:
+        cells = []
+        for b in names:
+            if a == b:
+                cells.append("")
+                continue
+            d = table["comparisons"][f"{a} - {b}"][key] if f"{a} - {b}" in table["comparisons"] else \
+                {"ci95": [-x for x in reversed(table["comparisons"][f"{b} - {a}"][key]["ci95"])]}
+            cells.append(mark[verdict(d, lower_is_better)])
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(table: dict) -> str:
     meta = table["meta"]
     concepts = meta["concepts"]
@@ -405,6 +423,10 @@ def markdown(table: dict) -> str:
     for name, curve in table["curves"].items():
         lines.append(f"| {name} | " + " | ".join(f"{curve[str(n)]['all_right']:.3f}" for n in meta["curve_steps"]) +
                      " |")
+    for key, title, lower in (("all_right", "all-right accuracy", False), ("domain_fid", "domain FID", True)):
+        lines += ["", f"## Which differences are significant: {title}", "",
+                  f"Row vs column, paired 95 % interval of the difference: `+` the row is better, `−` worse, `·` not "
+                  "distinguishable.", "", *significance_matrix(table, key, lower)]
     lines += ["", "## The paper's FID orderings, here", "",
               "| paper | domain FID here | all-right accuracy here |", "|---|---|---|"]
     for o in table["paper_orderings"]:

@@ -221,6 +221,7 @@ def test_the_quality_bench_quick_mode_writes_every_row_with_intervals(tmp_path):
     assert table["ceiling"]["concepts"]["star"]["n"] == 72 and table["meta"]["cpu_hours"] > 0
     text = (tmp_path / "quality-tiny.md").read_text()
     assert "| ceiling (real images through the autoencoder) |" in text and "## The paper's FID orderings" in text
+    assert "## Which differences are significant: all-right accuracy" in text and "| res_tuning | " in text
     # a fresh clone elsewhere holds only what git keeps of the cache (.gitignore): every run is found, nothing is
     # trained or generated again, and the table is the same
     import shutil
@@ -284,3 +285,18 @@ def test_the_sweep_walks_toward_the_lower_domain_fid_where_no_lr_draws_the_conce
     drawn = {1e-3: {"all": 0.01, "shape": 0.02, "domain_fid": 150.0},
              1e-2: {"all": 0.0, "shape": 0.0, "domain_fid": 9.0}}
     assert Q.chosen_lr(drawn, grid) == (1e-3, "interior")
+
+
+def test_the_significance_matrix_reads_each_pair_from_either_side():
+    """The table holds each pair once ("a - b"); the matrix shows b vs a too, flipped, and calls an interval that
+    straddles zero not distinguishable."""
+    from bench import quality_tiny as Q
+
+    table = {"rows": {"base": {}, "full": {}, "lora": {}},
+             "comparisons": {"base - full": {"all_right": {"mean": -0.4, "ci95": [-0.45, -0.35]}},
+                             "base - lora": {"all_right": {"mean": -0.1, "ci95": [-0.2, 0.05]}},
+                             "full - lora": {"all_right": {"mean": 0.2, "ci95": [0.1, 0.3]}}}}
+    lines = Q.significance_matrix(table, "all_right", lower_is_better=False)
+    assert lines[2:] == ["| base |  | − | · |", "| full | + |  | + |", "| lora | · | − |  |"]
+    lower = Q.significance_matrix(table, "all_right", lower_is_better=True)  # FID: a lower value is better
+    assert lower[3] == "| full | − |  | − |"
