@@ -88,8 +88,7 @@ def sweep(runner: Runner, methods: list[str], concepts: list[str], steps: int, g
         wanted = {m: lrs for m, lrs in wanted.items() if lrs}
         if not wanted:
             return scores
-        pairs = ([(c, seeds[i % len(seeds)]) for i, c in enumerate(concepts)] if len(concepts) >= len(seeds) else
-                 [(c, s) for c in concepts for s in seeds])
+        pairs = sweep_pairs(concepts, seeds)
         jobs = [runner.job(m, c, lr, s, steps, VALIDATION_NOISE, repeats)
                 for m, lrs in wanted.items() for lr in lrs for c, s in pairs]
         results = iter(runner.run(jobs))
@@ -101,6 +100,19 @@ def sweep(runner: Runner, methods: list[str], concepts: list[str], steps: int, g
                                  "shape": float(np.mean([r["shape"][f"concept:{r['job']['concept']}"] for r in runs])),
                                  "domain_fid": validation_fid(runs, refs), "n": len(runs) * 12 * repeats[0]}
                 print(f"  sweep {m:18} lr={lr:<7g} val all-right {scores[m][lr]['all']:.3f}", flush=True)
+
+
+def sweep_pairs(concepts: list[str], seeds=SWEEP_SEEDS) -> list[tuple[str, int]]:
+    """The (concept, training seed) runs of one LR point: concept i with seed i % 2 (both seeds, every concept);
+    fewer concepts than seeds: each concept with every seed."""
+    if len(concepts) >= len(seeds):
+        return [(c, seeds[i % len(seeds)]) for i, c in enumerate(concepts)]
+    return [(c, s) for c in concepts for s in seeds]
+
+
+def validation_images(concepts: list[str], seeds=SWEEP_SEEDS) -> int:
+    """Images judged per LR point: 12 prompts per concept x the sweep's repeats (2 x REPEATS["validation"]) per run."""
+    return len(sweep_pairs(concepts, seeds)) * 12 * 2 * REPEATS["validation"][0]
 
 
 def rank(score: dict) -> tuple:
@@ -569,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": (f"Each method fine-tuned on each concept ({len(concepts)}) with {args.steps} steps at batch 8 on "
                      f"64 images; seeds {list(REPORT_SEEDS)} at the LR chosen on validation "
                      f"({', '.join(sweep_concepts)} with seeds {list(SWEEP_SEEDS)}, noise seed "
-                     f"{VALIDATION_NOISE}, {24 * REPEATS['validation'][0]} images per LR point); "
+                     f"{VALIDATION_NOISE}, {validation_images(sweep_concepts)} images per LR point); "
                      f"run k judged on noise seed k, "
                      f"{n_seed} images per concept and seed ({n_seed * len(REPORT_SEEDS)} per method and concept). "
                      f"Judge: the world's judge (autoencoder round trips, explicit 'none'); the check judge "

@@ -86,3 +86,12 @@ def test_the_tiny_world_tables_print_kid_in_the_judges_units():
                         "domain_fid": 12.0, "domain_kid_mean": 3.25, "pretrain_accuracy": {"all": 1.0}}]}
     text = markdown_table(result)
     assert "| domain KID ↓ |" in text and "| 12.00 | 3.25 | 1.000 |" in text and "3250" not in text
+
+
+def test_the_quality_tables_protocol_states_the_sweeps_own_number_of_validation_images():
+    """The table's protocol said 264 images per LR point while the sweep judged 528 (it counted one run's images)."""
+    sweep = json.loads((RESULTS / "quality-tiny-sweep.json").read_text())
+    (n,) = {s["n"] for m in sweep["methods"].values() for s in m["scores"].values()}
+    for name in ("quality-tiny.json", "quality-tiny-partial.json"):
+        if (RESULTS / name).is_file():
+            assert f"{n} images per LR point" in json.loads((RESULTS / name).read_text())["meta"]["protocol"], name
