@@ -461,10 +461,12 @@ def plot_curves(table: dict, path: Path) -> Path:
     steps = table["meta"]["curve_steps"]
     for name, curve in table["curves"].items():
         ax.plot(steps, [curve[str(n)]["all_right"] for n in steps], marker="o", label=name)
-    ax.axhline(table["ceiling"]["mean"]["all_right"], color="k", linestyle="--", label="ceiling")
+    curve_concepts = table["meta"]["curve_concepts"]  # the ceiling of the concepts the curves are measured on
+    ax.axhline(float(np.mean([table["ceiling"]["concepts"][c]["all_right"]["mean"] for c in curve_concepts])),
+               color="k", linestyle="--", label="ceiling")
     ax.set_xscale("log")
     ax.set_xlabel("training steps")
-    ax.set_ylabel("all-right accuracy (mean over concepts)")
+    ax.set_ylabel(f"all-right accuracy (mean over {', '.join(curve_concepts)})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
