@@ -237,7 +237,8 @@ def reference_sets(concepts: list[str], n_per_seed: int, seeds: int) -> dict:
         top = protocol.ceiling(judge, sd.vae, c, asked * seeds)
         check_top = protocol.hits(check, top.images, asked * seeds)
         split = lambda v: np.split(v, seeds)  # noqa: E731
-        out[c] = {"reference": ref_features, "reference_stats": Gaussian.of(ref_features), "ceiling": {k: split(v) for k, v in top.hits.items()},
+        out[c] = {"reference": ref_features, "reference_stats": Gaussian.of(ref_features),
+                  "ceiling": {k: split(v) for k, v in top.hits.items()},
                   "check_ceiling_shape": split(check_top["shape"])}
     return out
 
@@ -437,7 +438,7 @@ def markdown(table: dict) -> str:
                      " |")
     for key, title, lower in (("all_right", "all-right accuracy", False), ("domain_fid", "domain FID", True)):
         lines += ["", f"## Which differences are significant: {title}", "",
-                  f"Row vs column, paired 95 % interval of the difference: `+` the row is better, `−` worse, `·` not "
+                  "Row vs column, paired 95 % interval of the difference: `+` the row is better, `−` worse, `·` not "
                   "distinguishable.", "", *significance_matrix(table, key, lower)]
     lines += ["", "## The paper's FID orderings, here", "",
               "| paper | domain FID here | all-right accuracy here |", "|---|---|---|"]
