@@ -12,6 +12,7 @@ import pytest
 import scipy.linalg
 import torch
 from PIL import Image
+from torchmetrics_bridge import FeatureInput, feed, fid_metric, fid_value
 
 from restune_diffusion import files
 from restune_diffusion.evaluation import features
@@ -173,7 +174,7 @@ def shifted_runs(inception):
     real = _batch([_image(s) for s in range(4)])
     captured = []
     hook = inception.register_forward_hook(lambda m, i, out: captured.append(out.detach().double()))
-    metric = fid.fid_metric(inception)
+    metric = fid_metric(inception)
     try:
         with torch.no_grad():
             metric.update(real, real=True)
@@ -181,7 +182,7 @@ def shifted_runs(inception):
             for shift in SHIFTS:
                 metric.reset()  # reset_real_features=False: the real statistics stay
                 metric.update((real.int() + shift).clamp(0, 255).to(torch.uint8), real=False)
-                fids.append(fid.fid_value(metric))
+                fids.append(fid_value(metric))
     finally:
         hook.remove()
     return {"fid": fids, "real": captured[0], "fake": captured[1:], "metric": metric}
@@ -236,15 +237,15 @@ def test_fid_from_features_equals_torchmetrics_through_the_extractor(shifted_run
 
 @pytest.mark.slow  # over 5 s on 2 cores: the default suite stays under 5 minutes
 def test_low_rank_fid_equals_torchmetrics_on_the_same_features():
-    from restune_diffusion.metrics.fid import FeatureInput, feed, low_rank_fid
+    from restune_diffusion.metrics.fid import low_rank_fid
 
     rng = np.random.default_rng(0)
     real = rng.random((6, fid_inception.NUM_FEATURES)).astype(np.float32)
     fake = (rng.random((7, fid_inception.NUM_FEATURES)) * 1.2 + 0.1).astype(np.float32)
-    metric = fid.fid_metric(FeatureInput(fid_inception.NUM_FEATURES))
+    metric = fid_metric(FeatureInput(fid_inception.NUM_FEATURES))
     feed(metric, real, True)
     feed(metric, fake, False)
-    assert low_rank_fid(real, fake) == pytest.approx(fid.fid_value(metric), rel=1e-5)
+    assert low_rank_fid(real, fake) == pytest.approx(fid_value(metric), rel=1e-5)
 
 
 def test_kid_repeats_with_its_seed_and_grows_with_the_shift(shifted_runs):
@@ -261,9 +262,9 @@ def test_kid_equals_torchmetrics_kid_on_the_same_subsets(shifted_runs):
 
     real, far = shifted_runs["real"].float().numpy(), shifted_runs["fake"][1].float().numpy()
     with pytest.warns(UserWarning, match="extracted features"):
-        metric = KernelInceptionDistance(feature=fid.FeatureInput(real.shape[1]), subsets=10, subset_size=3)
-    fid.feed(metric, real, True)
-    fid.feed(metric, far, False)
+        metric = KernelInceptionDistance(feature=FeatureInput(real.shape[1]), subsets=10, subset_size=3)
+    feed(metric, real, True)
+    feed(metric, far, False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         mean, std = metric.compute()

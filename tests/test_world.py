@@ -100,8 +100,7 @@ def test_hard_negative_categories_are_deterministic_and_labelled():
 # statistics
 def test_frechet_and_kid_equal_torchmetrics_on_the_same_features():
     from torchmetrics.image.kid import KernelInceptionDistance
-
-    from restune_diffusion.metrics.fid import FeatureInput, feed, fid_metric, fid_value
+    from torchmetrics_bridge import FeatureInput, feed, fid_metric, fid_value
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(0.2, 1.3, size=(250, 16)).astype(np.float32)

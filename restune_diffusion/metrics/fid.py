@@ -2,8 +2,8 @@
 
 One implementation for every feature space: Inception pool3 (COCO, image folders) and the tiny world's judge features
 (its domain FID, also in its bootstrap intervals). N >= D: torchmetrics' formula on float64 statistics
-(`frechet_distance`; a test holds it to torchmetrics' FrechetInceptionDistance fed the same features, which
-`fid_metric` builds); N < D: the same number from an N_r x N_f eigenproblem (`low_rank_fid`). TF32 is off while
+(`frechet_distance`; a test holds it to torchmetrics' FrechetInceptionDistance fed the same features:
+tests/torchmetrics_bridge.py); N < D: the same number from an N_r x N_f eigenproblem (`low_rank_fid`). TF32 is off while
 features are extracted.
 """
 
@@ -16,11 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from .metric import Metric
-
-STAT_BATCH = 256  # rows per torchmetrics update when features are fed back: fixed, so results never depend on it
 
 
 @contextlib.contextmanager
@@ -33,40 +30,6 @@ def tf32_disabled() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
-
-
-class FeatureInput(nn.Module):
-    """The identity, as torchmetrics' `feature` network: the metric is fed features already extracted. (B, D)."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features  # read by torchmetrics instead of probing with a dummy image
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def fid_metric(extractor: nn.Module):
-    """torchmetrics' FID over an extractor (ours, or FeatureInput); its accumulators are float64."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    device = next(iter(extractor.parameters()), torch.empty(0)).device
-    # normalize=False: images go to the extractor as given (uint8 0..255); reset() keeps the real statistics;
-    # sync_on_compute=False: the statistics are computed on the main process alone, from gathered features
-    metric = FrechetInceptionDistance(feature=extractor, normalize=False, reset_real_features=False,
-                                      sync_on_compute=False)
-    return metric.to(device)
-
-
-def fid_value(metric) -> float:
-    with tf32_disabled():
-        return float(metric.compute())
-
-
-def feed(metric, features: np.ndarray, real: bool) -> None:
-    """(N, D) features into a torchmetrics FID/KID, STAT_BATCH rows at a time."""
-    for lo in range(0, len(features), STAT_BATCH):
-        metric.update(torch.from_numpy(np.ascontiguousarray(features[lo:lo + STAT_BATCH])), real=real)
 
 
 @dataclass(frozen=True)
