@@ -124,7 +124,15 @@ def point(results: list[dict], n_boot: int) -> dict:
             "kept": ci("kept", "all"), "heldout_combos": ci("heldout_combos", "all"),
             "n_concept": int(sum(len(m.sets[f"concept:{r['job']['concept']}"]["all"]) for r, m in zip(results, ms))),
             "n_kept": int(sum(len(m.sets["kept"]["all"]) for m in ms)),
-            "concepts": sorted(by_concept)}
+            "concepts": sorted(by_concept), "train_cpu_seconds": train_cpu(results)}
+
+
+def train_cpu(results: list[dict]) -> float | None:
+    """Mean CPU seconds of one training run of the setting (one thread; the inference weight reuses the no-remedy
+    runs, so it costs what they cost): what a remedy adds per run."""
+    files = [Path(r["job"]["folder"]).parent / "train_cpu.json" for r in results]
+    seconds = [json.loads(f.read_text())["cpu_seconds"] for f in files if f.is_file()]
+    return round(float(np.mean(seconds)), 1) if seconds else None
 
 
 def ceilings(concepts: list[str]) -> dict[str, float]:
@@ -143,6 +151,32 @@ def best_corner(points: list[dict], ceiling: float) -> dict:
     """The setting nearest (kept 1, concept drawn = ceiling) with both axes as shares of what is reachable."""
     return min(points, key=lambda p: np.hypot(1 - p["kept"]["mean"],
                                               (ceiling - p["concept_drawn"]["mean"]) / max(ceiling, 1e-9)))
+
+
+def remedy_table(result: dict) -> str:
+    """Which remedy for which tuner: per method, the no-remedy point, each remedy at its best weight (the point nearest
+    the corner (kept 1, concept drawn = ceiling)) and the training CPU time per run it costs."""
+    kinds = {"prior": "prior preservation", "prediction": "base-prediction preservation", "scale": "inference weight"}
+
+    def at(p: dict) -> str:
+        return f"{p['concept_drawn']['mean']:.3f} / {p['kept']['mean']:.3f}"
+
+    def cost(p: dict, none: dict) -> str:
+        a, b = p.get("train_cpu_seconds"), none.get("train_cpu_seconds")
+        return f" ({a / b:.1f}x)" if a and b and p["remedy"] != "scale" else ""
+
+    lines = ["| method | ceiling | no remedy | " + " | ".join(f"{v} (best weight)" for v in kinds.values())
+             + " | best corner |", "|---|---|---|" + "---|" * len(kinds) + "---|"]
+    for m, info in result["methods"].items():
+        none = next(p for p in info["points"] if p["remedy"] == "none")
+        cells = []
+        for kind in kinds:
+            points = [p for p in info["points"] if p["remedy"] == kind]
+            best = best_corner(points, info["ceiling"]) if points else None
+            cells.append(f"{best['weight']:g}: {at(best)}{cost(best, none)}" if best else "–")
+        lines.append(f"| {m} | {info['ceiling']:.3f} | {at(none)} | " + " | ".join(cells)
+                     + f" | {label(info['best'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def label(p: dict) -> str:
@@ -166,6 +200,10 @@ def markdown(result: dict) -> str:
             lines.append(f"| {m} | {info['lr']:g} | {label(p)} | {cell(p['concept_drawn'])} | {cell(p['all_right'])} "
                          f"| {cell(p['kept'])} | {cell(p['heldout_combos'])} | {best} |")
     t = result["default_job_target"]
+    lines += ["", "## Which remedy for which tuner", "",
+              "Concept drawn / pretraining prompts kept; each remedy at its weight nearest the corner (kept 1, concept "
+              "drawn = ceiling), with its training CPU time per run against no remedy's:", "",
+              remedy_table(result).rstrip("\n")]
     lines += ["", "Ceiling (concept drawn by real held-out images through the autoencoder, same prompts): "
               + ", ".join(f"{c} {v:.3f}" for c, v in result["ceilings"].items()) + ".", "",
               f"Target for the default job ({DEFAULT_JOB}): pretraining prompts >= {KEPT_TARGET} while the concept is "

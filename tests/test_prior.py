@@ -429,3 +429,23 @@ def test_world_runs_train_each_run_with_exactly_its_own_remedy(tmp_path):
     text = W.config_text(W.DEFAULT_JOB)
     assert "preservation" not in text and "class_prompt" not in text and "res_adapter" in text
     assert T.parse_args([]).preservation_weight > 0  # the default job itself keeps its remedy
+
+
+def test_the_remedy_table_shows_each_remedys_best_weight_and_its_training_cost():
+    sys.path.insert(0, str(REPO))
+    from bench import forgetting_tiny as F_
+
+    def pt(remedy, weight, drawn, kept, cpu):
+        v = lambda x: {"mean": x, "ci95": [x, x]}  # noqa: E731
+        return {"remedy": remedy, "weight": weight, "concept_drawn": v(drawn), "all_right": v(drawn), "kept": v(kept),
+                "heldout_combos": v(kept), "train_cpu_seconds": cpu}
+
+    points = [pt("none", 0.0, 0.4, 0.1, 100.0), pt("prior", 0.5, 0.3, 0.5, 150.0), pt("prior", 2.0, 0.1, 0.95, 150.0),
+              pt("prediction", 0.5, 0.35, 0.9, 200.0), pt("prediction", 2.0, 0.05, 0.99, 200.0),
+              pt("scale", 0.5, 0.0, 0.9, 100.0), pt("scale", 0.75, 0.2, 0.6, 100.0)]
+    info = {"lr": 0.01, "ceiling": 0.8, "points": points}
+    info["best"] = F_.best_corner(points, info["ceiling"])
+    row = F_.remedy_table({"methods": {"lora": info}}).splitlines()[2]
+    # distances to the corner: prior 0.5 0.80 < prior 2 0.88; prediction 0.5 0.58 < 2 0.94; scale 0.75 0.85 < 0.5 1.00
+    assert row == ("| lora | 0.800 | 0.400 / 0.100 | 0.5: 0.300 / 0.500 (1.5x) | 0.5: 0.350 / 0.900 (2.0x) "
+                   "| 0.75: 0.200 / 0.600 | base-prediction preservation 0.5 |")
