@@ -458,17 +458,19 @@ def plot_curves(table: dict, path: Path) -> Path:
 
     from restune_diffusion.files import atomic_write
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     steps = table["meta"]["curve_steps"]
-    for name, curve in table["curves"].items():
-        ax.plot(steps, [curve[str(n)]["all_right"] for n in steps], marker="o", label=name)
+    colours, markers = plt.get_cmap("tab20").colors, "os^vDPX*<>ph"  # 12 methods: no colour or marker twice
+    for i, (name, curve) in enumerate(table["curves"].items()):
+        ax.plot(steps, [curve[str(n)]["all_right"] for n in steps], marker=markers[i % len(markers)],
+                color=colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], label=name)
     curve_concepts = table["meta"]["curve_concepts"]  # the ceiling of the concepts the curves are measured on
     ax.axhline(float(np.mean([table["ceiling"]["concepts"][c]["all_right"]["mean"] for c in curve_concepts])),
                color="k", linestyle="--", label="ceiling")
     ax.set_xscale("log")
     ax.set_xlabel("training steps")
     ax.set_ylabel(f"all-right accuracy (mean over {', '.join(curve_concepts)})")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
