@@ -95,3 +95,12 @@ def test_the_quality_tables_protocol_states_the_sweeps_own_number_of_validation_
     for name in ("quality-tiny.json", "quality-tiny-partial.json"):
         if (RESULTS / name).is_file():
             assert f"{n} images per LR point" in json.loads((RESULTS / name).read_text())["meta"]["protocol"], name
+
+
+def test_the_readme_remedy_table_is_the_one_in_forgetting_tiny_json():
+    """'Which remedy for which tuner': the README's table is remedy_table(forgetting-tiny.json), every method in it."""
+    from bench import forgetting_tiny
+
+    result = json.loads((RESULTS / "forgetting-tiny.json").read_text())
+    assert forgetting_tiny.remedy_table(result) in README, \
+        "README: the remedy table differs from remedy_table(forgetting-tiny.json)"
