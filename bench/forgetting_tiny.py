@@ -220,23 +220,37 @@ def plot(result: dict, path: Path) -> Path:
 
     from restune_diffusion.files import atomic_write
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for m, info in result["methods"].items():
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colours, markers = plt.get_cmap("tab20").colors, "os^vDPX*<>ph"
+    styles = {"prior": "-", "prediction": "--", "scale": ":"}
+    for i, (m, info) in enumerate(result["methods"].items()):
+        colour = colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
         pts = info["points"]
-        xs, ys = [p["kept"]["mean"] for p in pts], [p["concept_drawn"]["mean"] for p in pts]
-        line = ax.plot(xs, ys, marker="o", linestyle="", label=m)[0]
-        for p, x, y in zip(pts, xs, ys):
-            ax.annotate(label(p).replace("preservation", "pres.").replace("inference weight", "w"), (x, y),
-                        fontsize=5, color=line.get_color())
+        none = next(p for p in pts if p["remedy"] == "none")
+        for kind, style in styles.items():  # each remedy's curve starts at no remedy (weight 0, or inference weight 1)
+            chain = [none, *sorted((p for p in pts if p["remedy"] == kind), key=lambda p: p["weight"],
+                                   reverse=kind == "scale")]
+            ax.plot([p["kept"]["mean"] for p in chain], [p["concept_drawn"]["mean"] for p in chain], linestyle=style,
+                    color=colour, linewidth=1, marker=markers[i % len(markers)], markersize=4,
+                    label=m if kind == "prior" else None)
+        for p in pts:
+            ax.annotate(label(p).replace("base-prediction preservation", "pred.")
+                        .replace("prior preservation", "prior").replace("inference weight", "w"),
+                        (p["kept"]["mean"], p["concept_drawn"]["mean"]), xytext=(4, 3), textcoords="offset points",
+                        fontsize=5, color=colour)
         b = info["best"]
-        ax.plot([b["kept"]["mean"]], [b["concept_drawn"]["mean"]], marker="*", markersize=14,
-                color=line.get_color(), markeredgecolor="k")
+        ax.plot([b["kept"]["mean"]], [b["concept_drawn"]["mean"]], marker="*", markersize=14, linestyle="",
+                color=colour, markeredgecolor="k")
+    for kind, style in styles.items():  # the line styles' key
+        ax.plot([], [], linestyle=style, color="gray", label={"prior": "prior preservation",
+                "prediction": "base-prediction preservation", "scale": "inference weight"}[kind])
     ax.axvline(KEPT_TARGET, color="gray", linestyle=":")
     ax.axhline(result["default_job_target"]["concept_needed"], color="gray", linestyle=":")
     ax.set_xlabel("pretraining prompts kept (all right)")
     ax.set_ylabel("concept drawn")
-    ax.legend(fontsize=7)
-    ax.set_title("forgetting vs learning: one colour per method, * its best corner")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("forgetting vs learning: one colour per method, a line per remedy from no remedy, * the best corner",
+                 fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
     plt.close(fig)
