@@ -37,6 +37,7 @@ from bench.world_runs import (  # noqa: E402
     concept_data,
     config_path,
     measurements,
+    method_style,
     world_fingerprint,
     write_outputs,
 )
@@ -48,6 +49,7 @@ WEIGHTS = {"prior": (0.5, 2.0), "prediction": (0.5, 2.0)}
 SCALES = (0.25, 0.5, 0.75)
 KEPT_TARGET, CONCEPT_SHARE_TARGET = 0.90, 0.7  # the default job's target: kept >= 0.9, concept >= 0.7 x ceiling
 NUM_CLASS_IMAGES = 120
+REMEDIES = {"prior": "prior preservation", "prediction": "base-prediction preservation", "scale": "inference weight"}
 
 
 def inputs(out: Path) -> tuple[Path, Path, list[str]]:
@@ -156,8 +158,6 @@ def best_corner(points: list[dict], ceiling: float) -> dict:
 def remedy_table(result: dict) -> str:
     """Which remedy for which tuner: per method, the no-remedy point, each remedy at its best weight (the point nearest
     the corner (kept 1, concept drawn = ceiling)) and the training CPU time per run it costs."""
-    kinds = {"prior": "prior preservation", "prediction": "base-prediction preservation", "scale": "inference weight"}
-
     def at(p: dict) -> str:
         return f"{p['concept_drawn']['mean']:.3f} / {p['kept']['mean']:.3f}"
 
@@ -165,12 +165,12 @@ def remedy_table(result: dict) -> str:
         a, b = p.get("train_cpu_seconds"), none.get("train_cpu_seconds")
         return f" ({a / b:.1f}x)" if a and b and p["remedy"] != "scale" else ""
 
-    lines = ["| method | ceiling | no remedy | " + " | ".join(f"{v} (best weight)" for v in kinds.values())
-             + " | best corner |", "|---|---|---|" + "---|" * len(kinds) + "---|"]
+    lines = ["| method | ceiling | no remedy | " + " | ".join(f"{v} (best weight)" for v in REMEDIES.values())
+             + " | best corner |", "|---|---|---|" + "---|" * len(REMEDIES) + "---|"]
     for m, info in result["methods"].items():
         none = next(p for p in info["points"] if p["remedy"] == "none")
         cells = []
-        for kind in kinds:
+        for kind in REMEDIES:
             points = [p for p in info["points"] if p["remedy"] == kind]
             best = best_corner(points, info["ceiling"]) if points else None
             cells.append(f"{best['weight']:g}: {at(best)}{cost(best, none)}" if best else "–")
@@ -180,9 +180,7 @@ def remedy_table(result: dict) -> str:
 
 
 def label(p: dict) -> str:
-    return {"none": "no remedy", "prior": f"prior preservation {p['weight']:g}",
-            "prediction": f"base-prediction preservation {p['weight']:g}",
-            "scale": f"inference weight {p['weight']:g}"}[p["remedy"]]
+    return "no remedy" if p["remedy"] == "none" else f"{REMEDIES[p['remedy']]} {p['weight']:g}"
 
 
 def markdown(result: dict) -> str:
@@ -221,17 +219,17 @@ def plot(result: dict, path: Path) -> Path:
     from restune_diffusion.files import atomic_write
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    colours, markers = plt.get_cmap("tab20").colors, "os^vDPX*<>ph"
     styles = {"prior": "-", "prediction": "--", "scale": ":"}
     for i, (m, info) in enumerate(result["methods"].items()):
-        colour = colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
+        look = method_style(i)
+        colour = look["color"]
         pts = info["points"]
         none = next(p for p in pts if p["remedy"] == "none")
         for kind, style in styles.items():  # each remedy's curve starts at no remedy (weight 0, or inference weight 1)
             chain = [none, *sorted((p for p in pts if p["remedy"] == kind), key=lambda p: p["weight"],
                                    reverse=kind == "scale")]
             ax.plot([p["kept"]["mean"] for p in chain], [p["concept_drawn"]["mean"] for p in chain], linestyle=style,
-                    color=colour, linewidth=1, marker=markers[i % len(markers)], markersize=4,
+                    color=colour, linewidth=1, marker=look["marker"], markersize=4,
                     label=m if kind == "prior" else None)
         for p in pts:
             ax.annotate(label(p).replace("base-prediction preservation", "pred.")
@@ -242,8 +240,7 @@ def plot(result: dict, path: Path) -> Path:
         ax.plot([b["kept"]["mean"]], [b["concept_drawn"]["mean"]], marker="*", markersize=14, linestyle="",
                 color=colour, markeredgecolor="k")
     for kind, style in styles.items():  # the line styles' key
-        ax.plot([], [], linestyle=style, color="gray", label={"prior": "prior preservation",
-                "prediction": "base-prediction preservation", "scale": "inference weight"}[kind])
+        ax.plot([], [], linestyle=style, color="gray", label=REMEDIES[kind])
     ax.axvline(KEPT_TARGET, color="gray", linestyle=":")
     ax.axhline(result["default_job_target"]["concept_needed"], color="gray", linestyle=":")
     ax.set_xlabel("pretraining prompts kept (all right)")

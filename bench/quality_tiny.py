@@ -48,6 +48,7 @@ from bench.world_runs import (  # noqa: E402
     DEFAULT_JOB_STEPS,
     Runner,
     measurements,
+    method_style,
     world_fingerprint,
     write_outputs,
 )
@@ -460,10 +461,8 @@ def plot_curves(table: dict, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     steps = table["meta"]["curve_steps"]
-    colours, markers = plt.get_cmap("tab20").colors, "os^vDPX*<>ph"  # 12 methods: no colour or marker twice
     for i, (name, curve) in enumerate(table["curves"].items()):
-        ax.plot(steps, [curve[str(n)]["all_right"] for n in steps], marker=markers[i % len(markers)],
-                color=colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], label=name)
+        ax.plot(steps, [curve[str(n)]["all_right"] for n in steps], label=name, **method_style(i))
     curve_concepts = table["meta"]["curve_concepts"]  # the ceiling of the concepts the curves are measured on
     ax.axhline(float(np.mean([table["ceiling"]["concepts"][c]["all_right"]["mean"] for c in curve_concepts])),
                color="k", linestyle="--", label="ceiling")

@@ -190,6 +190,14 @@ def write_outputs(out: Path, stem: str, data: dict, text: str, plot) -> None:
     print(text)
 
 
+def method_style(i: int) -> dict:
+    """Colour and marker of the i-th method in the benches' figures: 13 methods, no colour or marker twice."""
+    import matplotlib.pyplot as plt
+
+    colours, markers = plt.get_cmap("tab20").colors, "os^vDPX*<>ph"
+    return {"color": colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], "marker": markers[i % len(markers)]}
+
+
 def save_npz(path: Path, arrays: dict) -> None:
     from restune_diffusion.files import atomic_write
 
