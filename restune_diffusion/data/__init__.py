@@ -35,12 +35,14 @@ from .dataset import (
                       EpochSampler,
                       ImageTransform,
                       PairedDataset,
+                      TaskDatasets,
                       build_dataloader,
                       coco_caption_pairs,
                       collate_fn,
                       load_dataset,
                       paired_collate,
                       sample_rng,
+                      task_collate,
                       tokenize_captions,
                       torch_seed,
 )
@@ -90,6 +92,6 @@ __all__ = [
     "ScanReport", "build_dataloader", "check_images", "clean_class_name", "coco_caption_pairs", "collate_fn",
     "detect_kind", "export_images", "find_layout", "finegrained_samples", "fix_articles", "image_files",
     "image_problem", "load_dataset", "load_rgb", "make_demo_dataset", "open_split", "PairedDataset", "paired_collate",
-    "sample_rng", "scan_dataset",
+    "sample_rng", "scan_dataset", "TaskDatasets", "task_collate",
     "scan_samples", "subset", "tokenize_captions", "to_rgb", "torch_seed", "write_caption_set",
 ]

@@ -273,6 +273,53 @@ def paired_collate(examples: list[dict]) -> dict:
     return batch
 
 
+class TaskDatasets(Dataset):
+    """A joint run whose K tasks read their own data (train/joint.py, routed): item i holds, for each task k, item
+    (epoch·n + i) mod n_k of its data set (n the longest one's length), so an epoch is one pass over the longest and
+    a shorter one cycles over the epochs (as PairedDataset's class images); a task whose data set is the longest's
+    length reads item i, the item an alone run reads at that place of its order. `task_collate` makes a batch of B
+    items the K·B rows [task 0's B; task 1's B; ...]. Each part keeps its own captions, flips and cached latents."""
+
+    def __init__(self, parts: list[Dataset], names: list[str]):
+        for name, part in zip(names, parts):
+            if getattr(part, "buckets", None) is not None:
+                raise ValueError(f"task {name}: tasks on their own data share one backbone batch; their data sets "
+                                 "must not use aspect-ratio buckets")
+            if len(part) == 0:
+                raise ValueError(f"task {name}: its data set has no samples")
+        self.parts, self.names, self.epoch = list(parts), list(names), 0
+        self.buckets = None
+
+    def __len__(self) -> int:
+        return max(len(p) for p in self.parts)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for part in self.parts:
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+
+    def part_index(self, k: int, index: int) -> int:
+        n, size = len(self), len(self.parts[k])
+        return index if size == n else (self.epoch * n + index) % size
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index %= len(self)
+        return {"tasks": [part[self.part_index(k, index)] for k, part in enumerate(self.parts)]}
+
+
+def task_collate(examples: list[dict]) -> dict:
+    """B items of TaskDatasets -> one batch of K·B rows, task k's in rows k·B..(k+1)·B, with `task_rows` = B."""
+    blocks = [collate_fn([e["tasks"][k] for e in examples]) for k in range(len(examples[0]["tasks"]))]
+    key = "latent_parameters" if "latent_parameters" in blocks[0] else "pixel_values"
+    if any(key not in b for b in blocks):
+        raise ValueError("tasks on their own data: either every task's latents are cached or none")
+    return {key: torch.cat([b[key] for b in blocks]), "captions": [c for b in blocks for c in b["captions"]],
+            "paths": [p for b in blocks for p in b["paths"]], "task_rows": len(examples)}
+
+
 # loading batches
 class EpochSampler(Sampler[int]):
     """Order of epoch e fixed by (seed, e), as DistributedSampler; set_epoch also reaches the dataset, because
@@ -308,10 +355,11 @@ def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, se
     """A DataLoader whose order depends only on (seed, epoch); call `loader.batch_sampler.sampler.set_epoch(e)` (the
     EpochSampler) each epoch. A dataset with aspect-ratio buckets is batched one bucket per batch, and per global
     batch of `num_processes` batches (buckets.BucketBatchSampler; drop_last does not apply). A PairedDataset's
-    batches hold its instance rows, then its class rows (paired_collate)."""
+    batches hold its instance rows, then its class rows (paired_collate); a TaskDatasets' each task's rows in turn
+    (task_collate)."""
     # workers are not persistent: each epoch's workers get a fresh copy of the dataset with the new epoch
     epochs = EpochSampler(dataset, shuffle, seed)
-    collate = paired_collate if isinstance(dataset, PairedDataset) else collate_fn
+    collate = {PairedDataset: paired_collate, TaskDatasets: task_collate}.get(type(dataset), collate_fn)
     if getattr(dataset, "buckets", None) is not None:
         return DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset, batch_size, epochs, num_processes),
                           num_workers=num_workers, collate_fn=collate)

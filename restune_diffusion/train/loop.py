@@ -18,7 +18,7 @@ import torch
 
 from restune_diffusion.train.checkpoints import checkpoint_step, list_checkpoints, save_checkpoint
 from restune_diffusion.train.joint import only
-from restune_diffusion.train.loss import LossTerms, batch_inputs, draw_prompts, seed_for, task_losses
+from restune_diffusion.train.loss import LossTerms, batch_inputs, draw_prompts, routed_inputs, seed_for, task_losses
 from restune_diffusion.train.optimizer import current_lrs
 from restune_diffusion.train.outputs import log_step
 from restune_diffusion.train.validation import measure_heldout, validate, validation_due
@@ -121,12 +121,16 @@ def micro_step(run: Run, batch: dict, epoch: int, index: int) -> list[float]:
     a, args = run.accelerator, run.args
     with a.accumulate(run.model):
         keys = (args.seed, a.process_index, epoch, index)
-        generator = torch.Generator(a.device).manual_seed(seed_for(*keys))
-        instance_rows = len(batch["captions"]) - batch.get("class_rows", 0)  # a preservation prompt for each
-        prompts = draw_prompts(run.preservation_prompts, instance_rows, *keys) if run.preservation_prompts else None
-        inputs = batch_inputs(batch, run.sd, generator, args.noise_offset, run.weight_dtype, a.device, prompts)
+        if "task_rows" in batch:  # tasks on their own data: each block drawn as its alone run draws it
+            inputs = routed_inputs(batch, run.sd, seed_for(*keys), args.noise_offset, run.weight_dtype, a.device)
+        else:
+            generator = torch.Generator(a.device).manual_seed(seed_for(*keys))
+            instance_rows = len(batch["captions"]) - batch.get("class_rows", 0)  # a preservation prompt for each
+            prompts = draw_prompts(run.preservation_prompts, instance_rows, *keys) if run.preservation_prompts \
+                else None
+            inputs = batch_inputs(batch, run.sd, generator, args.noise_offset, run.weight_dtype, a.device, prompts)
         losses = task_losses(run.model, run.sd.noise_scheduler, inputs, [LossTerms.of(t.args) for t in run.tasks])
-        rows = losses.detach()[None].repeat(len(batch["captions"]), 1)  # (B, K)
+        rows = losses.detach()[None].repeat(batch.get("task_rows") or len(batch["captions"]), 1)  # (B, K)
         means = a.gather(rows).mean(dim=0).tolist()  # same on every rank
         for task, mean in zip(run.tasks, means):
             if not math.isfinite(mean):

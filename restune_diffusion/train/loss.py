@@ -42,11 +42,20 @@ class StepInputs:
     timesteps: torch.Tensor
     class_rows: int = 0
     preserve_states: torch.Tensor | None = None
+    task_rows: int = 0  # > 0: tasks on their own data (joint.py, routed): task k's rows are k·task_rows..
 
     def __post_init__(self):
         rows = self.latents.shape[0]
         if self.class_rows and 2 * self.class_rows != rows:
             raise ValueError(f"prior preservation: {self.class_rows} class rows in a batch of {rows}; expected half")
+        if self.task_rows and (self.class_rows or self.preserve_states is not None or rows % self.task_rows):
+            raise ValueError(f"tasks on their own data: {rows} rows of {self.task_rows} per task, class rows "
+                             f"{self.class_rows}; expected whole task blocks and no preservation rows")
+
+    def block(self, k: int) -> StepInputs:
+        """Task k's rows of a routed batch."""
+        rows = slice(k * self.task_rows, (k + 1) * self.task_rows)
+        return StepInputs(self.latents[rows], self.text_states[rows], self.noise[rows], self.timesteps[rows])
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,12 @@ def task_losses(model, noise_scheduler, inputs: StepInputs, terms: list[LossTerm
     in rows k·N.. (K = 1: the plain UNet); with preservation rows it also returns the frozen base's prediction of
     them (`frozen_rows`, setup.TunedUNet)."""
     target = prediction_target(noise_scheduler, inputs.latents, inputs.noise, inputs.timesteps)  # (R, 4, h, w)
+    if inputs.task_rows:  # R = K·B rows, task k's own in rows k·B..; the model routes them (one backbone pass)
+        noisy = noise_scheduler.add_noise(inputs.latents, inputs.noise, inputs.timesteps)
+        pred = model(noisy, inputs.timesteps, inputs.text_states, return_dict=False, routed=True)[0]
+        b = inputs.task_rows
+        return torch.stack([task_loss(pred[k * b:(k + 1) * b], target[k * b:(k + 1) * b], inputs.block(k),
+                                      noise_scheduler, t) for k, t in enumerate(terms)])
     sample, timesteps, states, p = model_inputs(noise_scheduler, inputs)  # N = R + P rows
     out = model(sample, timesteps, states, return_dict=False, **({"frozen_rows": p} if p else {}))
     pred, frozen = out[0], (out[1] if p else None)  # (K·N, 4, h, w), (P, 4, h, w)
@@ -163,6 +178,19 @@ def encode_text(sd, captions: list[str], device) -> torch.Tensor:
     """(B, 77, D) text states of the frozen text encoder."""
     ids = tokenize_captions(sd.tokenizer, captions).to(device)
     return sd.text_encoder(ids, return_dict=False)[0]
+
+
+def routed_inputs(batch: dict, sd, seed: int, noise_offset: float, dtype: torch.dtype, device) -> StepInputs:
+    """A batch of K tasks' blocks (data.task_collate): each block's draws from a generator seeded by `seed` alone,
+    the draws an alone run of the task makes for the same batch; the blocks stacked, task_rows = B."""
+    b, n = batch["task_rows"], len(batch["captions"])
+    parts = []
+    for start in range(0, n, b):
+        block = {k: v[start:start + b] for k, v in batch.items() if k != "task_rows"}
+        parts.append(batch_inputs(block, sd, torch.Generator(device).manual_seed(seed), noise_offset, dtype, device))
+    stacked = (torch.cat([getattr(p, name) for p in parts]) for name in ("latents", "text_states", "noise",
+                                                                          "timesteps"))
+    return StepInputs(*stacked, task_rows=b)
 
 
 @torch.no_grad()

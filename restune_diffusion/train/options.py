@@ -28,7 +28,7 @@ from restune_diffusion.flags import OneLineParser, check_flags
 from restune_diffusion.methods import CONFIG_DIR
 from restune_diffusion.models import TINY_NAMES, load_model, native_resolution, resolve_model
 from restune_diffusion.sampling import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SamplingSettings
-from restune_diffusion.train.joint import PER_TASK, joint_tasks
+from restune_diffusion.train.joint import PER_TASK, TASK_DATA, check_routed, joint_tasks, routed, task_args
 from restune_diffusion.tuners import parse_tuner_configs
 
 DEMO_CONFIG = CONFIG_DIR / "tiny_demo.yaml"  # the default job (`python train_t2i.py` with no arguments)
@@ -249,7 +249,8 @@ def config_values(defaults: dict, given: dict, path: str | os.PathLike) -> list[
         field = f"{where}: tasks[{i}]" if "tasks" in config else where
         unknown = sorted(set(entry) - {"name", "tuners", "train", "data", "description"}) if "tasks" in config else []
         if unknown:
-            raise ValueError(f"{field}: unknown key(s) {unknown}; expected name, tuners and train (per-task keys)")
+            raise ValueError(f"{field}: unknown key(s) {unknown}; expected name, tuners, train and data (per-task "
+                             "keys)")
         if "tuners" not in entry:
             raise ValueError(f"{field}: no tuners: section; expected a list like [{{type: res_adapter, dim: 100}}]")
         parse_tuner_configs(entry["tuners"])  # named errors now, not after the models are loaded
@@ -257,6 +258,12 @@ def config_values(defaults: dict, given: dict, path: str | os.PathLike) -> list[
         if set(own) - set(PER_TASK):
             raise ValueError(f"{field}: train: keys {sorted(set(own) - set(PER_TASK))} are shared by every task of "
                              f"a joint run; set them in the top-level train: section. Per task: {', '.join(PER_TASK)}")
+        own_data = _section_values({"data": entry.get("data")}, "data", field) if "tasks" in config else {}
+        if set(own_data) - set(TASK_DATA):
+            raise ValueError(f"{field}: data: keys {sorted(set(own_data) - set(TASK_DATA))} are shared by every "
+                             "task of a joint run; set them in the top-level data: section. Per task: "
+                             f"{', '.join(TASK_DATA)}")
+        own.update(own_data)
         name = entry.get("name", f"task{i}")
         if not isinstance(name, str) or not re.fullmatch(r"[\w.+-]+", name):
             raise ValueError(f"{field}: name must be a folder name (letters, digits, . _ + -), got {name!r}")
@@ -305,11 +312,35 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     args.output_dir = args.output_dir or os.path.join("outputs", args.config_name)
     if args.world_report:
         world.use_concept_data(args)
+    default_data_dir(args)
+    if args.tasks:
+        check_task_data(args)
+    return args
+
+
+def default_data_dir(args) -> None:
+    """The demo writes its images into <output_dir>/demo_data; every other layout needs its folder."""
     if args.data_dir is None and args.dataset != "hf":
         if args.dataset != "demo":
             raise ValueError(f"--dataset {args.dataset} needs --data_dir (the dataset folder)")
         args.data_dir = os.path.join(args.output_dir, "demo_data")
-    return args
+
+
+def check_task_data(args) -> None:
+    """A joint run: tasks given the same data read the run's (resolved above); tasks on data of their own (a routed
+    run, joint.py) each have theirs checked and resolved as an alone run of the task would, and what a routed run
+    cannot take is refused."""
+    if not any(t["data"] != args.tasks[0]["data"] for t in args.tasks):
+        for task in args.tasks:
+            task["data"] = {k: getattr(args, k) for k in TASK_DATA}
+        return
+    for task in args.tasks:
+        alone = task_args(args, task)
+        check_data_args(alone)
+        default_data_dir(alone)
+        task["data"] = {k: getattr(alone, k) for k in TASK_DATA}
+    if routed(args):
+        check_routed(args)
 
 
 def check_data_args(args) -> None:

@@ -90,7 +90,10 @@ FINGERPRINTS = {"base_model": "another base model", "data": "another data set (o
 
 def data_fingerprint(dataset) -> str:
     """A hash of the samples (path relative to the data folder, captions): another data set differs, a moved one
-    does not."""
+    does not. Tasks on their own data (data.TaskDatasets): each task's in turn."""
+    if hasattr(dataset, "parts"):
+        parts = [data_fingerprint(part) for part in dataset.parts]
+        return hashlib.sha256(json.dumps([dataset.names, parts]).encode()).hexdigest()[:16]
     root = Path(dataset.report.data_dir) if getattr(dataset, "report", None) else None
     prefix = os.path.join(str(root), "") if root is not None else None
     digest = hashlib.sha256()

@@ -21,7 +21,7 @@ from restune_diffusion.train.options import check_report_to, parse_args, preserv
 from restune_diffusion.train.outputs import TUNERS_FILE, export, start_outputs
 from restune_diffusion.train.resume import check_resume_settings, data_fingerprint, resume, run_settings
 from restune_diffusion.train.setup import (
-    build_dataset,
+    build_datasets,
     build_loader,
     build_models,
     check_fresh_start,
@@ -57,7 +57,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.with_prior_preservation:
         prior.check_record(args.class_data_dir, prior.wanted(args))  # other class prompts or sampler: before loading
     set_seed(args.seed)  # the tuners are initialised from their task's seed; batches draw from seeded generators
-    dataset = build_dataset(args, accelerator)
+    dataset = build_datasets(args, tasks, accelerator)
     dataset, heldout = split_heldout(dataset, args.validation_split, validation_seed(args))  # one split for all
     if heldout is not None:
         images = len({str(s.path) for s in heldout.samples})

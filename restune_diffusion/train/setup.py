@@ -19,6 +19,7 @@ from restune_diffusion.attach import attach
 from restune_diffusion.data import (
     KOHYA_DATA_KEYS,
     PairedDataset,
+    TaskDatasets,
     build_dataloader,
     load_dataset,
     report_buckets,
@@ -29,7 +30,7 @@ from restune_diffusion.files import clean_stale_temps
 from restune_diffusion.latent_cache import build_latent_cache, open_latent_cache
 from restune_diffusion.models import load_model
 from restune_diffusion.train.checkpoints import list_checkpoints, register_state_hooks
-from restune_diffusion.train.joint import shared_pass, task_args
+from restune_diffusion.train.joint import routed, shared_pass, task_args
 from restune_diffusion.train.loop import Run, Task
 from restune_diffusion.train.optimizer import build_optimizer
 from restune_diffusion.train.outputs import TUNERS_FILE
@@ -151,13 +152,28 @@ def build_dataset(args, accelerator):
     return dataset
 
 
+def build_datasets(args, tasks: list[Task], accelerator):
+    """The run's data set: one, or for a joint run whose tasks read their own data (joint.routed) one per task in
+    a data.TaskDatasets, each scanned and reported as its alone run would (caption set in the task's folder)."""
+    if not routed(args):
+        return build_dataset(args, accelerator)
+    parts = []
+    for task in tasks:
+        accelerator.print(f"task {task.name}:")
+        parts.append(build_dataset(task.args, accelerator))
+    return TaskDatasets(parts, [t.name for t in tasks])
+
+
 def build_loader(args, dataset, sd, accelerator, weight_dtype: torch.dtype, class_data=None):
     """The loader; with --cache_latents over the on-disk latent cache (latent_cache.py): each process encodes its
     share of what is missing, then all read it (a later run encodes nothing). With class images (prior
     preservation) each item pairs an instance and a class item (data.PairedDataset), the class latents cached in
     their own folder (<class_data_dir>/.restune_cache/latents, or --latent_cache_dir), keyed by the class folder and
     what drew its images too."""
-    if args.cache_latents:
+    if args.cache_latents and isinstance(dataset, TaskDatasets):  # each task's data in its own cache
+        dataset = TaskDatasets([cached(args, part, sd, accelerator, weight_dtype, args.latent_cache_dir or os.path.join(
+            part.report.data_dir, LATENT_CACHE_DIR)) for part in dataset.parts], dataset.names)
+    elif args.cache_latents:
         dataset = cached(args, dataset, sd, accelerator, weight_dtype,
                          args.latent_cache_dir or os.path.join(dataset.report.data_dir, LATENT_CACHE_DIR))
         if class_data is not None:
@@ -241,7 +257,10 @@ class TunedUNet(nn.Module):
     target's input, so the base prediction is the tail on the unchanged input: conv_norm_out, act, conv_out on N more
     rows). Other tuners sit inside the backbone: a second forward of the P rows under no_grad with every set disabled,
     run first (a full set's disabled() swaps the UNet's weights in place, which must not happen under a graph); the
-    N rows then run as R + P in two calls, so the R rows' numbers are those of a run without preservation."""
+    N rows then run as R + P in two calls, so the R rows' numbers are those of a run without preservation.
+
+    routed=True (a joint run's tasks on their own data): the input holds K·N rows, task k's in rows k·N.., and one
+    backbone pass on them feeds bypass k its own rows."""
 
     def __init__(self, unet, handles: list, shared: bool):
         super().__init__()
@@ -250,9 +269,10 @@ class TunedUNet(nn.Module):
         self.handles, self.shared = handles, shared
         self.bypasses_only = all(c.type == "bypass" for h in handles for c in h.configs)
 
-    def forward(self, sample, timestep, encoder_hidden_states, return_dict: bool = True, frozen_rows: int = 0):
-        if not frozen_rows:
-            with shared_pass(self.unet, self.handles) if self.shared else contextlib.nullcontext():
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict: bool = True, frozen_rows: int = 0,
+                routed: bool = False):
+        if not frozen_rows:  # routed: K·N rows in, task k's own in rows k·N.. (tasks on their own data)
+            with shared_pass(self.unet, self.handles, routed=routed) if self.shared else contextlib.nullcontext():
                 return self.unet(sample, timestep, encoder_hidden_states, return_dict=return_dict)
         n, kept = sample.shape[0], slice(sample.shape[0] - frozen_rows, None)
         if self.bypasses_only:
@@ -287,6 +307,9 @@ def prepare_run(args, tasks: list[Task], accelerator, sd, loader, weight_dtype) 
                          {t.prefix + EMA_FILE: t.ema for t in tasks if t.ema is not None})
     names = f"{len(tasks)} bypasses ({', '.join(t.name for t in tasks)}) in one backbone pass per step; " \
         if args.tasks else ""
+    if isinstance(loader.dataset, TaskDatasets):
+        sizes = ", ".join(f"{t.name} {len(p)}" for t, p in zip(tasks, loader.dataset.parts))
+        names = f"{names}each on its own data ({sizes} samples; a step's backbone batch holds every task's rows); "
     accelerator.print(
         f"{names}{len(loader.dataset)} samples, {len(loader)} batches per epoch and process, {steps_per_epoch} steps "
         f"per epoch; {max_steps} steps = {num_epochs} epochs; batch {args.train_batch_size} per device x {n} "
