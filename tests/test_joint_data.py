@@ -167,3 +167,13 @@ def test_task_collate_stacks_each_tasks_rows_in_turn():
     batch = task_collate([{"tasks": [item(0, "a0"), item(1, "b0")]}, {"tasks": [item(2, "a1"), item(3, "b1")]}])
     assert batch["task_rows"] == 2 and batch["captions"] == ["a0", "a1", "b0", "b1"]
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [0, 2, 1, 3]
+
+
+def test_the_readme_example_of_one_bypass_per_data_set_parses_as_a_routed_run(tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = text.split("# configs/my_sets.yaml")[1].split("```")[0].split("\n", 1)[1]
+    (tmp_path / "my_sets.yaml").write_text(body)
+    args = T.parse_args(["--config", str(tmp_path / "my_sets.yaml"), "--pretrained_model_name_or_path", "tiny-random"])
+    assert routed(args) and [t["name"] for t in args.tasks] == ["birds", "cars", "dogs"]
+    assert [t["data"]["dataset"] for t in args.tasks] == ["cub200", "stanford_cars", "stanford_dogs"]
+    assert args.max_train_steps == 4000 and all(t["learning_rate"] == 1e-3 for t in args.tasks)
