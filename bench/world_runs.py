@@ -85,13 +85,18 @@ REMEDY_KEYS = ("preservation_weight", "preservation_prompts", "class_prompt", "w
 
 
 def train_argv(job: dict, output_dir: Path) -> list[str]:
-    """train_t2i.py's flags for one run: the method's config at the run's LR, seed and steps; the config's remedy off
+    """train_t2i.py's flags for one run: the method's config on the run's data (run_flags)."""
+    return ["--config", str(config_path(job["spec"]["method"])), "--data_dir", job["data"],
+            *run_flags(job["spec"], output_dir)]
+
+
+def run_flags(spec: dict, output_dir: Path) -> list[str]:
+    """The flags every world run trains with: the run's LR, seed and steps; the config's remedy off
     (configs/tiny_demo.yaml ships one), then the run's own remedy flags, if any."""
-    spec = job["spec"]
-    return ["--config", str(config_path(spec["method"])), "--no-world_report", "--data_dir", job["data"],
-            "--output_dir", str(output_dir), "--learning_rate", repr(spec["lr"]), "--seed", str(spec["seed"]),
-            "--max_train_steps", str(spec["steps"]), "--lr_warmup_steps", str(min(25, spec["steps"] // 4)),
-            "--preservation_weight", "0", "--no-with_prior_preservation", *spec.get("extra", [])]
+    return ["--no-world_report", "--output_dir", str(output_dir), "--learning_rate", repr(spec["lr"]), "--seed",
+            str(spec["seed"]), "--max_train_steps", str(spec["steps"]), "--lr_warmup_steps",
+            str(min(25, spec["steps"] // 4)), "--preservation_weight", "0", "--no-with_prior_preservation",
+            *spec.get("extra", [])]
 
 
 def concept_data(out: Path, concept: str) -> Path:
@@ -123,7 +128,9 @@ def do_run(job: dict) -> dict:
         return json.loads(result_file.read_text())
     start = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.time()
-    tuners = run / "train" / "tuners.safetensors"
+    tuners = Path(job["tuners"]) if job.get("tuners") else run / "train" / "tuners.safetensors"
+    if job.get("tuners") and not tuners.is_file():  # trained elsewhere (a joint run: bench/joint_tiny.py)
+        raise FileNotFoundError(f"{tuners}: the tuners to measure are missing; train them first")
     if job["method"] != "base" and not tuners.is_file():
         spec, argv = job["spec"], train_argv(job, run / "train")
         run.mkdir(parents=True, exist_ok=True)

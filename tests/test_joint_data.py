@@ -177,3 +177,24 @@ def test_the_readme_example_of_one_bypass_per_data_set_parses_as_a_routed_run(tm
     assert routed(args) and [t["name"] for t in args.tasks] == ["birds", "cars", "dogs"]
     assert [t["data"]["dataset"] for t in args.tasks] == ["cub200", "stanford_cars", "stanford_dogs"]
     assert args.max_train_steps == 4000 and all(t["learning_rate"] == 1e-3 for t in args.tasks)
+
+
+@pytest.mark.slow  # a bench process: 2 alone + 1 joint run of 4 steps, 4 small measurements (~1 min)
+def test_the_joint_bench_quick_mode_finds_the_joint_bypasses_equal_to_the_alone_ones(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "bench" / "joint_tiny.py"), "--quick", "--jobs", "1", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "joint-tiny.json").read_text())
+    assert result["concepts"] == ["star", "heart"] and result["n_images_per_row"] == 24
+    gaps = result["weight_gaps"]
+    assert set(gaps) == {"star-seed0", "heart-seed0"} and all(g is not None and g < 1e-4 for g in gaps.values())
+    for name in ("concept_drawn", "all_right", "kept"):
+        assert result["stats"][name]["difference"]["mean"] == pytest.approx(0.0, abs=0.05)
+    folders = [p for p in (tmp_path / "quality-tiny-runs").iterdir() if p.name.startswith("joint-")]
+    assert len(folders) == 1 and {p.name for p in (folders[0] / "train").iterdir() if p.is_dir()} == {"star", "heart"}
+    assert "in one backbone pass" in (tmp_path / "joint-tiny.md").read_text()
