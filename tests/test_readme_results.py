@@ -104,3 +104,18 @@ def test_the_readme_remedy_table_is_the_one_in_forgetting_tiny_json():
     result = json.loads((RESULTS / "forgetting-tiny.json").read_text())
     assert forgetting_tiny.remedy_table(result) in README, \
         "README: the remedy table differs from remedy_table(forgetting-tiny.json)"
+
+
+def test_the_readme_joint_table_is_the_one_in_joint_tiny_json():
+    import numpy as np
+
+    from bench import joint_tiny
+
+    result = json.loads((RESULTS / "joint-tiny.json").read_text())
+    assert joint_tiny.headline(result) in README, "README: the joint table differs from headline(joint-tiny.json)"
+    gaps = [g for g in result["weight_gaps"].values() if g is not None]
+    cpu = result["train_cpu_seconds"]
+    assert f"median {np.median(gaps):.1e}, at most {max(gaps):.1e}" in README
+    assert f"{cpu['joint']:.0f} s for the four bypasses, the four alone runs {cpu['alone']:.0f} s together" in README
+    if any(result["stats"][k]["verdicts_differ"] for k in result["stats"]):
+        assert "no image's verdict changes" not in README
