@@ -198,3 +198,26 @@ def test_the_joint_bench_quick_mode_finds_the_joint_bypasses_equal_to_the_alone_
     folders = [p for p in (tmp_path / "quality-tiny-runs").iterdir() if p.name.startswith("joint-")]
     assert len(folders) == 1 and {p.name for p in (folders[0] / "train").iterdir() if p.is_dir()} == {"star", "heart"}
     assert "in one backbone pass" in (tmp_path / "joint-tiny.md").read_text()
+
+
+@pytest.mark.slow  # two torchrun launches of 2 processes each
+def test_torchrun_with_two_processes_trains_a_routed_run_as_its_alone_runs(tmp_path, two_sets):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def launch(argv, cwd):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(repo / "train_t2i.py"), *argv], cwd=cwd, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    steps = ("--max_train_steps", "3", "--checkpointing_steps", "0")
+    out = launch(routed_argv(tmp_path / "joint", two_sets, *steps), tmp_path)
+    assert "2 processes" in out and "each on its own data" in out
+    launch(joint_argv(tmp_path / "alone", two_sets["narrow"], *steps, names=("narrow",)), tmp_path)
+    joint, alone = tmp_path / "joint" / "out", tmp_path / "alone" / "out"
+    assert_same_tensors(joint / "narrow" / T.TUNERS_FILE, alone / T.TUNERS_FILE)
+    assert [r["step"] for r in T.read_log(joint / "wide")] == [1, 2, 3]
