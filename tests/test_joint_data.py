@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from test_joint import TASKS, assert_same_tensors, joint_argv, reset_accelerate
 from test_train import cli_args, crash_after_checkpoint
 
@@ -82,8 +83,9 @@ def test_bypasses_on_their_own_data_equal_each_trained_alone_in_one_backbone_pas
         assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], abs=1e-6)
         again = T.parse_args(["--config", str(joint / T.CONFIG_FILE)])  # the task's config trains it alone, on its data
         assert again.data_dir == str(two_sets[name]) and again.tasks is None
-        summary = yaml.safe_load((joint / "summary.json").read_text())
-        assert summary["data"]["data_dir"] == str(two_sets[name]) and summary["data"]["num_train_samples"] == 12
+        summary, own = (yaml.safe_load((p / "summary.json").read_text())["data"] for p in (joint, alone))
+        assert summary["data_dir"] == str(two_sets[name]) and summary["num_train_samples"] == 12
+        assert summary["fingerprint"] == own["fingerprint"]  # its own data set's, as its alone run records
 
 
 def test_a_crash_then_resume_of_a_routed_run_equals_the_uninterrupted_one(tmp_path, two_sets, monkeypatch):
@@ -221,3 +223,16 @@ def test_torchrun_with_two_processes_trains_a_routed_run_as_its_alone_runs(tmp_p
     joint, alone = tmp_path / "joint" / "out", tmp_path / "alone" / "out"
     assert_same_tensors(joint / "narrow" / T.TUNERS_FILE, alone / T.TUNERS_FILE)
     assert [r["step"] for r in T.read_log(joint / "wide")] == [1, 2, 3]
+
+
+def test_a_routed_run_caches_each_tasks_latents_in_its_own_data_folder(tmp_path, two_sets):
+    steps = ("--max_train_steps", "3", "--checkpointing_steps", "0")
+    reset_accelerate()
+    T.train(T.parse_args(routed_argv(tmp_path / "plain", two_sets, *steps)))
+    reset_accelerate()
+    T.train(T.parse_args(routed_argv(tmp_path / "cached", two_sets, *steps, "--cache_latents")))
+    for name, folder in two_sets.items():
+        assert len(list((folder / ".restune_cache" / "latents").iterdir())) == 1, name
+        plain, cached = (load_file(tmp_path / run / "out" / name / T.TUNERS_FILE) for run in ("plain", "cached"))
+        for k in plain:  # the cached posterior is sampled with an encode's draws: the numbers of the plain run
+            torch.testing.assert_close(cached[k], plain[k], rtol=1e-4, atol=1e-6)

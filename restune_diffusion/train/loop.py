@@ -38,6 +38,7 @@ class Task:
     prefix: str = ""  # its files inside a checkpoint and its tracker keys: "" (a single run) or "<name>/" (joint)
     handle: Any = None
     ema: Any = None  # its ema.TunerEMA under --use_ema
+    data_fingerprint: str | None = None  # a task on data of its own (routed joint run): its data set's
 
 
 @dataclass

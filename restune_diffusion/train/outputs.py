@@ -132,15 +132,13 @@ def export(run, task, seconds: float, steps_run: int) -> dict:
 def header_facts(run, task) -> dict:
     """What the tuner file's header records about its making (weights.py): base, steps, data (a task on data of its
     own: its data set's)."""
-    from restune_diffusion.train.resume import data_fingerprint
-
     args, settings = task.args, run.settings
     parts = getattr(run.loader.dataset, "parts", None)
     own = parts[run.tasks.index(task)] if parts else run.loader.dataset
     return {"base_model": str(args.pretrained_model_name_or_path), "base_model_revision": args.revision,
             "base_model_variant": args.variant, "base_model_fingerprint": settings.get("base_model"),
             "global_step": run.global_step, "dataset": args.dataset, "data_dir": str(args.data_dir),
-            "num_train_samples": len(own), "data_fingerprint": data_fingerprint(own) if parts else settings.get("data")}
+            "num_train_samples": len(own), "data_fingerprint": task.data_fingerprint or settings.get("data")}
 
 
 def summarize(run, task, files: dict, seconds: float, steps_run: int, records: list | None = None) -> dict:

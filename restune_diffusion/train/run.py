@@ -64,6 +64,8 @@ def train(args: argparse.Namespace) -> dict:
         accelerator.print(f"--validation_split: {images} images ({len(heldout)} samples) held out, never trained on; "
                           "their loss is logged as val_loss at each validation")
     settings["data"] = data_fingerprint(dataset)
+    for task, part in zip(tasks, getattr(dataset, "parts", [])):  # tasks on their own data: each its own
+        task.data_fingerprint = data_fingerprint(part)
     if resume_from:
         check_resume_settings(resume_from, {"data": settings["data"]})  # another data set: before any model loads
     weight_dtype = weight_dtype_of(accelerator)
