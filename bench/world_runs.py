@@ -85,18 +85,34 @@ REMEDY_KEYS = ("preservation_weight", "preservation_prompts", "class_prompt", "w
 
 
 def train_argv(job: dict, output_dir: Path) -> list[str]:
-    """train_t2i.py's flags for one run: the method's config on the run's data (run_flags)."""
+    """train_t2i.py's flags for one run: the method's config on the run's data (run_flags), with the run's own
+    remedy flags (job["flags"]: the paths as they are here; the key's spec holds them relative to the bench's out)."""
     return ["--config", str(config_path(job["spec"]["method"])), "--data_dir", job["data"],
-            *run_flags(job["spec"], output_dir)]
+            *run_flags(job["spec"], output_dir, job.get("flags", job["spec"].get("extra", ())))]
 
 
-def run_flags(spec: dict, output_dir: Path) -> list[str]:
+def run_flags(spec: dict, output_dir: Path, extra=()) -> list[str]:
     """The flags every world run trains with: the run's LR, seed and steps; the config's remedy off
-    (configs/tiny_demo.yaml ships one), then the run's own remedy flags, if any."""
+    (configs/tiny_demo.yaml ships one), then `extra`, the run's own remedy flags, if any."""
     return ["--no-world_report", "--output_dir", str(output_dir), "--learning_rate", repr(spec["lr"]), "--seed",
             str(spec["seed"]), "--max_train_steps", str(spec["steps"]), "--lr_warmup_steps",
-            str(min(25, spec["steps"] // 4)), "--preservation_weight", "0", "--no-with_prior_preservation",
-            *spec.get("extra", [])]
+            str(min(25, spec["steps"] // 4)), "--preservation_weight", "0", "--no-with_prior_preservation", *extra]
+
+
+OUT_TOKEN = "<out>"  # a run key's stand-in for the bench's output folder, so a clone elsewhere finds its runs
+
+
+def portable(flags, out: Path) -> list[str]:
+    """Flags with the bench's output folder as OUT_TOKEN: what a run key holds, the same in every checkout."""
+    root = Path(out).resolve()
+
+    def token(flag: str) -> str:
+        if "/" not in flag:  # a value, not a path
+            return flag
+        path = Path(flag).resolve()  # a relative --out gives relative paths
+        return OUT_TOKEN + "/" + str(path.relative_to(root)) if path.is_relative_to(root) else flag
+
+    return [token(f) for f in flags]
 
 
 def concept_data(out: Path, concept: str) -> Path:
@@ -231,8 +247,8 @@ class Runner:
         spec = {"method": method, "concept": concept or "none", "lr": lr if method != "base" else 0.0,
                 "seed": seed if method != "base" else 0, "steps": steps if method != "base" else 0,
                 "config": config_text(method) if method != "base" else "", "world": self.world}
-        if extra and method != "base":
-            spec["extra"] = list(extra)  # absent when empty: runs without a remedy keep their keys
+        if extra and method != "base":  # absent when empty: runs without a remedy keep their keys
+            spec["extra"] = portable(extra, self.out)
         from restune_diffusion.world.protocol import PROTOCOL_VERSION
 
         measure = f"noise{noise}-r{'-'.join(map(str, repeats))}-{PROTOCOL_VERSION}"
@@ -241,7 +257,7 @@ class Runner:
         folder = self.out / RUNS / run_key(spec) / measure
         data = str(concept_data(self.out, concept)) if concept and method != "base" else ""
         return {"method": method, "concept": concept, "spec": spec, "noise": noise, "repeats": list(repeats),
-                "folder": str(folder), "data": data, "judges": self.judges, "scale": scale}
+                "folder": str(folder), "data": data, "judges": self.judges, "scale": scale, "flags": list(extra)}
 
     def cached(self, jobs: list[dict]) -> bool:
         """Whether every job's verdict is already here (then run() measures nothing)."""

@@ -449,3 +449,25 @@ def test_the_remedy_table_shows_each_remedys_best_weight_and_its_training_cost()
     # distances to the corner: prior 0.5 0.80 < prior 2 0.88; prediction 0.5 0.58 < 2 0.94; scale 0.75 0.85 < 0.5 1.00
     assert row == ("| lora | 0.800 | 0.400 / 0.100 | 0.5: 0.300 / 0.500 (1.5x) | 0.5: 0.350 / 0.900 (2.0x) "
                    "| 0.75: 0.200 / 0.600 | base-prediction preservation 0.5 |")
+
+
+def test_a_remedy_runs_key_is_the_same_in_a_checkout_elsewhere(tmp_path):
+    """The remedy flags name files under the bench's output folder; a run's key holds them relative to it, so a clone
+    at another path finds the runs measured here (the training still gets the real paths)."""
+    sys.path.insert(0, str(REPO))
+    from bench import world_runs as W
+
+    keys, argvs = [], []
+    for where in ("a", "b"):
+        out = tmp_path / where / "results"
+        runner = W.Runner(out, 1, "world", quick=True)
+        flags = ("--preservation_prompts", str(out / "forgetting-inputs" / "p.txt"), "--preservation_weight", "2")
+        job = runner.job("lora", "star", 0.01, 0, 4, 0, (1, 1, 1), extra=flags)
+        keys.append(Path(job["folder"]).parent.name)
+        argvs.append(W.train_argv(job, out / "o"))
+    assert keys[0] == keys[1]
+    assert str(tmp_path / "b" / "results" / "forgetting-inputs" / "p.txt") in argvs[1]
+    assert W.portable(["--x", "/elsewhere/p.txt", "0.5"], tmp_path) == ["--x", "/elsewhere/p.txt", "0.5"]
+    relative = os.path.relpath(tmp_path / "a" / "p.txt")  # a relative --out: the same key
+    absolute = str(tmp_path / "a" / "p.txt")
+    assert W.portable([relative], tmp_path) == W.portable([absolute], tmp_path) == ["<out>/a/p.txt"]
