@@ -34,10 +34,10 @@ from bench.world_runs import (  # noqa: E402
     concept_data,
     config_path,
     config_text,
-    cpu_since,
     measurements,
     run_flags,
     run_key,
+    train_logged,
     world_fingerprint,
     write_outputs,
 )
@@ -64,8 +64,7 @@ def joint_config(out: Path, concepts: list[str], folder: Path) -> Path:
 
 def joint_run(runner: Runner, concepts: list[str], lr: float, seed: int, steps: int) -> Path:
     """Train (once; cached by its settings) the joint run of one seed; returns its folder (train/<concept>/ each)."""
-    from restune_diffusion import train
-    from restune_diffusion.files import atomic_write_text
+    import torch
 
     spec = {"method": f"joint-{METHOD}", "concept": "+".join(concepts), "lr": lr, "seed": seed, "steps": steps,
             "config": config_text(METHOD), "world": runner.world}
@@ -74,22 +73,9 @@ def joint_run(runner: Runner, concepts: list[str], lr: float, seed: int, steps: 
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     argv = ["--config", str(joint_config(runner.out, concepts, folder)), *run_flags(spec, folder / "train")]
-    import resource
-
-    import torch
-
     torch.set_num_threads(1)  # as the alone runs (bench/world_runs.py): CPU times comparable
-    start = resource.getrusage(resource.RUSAGE_SELF)
     print(f"  joint run, seed {seed}: {len(concepts)} bypasses in one backbone pass", flush=True)
-    with open(folder / "train.log", "w") as log:
-        streams, (sys.stdout, sys.stderr) = (sys.stdout, sys.stderr), (log, log)
-        try:
-            code = train.main(argv)
-        finally:
-            sys.stdout, sys.stderr = streams
-    if code:
-        raise RuntimeError(f"joint run seed {seed} failed (exit {code}):\n{(folder / 'train.log').read_text()[-2000:]}")
-    atomic_write_text(folder / "train_cpu.json", json.dumps({"cpu_seconds": cpu_since(start)}))
+    train_logged(argv, folder, f"joint run seed {seed}")
     return folder
 
 

@@ -131,7 +131,6 @@ def do_run(job: dict) -> dict:
 
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
-    from restune_diffusion import train
     from restune_diffusion.files import atomic_write_text
     from restune_diffusion.models import load_model
     from restune_diffusion.weights import load_tuners
@@ -148,19 +147,9 @@ def do_run(job: dict) -> dict:
     if job.get("tuners") and not tuners.is_file():  # trained elsewhere (a joint run: bench/joint_tiny.py)
         raise FileNotFoundError(f"{tuners}: the tuners to measure are missing; train them first")
     if job["method"] != "base" and not tuners.is_file():
-        spec, argv = job["spec"], train_argv(job, run / "train")
-        run.mkdir(parents=True, exist_ok=True)
-        with open(run / "train.log", "w") as log:
-            streams, (sys.stdout, sys.stderr) = (sys.stdout, sys.stderr), (log, log)
-            try:
-                code = train.main(argv)
-            finally:
-                sys.stdout, sys.stderr = streams
-        if code:
-            tail = (run / "train.log").read_text()[-2000:]
-            raise RuntimeError(f"{spec['method']} {spec['concept']} lr={spec['lr']} seed={spec['seed']}: training "
-                               f"failed (exit {code}):\n{tail}")
-        atomic_write_text(run / "train_cpu.json", json.dumps({"cpu_seconds": cpu_since(start)}))
+        spec = job["spec"]
+        train_logged(train_argv(job, run / "train"), run,
+                     f"{spec['method']} {spec['concept']} lr={spec['lr']} seed={spec['seed']}")
     concept_r, kept_r, combo_r = job["repeats"]
     sets = prompt_sets((job["concept"],) if job["concept"] else (), concept_r, kept_r, combo_r)
     images_file = folder / "images.npz"
@@ -194,6 +183,25 @@ def do_run(job: dict) -> dict:
         result["params"], result["train_seconds"] = s.get("trainable_params"), s.get("train_seconds")
     atomic_write_text(result_file, json.dumps(result, indent=1))
     return result
+
+
+def train_logged(argv: list[str], run: Path, what: str) -> None:
+    """train_t2i.py in this process, its output in <run>/train.log, its CPU seconds in <run>/train_cpu.json; a failed
+    run raises with the log's tail."""
+    from restune_diffusion import train
+    from restune_diffusion.files import atomic_write_text
+
+    start = resource.getrusage(resource.RUSAGE_SELF)
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "train.log", "w") as log:
+        streams, (sys.stdout, sys.stderr) = (sys.stdout, sys.stderr), (log, log)
+        try:
+            code = train.main(argv)
+        finally:
+            sys.stdout, sys.stderr = streams
+    if code:
+        raise RuntimeError(f"{what}: training failed (exit {code}):\n{(run / 'train.log').read_text()[-2000:]}")
+    atomic_write_text(run / "train_cpu.json", json.dumps({"cpu_seconds": cpu_since(start)}))
 
 
 def cpu_since(start) -> float:
