@@ -104,8 +104,7 @@ def task_args(args: argparse.Namespace, task: dict) -> argparse.Namespace:
     """The args an alone run of this task gets: the shared settings, its data, tuners and PER_TASK values, its
     folder."""
     values = {**vars(args), **task.get("data", {}), **{k: task[k] for k in PER_TASK}, "tuners": task["tuners"],
-              "tasks": None,
-              "config_name": task["name"], "output_dir": str(Path(args.output_dir) / task["name"])}
+              "tasks": None, "config_name": task["name"], "output_dir": str(Path(args.output_dir) / task["name"])}
     return argparse.Namespace(**values)
 
 

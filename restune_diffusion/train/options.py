@@ -330,7 +330,7 @@ def check_task_data(args) -> None:
     """A joint run: tasks given the same data read the run's (resolved above); tasks on data of their own (a routed
     run, joint.py) each have theirs checked and resolved as an alone run of the task would, and what a routed run
     cannot take is refused."""
-    if not any(t["data"] != args.tasks[0]["data"] for t in args.tasks):
+    if not routed(args):
         for task in args.tasks:
             task["data"] = {k: getattr(args, k) for k in TASK_DATA}
         return

@@ -170,12 +170,14 @@ def build_loader(args, dataset, sd, accelerator, weight_dtype: torch.dtype, clas
     preservation) each item pairs an instance and a class item (data.PairedDataset), the class latents cached in
     their own folder (<class_data_dir>/.restune_cache/latents, or --latent_cache_dir), keyed by the class folder and
     what drew its images too."""
+    def own_cache(data):
+        return cached(args, data, sd, accelerator, weight_dtype,
+                      args.latent_cache_dir or os.path.join(data.report.data_dir, LATENT_CACHE_DIR))
+
     if args.cache_latents and isinstance(dataset, TaskDatasets):  # each task's data in its own cache
-        dataset = TaskDatasets([cached(args, part, sd, accelerator, weight_dtype, args.latent_cache_dir or os.path.join(
-            part.report.data_dir, LATENT_CACHE_DIR)) for part in dataset.parts], dataset.names)
+        dataset = TaskDatasets([own_cache(part) for part in dataset.parts], dataset.names)
     elif args.cache_latents:
-        dataset = cached(args, dataset, sd, accelerator, weight_dtype,
-                         args.latent_cache_dir or os.path.join(dataset.report.data_dir, LATENT_CACHE_DIR))
+        dataset = own_cache(dataset)
         if class_data is not None:
             class_data = cached(args, class_data, sd, accelerator, weight_dtype,
                                 args.latent_cache_dir or os.path.join(args.class_data_dir, LATENT_CACHE_DIR),
