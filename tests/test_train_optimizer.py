@@ -59,3 +59,15 @@ def test_each_task_gets_its_param_group_and_the_schedule_it_would_get_alone():
 def test_a_polynomial_schedule_needs_a_learning_rate_above_its_end():
     with pytest.raises(ValueError, match="--learning_rate must be larger"):
         schedule("polynomial", 0, 10, 1e-8)
+
+
+def test_the_learning_rate_said_at_the_start_is_the_one_trained_with_not_warmups_first_step(tmp_path, capsys):
+    """The log once said "learning rate 0" for a run with warmup: it printed the group's LR after the schedule had
+    scaled it to step 0."""
+    from test_train import cli_args, make_demo_dataset
+
+    from restune_diffusion import train as T
+
+    data = make_demo_dataset(tmp_path / "d", num_images=4, resolution=32)
+    T.train(T.parse_args(cli_args(tmp_path, data, "--max_train_steps", "1", "--checkpointing_steps", "0")))
+    assert "learning rate 0.001 (as given" in capsys.readouterr().out

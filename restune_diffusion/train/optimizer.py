@@ -103,8 +103,8 @@ def build_optimizer(tasks: list, accelerator, max_train_steps: int, use_8bit_ada
         a = t.args
         note = (f"scaled by --scale_lr from {a.learning_rate:g} x {a.gradient_accumulation_steps} accumulation x "
                 f"{a.train_batch_size} batch x {n} processes" if a.scale_lr else "as given; --scale_lr is off")
-        accelerator.print(f"{t.name}: learning rate {group['lr']:g} ({note}), schedule {a.lr_scheduler}, warmup "
-                          f"{a.lr_warmup_steps} steps, seed {a.seed}")
+        accelerator.print(f"{t.name}: learning rate {group['initial_lr']:g} ({note}), schedule {a.lr_scheduler}, "
+                          f"warmup {a.lr_warmup_steps} steps, seed {a.seed}")
     return optimizer, lr_schedule
 
 
